@@ -1,0 +1,62 @@
+"""The one @hydra.main task. `prunebench run ARGS` hands ARGS to it unchanged, so every Hydra flag
+(-m, --cfg job, hydra/launcher=..., hydra.run.dir=...) works."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from prunebench import PrunebenchError
+from prunebench.config import CONF_DIR
+
+
+def summary(result: dict, run_dir: Path) -> str:
+    """Dense and pruned metrics side by side, with what was reduced for a quick run."""
+    cfg, prune, metrics, base = result["config"], result["prune"], result["metrics"], result["baseline"]
+    lines = [
+        f"model {cfg['model']['name']}" + (f" ({result['model_note']})" if result.get("model_note") else ""),
+        f"pruner {prune['method']} {prune['pattern']}: target sparsity {prune['target_sparsity']:.3f},"
+        f" achieved {prune['achieved_sparsity']:.4f} of the block linears;"
+        f" non-zero parameters {prune['nonzero_before']:,} -> {prune['nonzero_after']:,}",
+    ]
+    if result.get("calibration"):
+        c = result["calibration"]
+        lines.append(f"calibration: {c['shape'][0]} windows x {c['shape'][1]} tokens of {c['source']} ({c['method']})")
+    keys = [k for k in metrics if not k.endswith(("/windows", "/tokens", "/seqlen"))]
+    if keys:
+        width = max(len(k) for k in keys)
+        lines.append(f"{'metric':<{width}}  {'dense':>10}  {'pruned':>10}")
+        for k in keys:
+            dense = f"{base[k]:10.3f}" if k in base else f"{'-':>10}"
+            lines.append(f"{k:<{width}}  {dense}  {metrics[k]:10.3f}")
+    for name, ev in cfg.get("eval", {}).items():
+        if f"{name}/windows" in metrics:
+            lines.append(
+                f"{name}: {metrics[f'{name}/windows']} windows x {metrics[f'{name}/seqlen']} tokens"
+                + (" (max_windows cap: a quick run)" if ev.get("max_windows") else " (whole split)")
+            )
+    if cfg.get("profile") == "quick":
+        lines.append("quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'")
+    t = result["timings"]
+    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak RSS {result['peak_rss_mb']:.0f} MB")
+    lines.append(f"wrote {run_dir / 'metrics.json'}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def task(cfg: DictConfig) -> float | None:
+    from prunebench import pipeline  # heavy imports (torch, transformers) only when a job runs
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        result = pipeline.run(cfg, run_dir)
+    except PrunebenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result, run_dir))
+    # The first metric is the sweep objective (Optuna and friends minimise or maximise it).
+    return next(iter(result["metrics"].values()), None)

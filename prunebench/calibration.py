@@ -1,0 +1,154 @@
+"""Layer-by-layer calibration: capture the inputs of the first transformer block, then run block
+after block, so that peak memory is the model plus one block's activations.
+
+A pruner hooks the linears of block i, runs the block over the calibration batches to collect its
+statistics, edits the block, and the block's outputs are recomputed through the *edited* block to
+feed block i+1 (the sequential protocol of Wanda and SparseGPT).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class _Stop(Exception):
+    pass
+
+
+def find_blocks(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of transformer blocks (model.model.layers, bert.encoder.layer, ...)."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+    for mods in lists:
+        if len(mods) == n:
+            return mods
+    raise ValueError(f"no ModuleList of {n} transformer blocks found in {type(model).__name__}")
+
+
+def block_linears(block: nn.Module) -> dict[str, nn.Linear]:
+    """Every nn.Linear inside a block: what Wanda, SparseGPT and GBLM prune."""
+    return {name: m for name, m in block.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prunable_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """All block linears keyed 'i.name' (embeddings and the LM head are never pruned)."""
+    return {f"{i}.{n}": m for i, b in enumerate(find_blocks(model)) for n, m in block_linears(b).items()}
+
+
+class InputNorms:
+    """Squared L2 norm of each input column, summed over the tokens of a sample and averaged over
+    samples: Wanda's `scaler_row` (lib/layerwrapper.py), accumulated as an exact sum in fp32."""
+
+    def __init__(self, layer: nn.Linear):
+        self.sum = torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device)
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.nsamples += x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x * x).sum(0)
+
+    @property
+    def norm_sq(self) -> torch.Tensor:
+        return self.sum / max(self.nsamples, 1)
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
+    """Hidden states and keyword arguments (masks, rotary embeddings) entering block 0, per batch."""
+    blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    hidden, kwargs = [], []
+
+    def grab(_module, args, kw):
+        h = args[0] if args else kw.pop("hidden_states")
+        hidden.append(h)
+        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+class Layerwise:
+    """Iterate blocks with their calibration inputs; `timings` splits forward time from the rest."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int, desc: str = "prune"):
+        self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
+        self.forward_s = 0.0
+
+    def forward(self, block: nn.Module, hidden, kwargs, keep: bool) -> list[torch.Tensor] | None:
+        t = time.perf_counter()
+        with torch.no_grad():
+            outs = [_first(block(h, **kw)) for h, kw in zip(hidden, kwargs)] if keep else None
+            if not keep:
+                for h, kw in zip(hidden, kwargs):
+                    block(h, **kw)
+        self.forward_s += time.perf_counter() - t
+        return outs
+
+    def run(self, edit: Callable[[int, nn.Module, Callable[[], None]], None]) -> None:
+        """For each block i: `edit(i, block, collect)` where collect() runs the block over the
+        calibration batches (hooks see the inputs); then outputs are recomputed for block i+1."""
+        t = time.perf_counter()
+        hidden, kwargs = capture_inputs(self.model, self.input_ids, self.batch_size)
+        self.forward_s += time.perf_counter() - t
+        blocks = find_blocks(self.model)
+        for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
+            edit(i, block, lambda b=block: self.forward(b, hidden, kwargs, keep=False))
+            if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
+                hidden = self.forward(block, hidden, kwargs, keep=True)
+
+
+def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
+    """Hook every linear in `block`, run `collect()`, return (linears, stats)."""
+    linears = block_linears(block)
+    stats = {name: make_stat(layer) for name, layer in linears.items()}
+    handles = [
+        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
+        for name, layer in linears.items()
+    ]
+    try:
+        collect()
+    finally:
+        for h in handles:
+            h.remove()
+    return linears, stats
+
+
+@torch.no_grad()
+def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: int, make_stat) -> dict:
+    """Statistics of every block linear from plain full-model forwards on the dense model (the
+    one-shot protocol; also the reference the layer-wise path is tested against)."""
+    linears = prunable_linears(model)
+    stats = {name: make_stat(layer) for name, layer in linears.items()}
+    handles = [
+        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
+        for name, layer in linears.items()
+    ]
+    device = next(model.parameters()).device
+    try:
+        for batch in input_ids.split(batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

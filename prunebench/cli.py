@@ -1,0 +1,159 @@
+"""The prunebench command line: `run`, `ls`, `report`. Typer owns the verbs; Hydra owns the knobs."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import typer
+
+from prunebench import PrunebenchError
+from prunebench.config import CONF_DIR, GROUPS, group_options
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+# Hydra flags that take a value (the value is not an override).
+_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
+                "--config-dir", "-cd", "--experimental-rerun"}
+_INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
+_MAX_CHECKED = 256  # sweep points composed up front; bigger sweeps are checked job by job
+
+
+def _fail(message: str, code: int = 2):
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def split_args(args: list[str]) -> list[str]:
+    """The override tokens among Hydra's command-line arguments."""
+    overrides, skip = [], False
+    for i, arg in enumerate(args):
+        if skip:
+            skip = False
+        elif arg in _VALUE_FLAGS:
+            skip = True
+        elif arg == "--info":
+            skip = i + 1 < len(args) and args[i + 1] in _INFO_TOPICS
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides
+
+
+def _check_group_choice(group: str, value) -> None:
+    options = group_options(group)
+    for v in value if isinstance(value, list) else [value]:
+        if v is not None and str(v) not in options:
+            raise PrunebenchError(
+                f"unknown {group} '{v}'; choose one of: {', '.join(options)} (prunebench ls {group})"
+            )
+
+
+def check_overrides(overrides: list[str]) -> int:
+    """Compose every point of the sweep and run the config checks, before any job starts or any
+    model loads. Returns the number of points checked."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from prunebench.config import validate
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as err:
+        raise PrunebenchError(" ".join(str(err).split())) from None
+    choices = []
+    for o in parsed:
+        key = o.key_or_group
+        if key.startswith("hydra"):
+            continue
+        try:
+            values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [None]
+        except Exception:  # noqa: BLE001 - interval/optuna sweeps: checked by each job instead
+            return 0
+        if key in GROUPS and o.is_sweep_override():
+            for v in values:
+                _check_group_choice(key, v)
+        elif key in GROUPS and not o.is_delete():
+            _check_group_choice(key, o.value())
+        prefix = o.get_key_element()
+        choices.append([o.input_line] if values == [None] else [f"{prefix}={v}" for v in values])
+    points = list(itertools.islice(itertools.product(*choices), _MAX_CHECKED))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        for point in points:
+            try:
+                cfg = compose("config", overrides=list(point))
+                validate(cfg)
+            except (HydraException, OmegaConfBaseException) as err:
+                raise PrunebenchError(" ".join(str(err).split("\n")[0:2])) from None
+    return len(points)
+
+
+def _check_output_dirs(overrides: list[str]) -> None:
+    """A rerun never overwrites an earlier run: refuse a run/sweep dir that already holds results."""
+    for o in overrides:
+        for key in ("hydra.run.dir=", "hydra.sweep.dir="):
+            if o.startswith(key):
+                folder = Path(o[len(key):])
+                if folder.is_dir() and any(folder.rglob("metrics.json")):
+                    raise PrunebenchError(f"{folder} already holds results; choose a new {key[:-1]}")
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+)
+def run(ctx: typer.Context) -> None:
+    """Run prune -> recover -> evaluate. Arguments are Hydra's: overrides (pruner=wanda
+    pruner.sparsity=0.6), -m for sweeps, --cfg job to print the config, hydra.run.dir=..."""
+    args = list(ctx.args)
+    if args[:1] in (["--help"], ["-h"]):
+        typer.echo(ctx.get_help())
+        typer.echo("\nHydra's own help: prunebench run --hydra-help; options: prunebench ls")
+        raise typer.Exit(0)
+    overrides = split_args(args)
+    try:
+        _check_output_dirs(overrides)
+        check_overrides(overrides)
+    except PrunebenchError as err:
+        _fail(str(err))
+    from prunebench.app import task
+
+    sys.argv = ["prunebench", *args]
+    task()
+
+
+@app.command("ls")
+def ls(group: str = typer.Argument(None, help="one config group: " + ", ".join(GROUPS))) -> None:
+    """List config groups and their options, with a one-line description each."""
+    if group is not None and group not in GROUPS:
+        _fail(f"unknown config group '{group}'; choose one of: {', '.join(GROUPS)}")
+    for g in [group] if group else GROUPS:
+        typer.echo(f"{g}:")
+        options = group_options(g)
+        width = max((len(o) for o in options), default=0)
+        for option, desc in options.items():
+            typer.echo(f"  {option:<{width}}  {desc}")
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="a run or sweep directory (searched for metrics.json)"),
+    out: Path = typer.Option(None, help="where to write report.csv and report.md (default: FOLDER)"),
+) -> None:
+    """Tabulate every metrics.json under FOLDER; print Markdown, write CSV and Markdown."""
+    from prunebench.report import collect, table, write
+
+    if not folder.is_dir():
+        _fail(f"{folder} is not a directory; pass a run or sweep directory (e.g. multirun/2026-01-01/12-00-00)")
+    runs = collect(folder)
+    if not runs:
+        _fail(f"no metrics.json under {folder}; run `prunebench run` first")
+    header, rows = table(runs, folder)
+    paths = write(header, rows, out or folder)
+    typer.echo(paths["md_text"])
+    typer.echo(f"\nwrote {paths['csv']} and {paths['md']}")
+
+
+if __name__ == "__main__":
+    app()

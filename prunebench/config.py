@@ -1,0 +1,107 @@
+"""Config helpers: the safe instantiate wrapper and the checks that run before any model loads."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate as _hydra_instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from prunebench import PrunebenchError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ("model", "calib", "pruner", "recovery", "eval", "experiment")
+ALLOWED_PREFIX = "prunebench."
+
+
+def _targets(node: Any) -> list[str]:
+    if isinstance(node, DictConfig):
+        found = [str(node["_target_"])] if "_target_" in node else []
+        for key in node:
+            if key != "_target_":
+                found += _targets(node._get_node(key))
+        return found
+    if OmegaConf.is_list(node):
+        return [t for item in node for t in _targets(item)]
+    return []
+
+
+def instantiate(node: DictConfig, **kwargs: Any) -> Any:
+    """hydra.utils.instantiate restricted to `prunebench.` targets, so a YAML file cannot call
+    arbitrary Python (os.system, subprocess, ...)."""
+    for target in _targets(node):
+        if not target.startswith(ALLOWED_PREFIX):
+            raise PrunebenchError(
+                f"refusing to instantiate '{target}': only targets under '{ALLOWED_PREFIX}' are allowed"
+            )
+    return _hydra_instantiate(node, _convert_="all", **kwargs)
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M): N zeros in every M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(p) for p in str(pattern).split(":"))
+    except ValueError:
+        raise PrunebenchError(
+            f"pruner.pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4, 4:8)"
+        ) from None
+    if not 0 < n < m:
+        raise PrunebenchError(f"pruner.pattern={pattern}: N:M needs 0 < N < M (e.g. 2:4, 4:8)")
+    return n, m
+
+
+def validate(cfg: DictConfig) -> None:
+    """Reject bad knobs with one clear line before anything heavy happens."""
+    p = cfg.pruner
+    sparsity = p.get("sparsity", 0.0)
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+        raise PrunebenchError(f"pruner.sparsity={sparsity} is outside [0, 1); use e.g. pruner.sparsity=0.5")
+    nm = parse_pattern(p.get("pattern", "unstructured"))
+    if nm is not None and p.name != "none" and abs(float(sparsity) - nm[0] / nm[1]) > 1e-9:
+        raise PrunebenchError(
+            f"pruner.pattern={p.pattern} removes {nm[0]}/{nm[1]} of the weights but pruner.sparsity={sparsity};"
+            f" set pruner.sparsity={nm[0] / nm[1]:g}"
+        )
+    if "group" in p and p.group not in ("row", "matrix"):
+        raise PrunebenchError(f"pruner.group={p.group!r} must be 'row' or 'matrix'")
+    for key in ("nsamples", "seqlen", "batch_size"):
+        value = cfg.calib.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise PrunebenchError(f"calib.{key}={value} must be a positive integer")
+    for name, ev in (cfg.get("eval") or {}).items():
+        for key in ("seqlen", "max_windows", "max_seqlen", "batch_size", "limit"):
+            value = ev.get(key)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise PrunebenchError(f"eval.{name}.{key}={value} must be a positive integer or null")
+    if cfg.model.source == "path" and not cfg.model.path:
+        raise PrunebenchError("model.source=path needs model.path=/path/to/model")
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of config fragments, used as a cache key."""
+    blob = json.dumps(
+        [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def group_options(group: str) -> dict[str, str]:
+    """Options of a config group with the one-line description from each file's first comment."""
+    root = CONF_DIR / group
+    options = {}
+    for path in sorted(root.rglob("*.yaml")):
+        desc = ""
+        for line in path.read_text().splitlines():
+            text = line.lstrip("# ").strip()
+            if line.startswith("#") and not text.startswith("@package"):
+                desc = text
+                break
+        options[str(path.relative_to(root).with_suffix(""))] = desc
+    return options

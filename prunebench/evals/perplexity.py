@@ -1,0 +1,67 @@
+"""Perplexity on WikiText-2 raw test, the protocol of Wanda and SparseGPT (lib/eval.py).
+
+The split's rows are joined with "\\n\\n" and tokenized once; the tokens are cut into
+non-overlapping windows of `seqlen` (the tail is dropped); each window is scored on its own;
+perplexity = exp(mean over windows of the window's mean next-token NLL), which equals the
+reference's exp(Σ NLL·seqlen / (n·seqlen)). `seqlen: null` uses the model's context
+(max_position_embeddings) capped at `max_seqlen`; `max_windows` caps the windows for quick runs.
+
+    eval: {wikitext2: {_target_: prunebench.evals.perplexity.Perplexity, seqlen: null, max_windows: null}}
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunebench import PrunebenchError
+from prunebench.data import load_texts, tokenize
+from prunebench.models import max_context
+
+
+class Perplexity:
+    def __init__(self, dataset: str = "wikitext2_test", seqlen: int | None = None, max_seqlen: int = 4096,
+                 max_windows: int | None = None, batch_size: int = 1):
+        self.dataset, self.seqlen, self.max_seqlen = dataset, seqlen, max_seqlen
+        self.max_windows, self.batch_size = max_windows, batch_size
+        self._tokens: tuple[object, torch.Tensor] | None = None
+
+    def tokens(self, tokenizer) -> torch.Tensor:
+        if self._tokens is None or self._tokens[0] is not tokenizer:  # tokenize once per tokenizer
+            self._tokens = (tokenizer, tokenize(tokenizer, "\n\n".join(load_texts(self.dataset))))
+        return self._tokens[1]
+
+    def windows(self, model: nn.Module, tokenizer) -> torch.Tensor:
+        seqlen = self.seqlen or min(max_context(model), self.max_seqlen)
+        ids = self.tokens(tokenizer)
+        n = len(ids) // seqlen
+        if self.max_windows:
+            n = min(n, self.max_windows)
+        if n == 0:
+            raise PrunebenchError(f"{self.dataset} has {len(ids)} tokens, fewer than one window of {seqlen}")
+        return ids[: n * seqlen].view(n, seqlen)
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, tokenizer) -> dict[str, float]:
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise PrunebenchError(
+                f"perplexity needs a causal language model; {type(model).__name__} has no LM head"
+                " (drop eval=wikitext2 for encoders)"
+            )
+        windows = self.windows(model, tokenizer)
+        device = next(model.parameters()).device
+        nll_sum = 0.0
+        for batch in tqdm(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch", leave=False):
+            batch = batch.to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            # Mean NLL of each window's seqlen-1 predictions, in fp32 (fp16 logits lose precision).
+            nll = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
+            ).view(batch.shape[0], -1).mean(1)
+            nll_sum += float(nll.sum())
+        n, seqlen = windows.shape
+        return {"ppl": math.exp(nll_sum / n), "windows": n, "tokens": n * seqlen, "seqlen": seqlen}

@@ -1,0 +1,113 @@
+"""The only place where the stages meet: load -> baseline -> calibrate -> prune -> recover ->
+evaluate -> write metrics.json. Read it top to bottom."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from prunebench import PrunebenchError, models
+from prunebench.config import fingerprint, instantiate, validate
+from prunebench.data import calibration_windows
+from prunebench.results import git_commit, peak_rss_mb, read_json, versions, write_json
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def stage(timings: dict, name: str):
+    start = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - start, 3)
+
+
+def evaluate(evaluators: dict, model, tokenizer) -> dict[str, float]:
+    """Flat `<eval>/<metric>` keys from every selected evaluator."""
+    return {f"{name}/{k}": v for name, ev in evaluators.items() for k, v in ev(model, tokenizer).items()}
+
+
+def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict) -> tuple[dict, bool]:
+    """Metrics of the unpruned model, cached per (model, eval config, seed) so sweeps compute them once."""
+    if not evaluators:
+        return {}, False
+    key = fingerprint(cfg.model, cfg.eval, cfg.seed)
+    path = Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{key}.json"
+    if path.exists():
+        log.info("reusing the dense baseline from %s", path)
+        return read_json(path)["metrics"], True
+    metrics = evaluate(evaluators, model, tokenizer)
+    write_json(path, {"model": cfg.model.name, "eval": OmegaConf.to_container(cfg.eval), "metrics": metrics})
+    return metrics, False
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    validate(cfg)
+    out = run_dir / "metrics.json"
+    if out.exists():
+        raise PrunebenchError(f"{out} already exists; rerun without hydra.run.dir to get a new run directory")
+    pruner = instantiate(cfg.pruner)
+    recovery = instantiate(cfg.recovery)
+    evaluators = {name: instantiate(ev) for name, ev in (cfg.eval or {}).items()}
+    timings: dict[str, float] = {}
+
+    with stage(timings, "load"):
+        model, tokenizer = models.load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed)
+    params_before, nonzero_before = models.count_params(model)
+
+    baseline, reused = {}, False
+    if cfg.baseline:
+        with stage(timings, "baseline"):
+            baseline, reused = dense_baseline(cfg, model, tokenizer, evaluators)
+
+    teacher = copy.deepcopy(model) if getattr(recovery, "needs_teacher", False) else None
+    calib = None
+    if pruner.needs_calibration:
+        with stage(timings, "calibration_data"):
+            c = cfg.calib
+            calib = calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, cfg.seed, c.batch_size)
+
+    with stage(timings, "prune"):
+        stats = pruner(model, calib)
+    with stage(timings, "recover"):
+        train = recovery(model, teacher, cfg)
+    with stage(timings, "eval"):
+        metrics = evaluate(evaluators, model, tokenizer)
+    params_after, nonzero_after = models.count_params(model)
+
+    result = {
+        "name": cfg.name,
+        "status": "complete",
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "metrics": metrics,
+        "baseline": baseline,
+        "baseline_reused": reused,
+        "prune": {
+            "method": cfg.pruner.name,
+            "pattern": cfg.pruner.get("pattern", "unstructured"),
+            "target_sparsity": stats.target_sparsity,
+            "achieved_sparsity": stats.achieved_sparsity,
+            "params_before": params_before,
+            "params_after": params_after,
+            "nonzero_before": nonzero_before,
+            "nonzero_after": nonzero_after,
+            "per_matrix": stats.per_matrix,
+            "timings": stats.timings,
+            **stats.info,
+        },
+        "calibration": None if calib is None else {
+            "source": calib.source, "method": calib.method, "shape": list(calib.shape), "seed": calib.seed,
+        },
+        "recovery": train,
+        "model_note": cfg.model.get("note"),
+        "timings": timings,
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
+    write_json(out, result)
+    return result

@@ -1,0 +1,1 @@
+"""Pruners: one file per method. A pruner is a callable `(model, calib) -> PruneStats`."""

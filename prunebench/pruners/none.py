@@ -1,0 +1,17 @@
+"""No pruning: the dense model, for baseline runs."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from prunebench.pruners.base import PruneStats, measure
+
+
+class NoPruner:
+    needs_calibration = False
+
+    def __init__(self, name: str = "none", sparsity: float = 0.0, pattern: str = "unstructured"):
+        self.name, self.sparsity = name, sparsity
+
+    def __call__(self, model: nn.Module, calib=None) -> PruneStats:
+        return measure(model, 0.0, {})

@@ -1,0 +1,1 @@
+"""Recovery after pruning: a callable `(model, teacher | None, data) -> dict` of training stats."""
