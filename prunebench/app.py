@@ -42,7 +42,9 @@ def summary(result: dict, run_dir: Path) -> str:
     if cfg.get("profile") == "quick":
         lines.append("quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'")
     t = result["timings"]
-    lines.append("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak RSS {result['peak_rss_mb']:.0f} MB")
+    lines.append(
+        "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak RSS {result['peak_rss_mb']:.0f} MB"
+    )
     lines.append(f"wrote {run_dir / 'metrics.json'}")
     return "\n".join(lines)
 
@@ -53,7 +55,7 @@ def task(cfg: DictConfig) -> float | None:
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        result = pipeline.run(cfg, run_dir)
+        result = pipeline.run(cfg, run_dir, list(HydraConfig.get().overrides.task))
     except PrunebenchError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

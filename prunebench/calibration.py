@@ -8,6 +8,7 @@ feed block i+1 (the sequential protocol of Wanda and SparseGPT).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -79,10 +80,8 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
-            try:
+            with contextlib.suppress(_Stop):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
     finally:
         handle.remove()
     return hidden, kwargs
@@ -95,13 +94,16 @@ class Layerwise:
         self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
         self.forward_s = 0.0
 
-    def forward(self, block: nn.Module, hidden, kwargs, keep: bool) -> list[torch.Tensor] | None:
+    def forward(self, block: nn.Module, hidden: list, kwargs: list, keep: bool) -> list[torch.Tensor]:
+        """Run `block` over every calibration batch; keep the outputs only when asked (the statistics
+        pass needs just the hooks, so its outputs are dropped batch by batch)."""
         t = time.perf_counter()
+        outs = []
         with torch.no_grad():
-            outs = [_first(block(h, **kw)) for h, kw in zip(hidden, kwargs)] if keep else None
-            if not keep:
-                for h, kw in zip(hidden, kwargs):
-                    block(h, **kw)
+            for h, kw in zip(hidden, kwargs, strict=True):
+                out = _first(block(h, **kw))
+                if keep:
+                    outs.append(out)
         self.forward_s += time.perf_counter() - t
         return outs
 
@@ -113,7 +115,8 @@ class Layerwise:
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
         for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
-            edit(i, block, lambda b=block: self.forward(b, hidden, kwargs, keep=False))
+            inputs = hidden
+            edit(i, block, lambda b=block, h=inputs: self.forward(b, h, kwargs, keep=False))
             if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
                 hidden = self.forward(block, hidden, kwargs, keep=True)
 

@@ -14,8 +14,19 @@ from prunebench.config import CONF_DIR, GROUPS, group_options
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 # Hydra flags that take a value (the value is not an override).
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
-                "--config-dir", "-cd", "--experimental-rerun"}
+_VALUE_FLAGS = {
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--config-name",
+    "-cn",
+    "--config-path",
+    "-cp",
+    "--config-dir",
+    "-cd",
+    "--experimental-rerun",
+}
 _INFO_TOPICS = {"all", "config", "defaults", "defaults-tree", "plugins", "searchpath"}
 _MAX_CHECKED = 256  # sweep points composed up front; bigger sweeps are checked job by job
 
@@ -44,9 +55,7 @@ def _check_group_choice(group: str, value) -> None:
     options = group_options(group)
     for v in value if isinstance(value, list) else [value]:
         if v is not None and str(v) not in options:
-            raise PrunebenchError(
-                f"unknown {group} '{v}'; choose one of: {', '.join(options)} (prunebench ls {group})"
-            )
+            raise PrunebenchError(f"unknown {group} '{v}'; choose one of: {', '.join(options)} (prunebench ls {group})")
 
 
 def check_overrides(overrides: list[str]) -> int:
@@ -95,7 +104,7 @@ def _check_output_dirs(overrides: list[str]) -> None:
     for o in overrides:
         for key in ("hydra.run.dir=", "hydra.sweep.dir="):
             if o.startswith(key):
-                folder = Path(o[len(key):])
+                folder = Path(o[len(key) :])
                 if folder.is_dir() and any(folder.rglob("metrics.json")):
                     raise PrunebenchError(f"{folder} already holds results; choose a new {key[:-1]}")
 

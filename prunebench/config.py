@@ -47,9 +47,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     try:
         n, m = (int(p) for p in str(pattern).split(":"))
     except ValueError:
-        raise PrunebenchError(
-            f"pruner.pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4, 4:8)"
-        ) from None
+        raise PrunebenchError(f"pruner.pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4, 4:8)") from None
     if not 0 < n < m:
         raise PrunebenchError(f"pruner.pattern={pattern}: N:M needs 0 < N < M (e.g. 2:4, 4:8)")
     return n, m
@@ -64,8 +62,8 @@ def validate(cfg: DictConfig) -> None:
     nm = parse_pattern(p.get("pattern", "unstructured"))
     if nm is not None and p.name != "none" and abs(float(sparsity) - nm[0] / nm[1]) > 1e-9:
         raise PrunebenchError(
-            f"pruner.pattern={p.pattern} removes {nm[0]}/{nm[1]} of the weights but pruner.sparsity={sparsity};"
-            f" set pruner.sparsity={nm[0] / nm[1]:g}"
+            f"pruner.pattern={p.pattern} removes {nm[0]}/{nm[1]} of the weights but"
+            f" pruner.sparsity={sparsity}; set pruner.sparsity={nm[0] / nm[1]:g}"
         )
     if "group" in p and p.group not in ("row", "matrix"):
         raise PrunebenchError(f"pruner.group={p.group!r} must be 'row' or 'matrix'")

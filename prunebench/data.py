@@ -116,7 +116,10 @@ def calibration_windows(
             return Calibration(torch.stack(windows), source, "documents", seed, batch_size)
         log.warning(
             "only %d of %d %s documents exceed %d tokens: drawing windows over the concatenated text instead",
-            long_docs, len(docs), source, seqlen,
+            long_docs,
+            len(docs),
+            source,
+            seqlen,
         )
     ids = tokenize(tokenizer, "\n\n".join(texts))
     if len(ids) <= seqlen:

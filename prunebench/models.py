@@ -106,18 +106,42 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool):
     return model.eval(), tokenizer
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint, so an offline machine fails in seconds rather than
+    after the Hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_hub(auto, cfg: DictConfig, dtype: torch.dtype, trust: bool):
     from transformers import AutoTokenizer
 
+    def fetch(local_only: bool):
+        tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id, trust_remote_code=trust, local_files_only=local_only)
+        model = auto.from_pretrained(cfg.hub_id, dtype=dtype, trust_remote_code=trust, local_files_only=local_only)
+        return model.eval(), tokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id, trust_remote_code=trust)
-        model = auto.from_pretrained(cfg.hub_id, dtype=dtype, trust_remote_code=trust)
-    except OSError as err:  # transformers raises OSError for unreachable Hub, gated or missing repos
-        raise PrunebenchError(
-            f"could not fetch '{cfg.hub_id}' from the Hugging Face Hub ({type(err).__name__}); download it"
-            f" where the Hub is reachable and pass model.path=/path/to/local/copy"
-        ) from None
-    return model.eval(), tokenizer
+        return fetch(local_only=True)  # already in the Hugging Face cache: no network needed
+    except OSError:
+        pass
+    advice = "download it where the Hub is reachable and pass model.path=/path/to/local/copy"
+    if not hub_reachable():
+        raise PrunebenchError(f"could not fetch '{cfg.hub_id}': the Hugging Face Hub is unreachable; {advice}")
+    try:
+        return fetch(local_only=False)
+    except OSError as err:  # gated repo without a token, missing repo, broken connection
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PrunebenchError(f"could not fetch '{cfg.hub_id}' from the Hugging Face Hub ({first}); {advice}") from None
 
 
 def _random(cfg: DictConfig, dtype: torch.dtype, seed: int):

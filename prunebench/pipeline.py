@@ -45,7 +45,7 @@ def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict) -> tuple
     return metrics, False
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     validate(cfg)
     out = run_dir / "metrics.json"
     if out.exists():
@@ -82,6 +82,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     result = {
         "name": cfg.name,
         "status": "complete",
+        "overrides": list(overrides or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
         "metrics": metrics,
         "baseline": baseline,
@@ -99,8 +100,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             "timings": stats.timings,
             **stats.info,
         },
-        "calibration": None if calib is None else {
-            "source": calib.source, "method": calib.method, "shape": list(calib.shape), "seed": calib.seed,
+        "calibration": None
+        if calib is None
+        else {
+            "source": calib.source,
+            "method": calib.method,
+            "shape": list(calib.shape),
+            "seed": calib.seed,
         },
         "recovery": train,
         "model_note": cfg.model.get("note"),

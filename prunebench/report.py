@@ -35,9 +35,16 @@ def table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]]:
     for r in runs:
         p = r["prune"]
         rel = str(r["_dir"].relative_to(root)) if r["_dir"] != root else "."
+        label = " ".join(o for o in r.get("overrides", []) if not o.startswith("hydra")) or rel
         rows.append(
-            [rel, r["config"]["model"]["name"], p["method"], p["pattern"], _fmt(p["target_sparsity"]),
-             f"{p['achieved_sparsity']:.4f}"]
+            [
+                label,
+                r["config"]["model"]["name"],
+                p["method"],
+                p["pattern"],
+                _fmt(p["target_sparsity"]),
+                f"{p['achieved_sparsity']:.4f}",
+            ]
             + [_fmt(r["metrics"].get(k)) for k in keys]
             + [_fmt(r["baseline"].get(k)) for k in keys]
         )

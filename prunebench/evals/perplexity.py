@@ -24,8 +24,14 @@ from prunebench.models import max_context
 
 
 class Perplexity:
-    def __init__(self, dataset: str = "wikitext2_test", seqlen: int | None = None, max_seqlen: int = 4096,
-                 max_windows: int | None = None, batch_size: int = 1):
+    def __init__(
+        self,
+        dataset: str = "wikitext2_test",
+        seqlen: int | None = None,
+        max_seqlen: int = 4096,
+        max_windows: int | None = None,
+        batch_size: int = 1,
+    ):
         self.dataset, self.seqlen, self.max_seqlen = dataset, seqlen, max_seqlen
         self.max_windows, self.batch_size = max_windows, batch_size
         self._tokens: tuple[object, torch.Tensor] | None = None
@@ -59,9 +65,11 @@ class Perplexity:
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             # Mean NLL of each window's seqlen-1 predictions, in fp32 (fp16 logits lose precision).
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none"
-            ).view(batch.shape[0], -1).mean(1)
+            nll = (
+                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
+                .view(batch.shape[0], -1)
+                .mean(1)
+            )
             nll_sum += float(nll.sum())
         n, seqlen = windows.shape
         return {"ppl": math.exp(nll_sum / n), "windows": n, "tokens": n * seqlen, "seqlen": seqlen}

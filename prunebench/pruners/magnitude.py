@@ -3,7 +3,11 @@
 The Wanda repository's baseline uses one threshold per weight matrix (`group: matrix`, default);
 `group: row` compares weights within each output row. N:M patterns use the same rule as Wanda.
 
-    pruner: {_target_: prunebench.pruners.magnitude.Magnitude, sparsity: 0.5, pattern: unstructured, group: matrix}
+    pruner:
+      _target_: prunebench.pruners.magnitude.Magnitude
+      sparsity: 0.5
+      pattern: unstructured   # or 2:4, 4:8
+      group: matrix           # or row
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ def score(weight: torch.Tensor) -> torch.Tensor:
 class Magnitude(MaskPruner):
     needs_calibration = False
 
-    def __init__(self, name: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured",
-                 group: str = "matrix"):
+    def __init__(
+        self,
+        name: str = "magnitude",
+        sparsity: float = 0.5,
+        pattern: str = "unstructured",
+        group: str = "matrix",
+    ):
         super().__init__(name, sparsity, pattern, group)
 
     def score(self, layer: nn.Linear, stat=None) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""The CLI end to end on tiny-llama: run, run -m, ls, report, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from prunebench.cli import split_args
+
+TINY = ["experiment=smoke/tiny"]
+
+
+def prunebench(*args: str, cache, cwd) -> subprocess.CompletedProcess:
+    # An unreachable Hub endpoint: a Hub model must fail cleanly here, never start a 13 GB download.
+    env = {**os.environ, "PRUNEBENCH_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    return subprocess.run(
+        [sys.executable, "-m", "prunebench.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda *args: prunebench(*args, cache=tmp_path / "cache", cwd=tmp_path)
+
+
+def test_run_writes_metrics(cli, tmp_path):
+    out = tmp_path / "run1"
+    r = cli("run", *TINY, f"hydra.run.dir={out}")
+    assert r.returncode == 0, r.stderr
+    assert "dense" in r.stdout and "pruned" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["status"] == "complete"
+    assert set(m["metrics"]) >= {"wikitext2/ppl", "wikitext2/windows", "wikitext2/tokens"}
+    assert m["baseline"]["wikitext2/ppl"] > 0 and not m["baseline_reused"]
+    assert m["prune"]["achieved_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    for key in ("config", "timings", "peak_rss_mb", "versions", "git_commit", "prune"):
+        assert key in m
+    # A rerun into the same directory is refused and leaves the first result untouched.
+    before = (out / "metrics.json").read_bytes()
+    r2 = cli("run", *TINY, f"hydra.run.dir={out}")
+    assert r2.returncode == 2 and "already" in r2.stderr
+    assert (out / "metrics.json").read_bytes() == before
+
+
+def test_multirun_and_report(cli, tmp_path):
+    sweep = tmp_path / "sweep"
+    r = cli("run", "-m", *TINY, "pruner=magnitude,wanda", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    runs = sorted(sweep.rglob("metrics.json"))
+    assert len(runs) == 2
+    second = json.loads(runs[1].read_text())
+    assert second["baseline_reused"]  # the dense baseline is computed once per sweep
+    r = cli("report", str(sweep))
+    assert r.returncode == 0, r.stderr
+    assert "| magnitude |" in r.stdout.replace("  ", " ") or "magnitude" in r.stdout
+    rows = list(csv.DictReader((sweep / "report.csv").open()))
+    assert sorted(row["pruner"] for row in rows) == ["magnitude", "wanda"]
+    assert (sweep / "report.md").exists()
+
+
+def test_ls(cli):
+    r = cli("ls")
+    assert r.returncode == 0
+    for group in ("model:", "calib:", "pruner:", "recovery:", "eval:", "experiment:"):
+        assert group in r.stdout
+    r = cli("ls", "pruner")
+    assert "wanda" in r.stdout and "model:" not in r.stdout
+    assert cli("ls", "nope").returncode == 2
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["pruner=foo"], "unknown pruner 'foo'"),
+        (["pruner.sparsity=1.5"], "outside [0, 1)"),
+        (["pruner.pattern=4:2"], "N < M"),
+        (["calib.seqlen=0"], "calib.seqlen"),
+        (["calib.nsamples=-4"], "calib.nsamples"),
+        (["pruner.nope=1"], "pruner.nope"),
+        (["-m", "pruner=wanda", "pruner.sparsity=0.5,1.2"], "1.2"),
+        (["model=llama2-7b"], "model.path"),
+    ],
+)
+def test_bad_input_is_one_line(cli, tmp_path, args, needle):
+    r = cli("run", *args, f"hydra.run.dir={tmp_path / 'bad'}")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], r.stderr
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_failed_run_leaves_no_metrics(cli, tmp_path):
+    out = tmp_path / "enc"
+    r = cli("run", "model=tiny-bert", "calib.nsamples=2", "calib.seqlen=16", f"hydra.run.dir={out}")
+    assert r.returncode == 2 and "causal language model" in r.stderr
+    assert not (out / "metrics.json").exists()
+
+
+def test_hydra_flags_pass_through(cli):
+    r = cli("run", *TINY, "--cfg", "job")
+    assert r.returncode == 0 and "tiny-llama" in r.stdout
+    assert split_args(["-m", "--cfg", "job", "a=1", "--info", "defaults", "b=2"]) == ["a=1", "b=2"]

@@ -1,0 +1,63 @@
+"""Every option of every config group composes; instantiable ones instantiate."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from prunebench import PrunebenchError, models
+from prunebench.config import GROUPS, group_options, instantiate, validate
+from tests.conftest import compose_cfg
+
+OPTIONS = [(g, o) for g in GROUPS for o in group_options(g)]
+
+
+def test_every_group_has_options():
+    for group in GROUPS:
+        assert group_options(group), group
+
+
+@pytest.mark.parametrize("group,option", OPTIONS)
+def test_option_composes_and_instantiates(group, option):
+    override = f"{group}=[{option}]" if group == "eval" else f"{group}={option}"
+    cfg = compose_cfg(override)
+    validate(cfg)
+    if group in ("pruner", "recovery"):
+        assert callable(instantiate(cfg[group]))
+    if group == "eval":
+        for node in cfg.eval.values():
+            assert callable(instantiate(node))
+    if group == "model":
+        assert cfg.model.name == option
+        if cfg.model.source == "random":
+            model, tok = models.load(cfg.model, cache_dir="/nonexistent")
+            assert model.config.num_hidden_layers == cfg.model.hf_config.num_hidden_layers
+
+
+def test_eval_selects_several_and_none():
+    assert list(compose_cfg("eval=[]").eval) == []
+    assert list(compose_cfg("eval=[wikitext2]").eval) == ["wikitext2"]
+
+
+def test_instantiate_refuses_foreign_targets():
+    with pytest.raises(PrunebenchError, match="only targets under"):
+        instantiate(OmegaConf.create({"_target_": "os.system", "command": "echo hi"}))
+    with pytest.raises(PrunebenchError):
+        instantiate(
+            OmegaConf.create({"_target_": "prunebench.recovery.none.NoRecovery", "x": {"_target_": "os.getcwd"}})
+        )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("pruner.sparsity=1.0", "outside"),
+        ("pruner.sparsity=-0.1", "outside"),
+        ("pruner.pattern=4:4", "N < M"),
+        ("pruner.pattern=2x4", "N:M"),
+        ("calib.seqlen=0", "positive"),
+        ("calib.nsamples=-1", "positive"),
+        ("eval.wikitext2.max_windows=0", "positive"),
+    ],
+)
+def test_validate_rejects(override, message):
+    with pytest.raises(PrunebenchError, match=message):
+        validate(compose_cfg(override))
