@@ -94,31 +94,30 @@ class Layerwise:
         self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
         self.forward_s = 0.0
 
-    def forward(self, block: nn.Module, hidden: list, kwargs: list, keep: bool) -> list[torch.Tensor]:
-        """Run `block` over every calibration batch; keep the outputs only when asked (the statistics
-        pass needs just the hooks, so its outputs are dropped batch by batch)."""
+    def forward(self, block: nn.Module, hidden: list, kwargs: list, keep: bool) -> None:
+        """Run `block` over every calibration batch. With keep=True each batch's output replaces its
+        input in `hidden` (in place: one set of activations alive, plus one batch); without, the
+        outputs are dropped (the statistics pass needs only the hooks)."""
         t = time.perf_counter()
-        outs = []
         with torch.no_grad():
-            for h, kw in zip(hidden, kwargs, strict=True):
-                out = _first(block(h, **kw))
+            for j, kw in enumerate(kwargs):
+                out = _first(block(hidden[j], **kw))
                 if keep:
-                    outs.append(out)
+                    hidden[j] = out
         self.forward_s += time.perf_counter() - t
-        return outs
 
     def run(self, edit: Callable[[int, nn.Module, Callable[[], None]], None]) -> None:
         """For each block i: `edit(i, block, collect)` where collect() runs the block over the
-        calibration batches (hooks see the inputs); then outputs are recomputed for block i+1."""
+        calibration batches (hooks see the inputs); then the edited block's outputs become the
+        inputs of block i+1."""
         t = time.perf_counter()
         hidden, kwargs = capture_inputs(self.model, self.input_ids, self.batch_size)
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
         for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
-            inputs = hidden
-            edit(i, block, lambda b=block, h=inputs: self.forward(b, h, kwargs, keep=False))
+            edit(i, block, lambda b=block: self.forward(b, hidden, kwargs, keep=False))
             if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                hidden = self.forward(block, hidden, kwargs, keep=True)
+                self.forward(block, hidden, kwargs, keep=True)
 
 
 def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:

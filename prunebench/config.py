@@ -103,3 +103,12 @@ def group_options(group: str) -> dict[str, str]:
                 break
         options[str(path.relative_to(root).with_suffix(""))] = desc
     return options
+
+
+def compose(*overrides: str) -> DictConfig:
+    """The config a `prunebench run OVERRIDES` job would get (Compose API; for tests and scripts)."""
+    from hydra import compose as _compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return _compose("config", overrides=list(overrides))

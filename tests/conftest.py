@@ -2,16 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from prunebench import models
-from prunebench.config import CONF_DIR
+from prunebench.config import compose as compose_cfg
 from prunebench.data import Calibration
-
-
-def compose_cfg(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose("config", overrides=list(overrides))
 
 
 @pytest.fixture

@@ -1,0 +1,67 @@
+"""Benchmark: Wanda on SmolLM2-135M (dequantized Q4_1): wall time split into block forwards
+(calibration) and scoring/masking, and peak RSS against the fp32 model size.
+
+    python scripts/bench_wanda.py --nsamples 128 --seqlen 512
+
+Goal (issue 2): peak RSS growth over the process before loading ≤ 1.5 × model bytes + one
+block's activations (nsamples × seqlen × hidden × 4 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import psutil
+
+from prunebench import models
+from prunebench.config import compose as compose_cfg
+from prunebench.data import calibration_windows
+from prunebench.pruners.wanda import Wanda
+from prunebench.results import peak_rss_mb
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=4)
+    args = ap.parse_args()
+
+    rss_start = psutil.Process().memory_info().rss / 2**20
+    cfg = compose_cfg()
+    model, tok = models.load(cfg.model, cfg.paths.cache_dir)
+    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0, args.batch_size)
+    act_mb = args.nsamples * args.seqlen * model.config.hidden_size * 4 / 2**20
+
+    t = time.perf_counter()
+    stats = Wanda(sparsity=0.5)(model, calib)
+    total = time.perf_counter() - t
+    peak = peak_rss_mb()
+    budget = 1.5 * model_mb + act_mb
+    rows = [
+        ("calibration windows", f"{args.nsamples} x {args.seqlen} ({calib.method})"),
+        ("block forwards (s)", f"{stats.timings['forward']:.1f}"),
+        ("score + mask (s)", f"{stats.timings['score_and_mask']:.2f}"),
+        ("total (s)", f"{total:.1f}"),
+        ("achieved sparsity", f"{stats.achieved_sparsity:.4f}"),
+        ("fp32 model (MB)", f"{model_mb:.0f}"),
+        ("one block's activations (MB)", f"{act_mb:.0f}"),
+        ("RSS before loading (MB)", f"{rss_start:.0f}"),
+        ("peak RSS (MB)", f"{peak:.0f}"),
+        ("peak growth over start (MB)", f"{peak - rss_start:.0f}"),
+        ("goal: 1.5 x model + activations (MB)", f"{budget:.0f}"),
+    ]
+    for k, v in rows:
+        print(f"{k:<40} {v}")
+    ok = peak - rss_start <= budget
+    print(
+        f"summary: wanda {args.nsamples}x{args.seqlen} forwards {stats.timings['forward']:.1f}s"
+        f" scoring {stats.timings['score_and_mask']:.2f}s; peak growth {peak - rss_start:.0f} MB vs goal"
+        f" {budget:.0f} MB: {'met' if ok else 'NOT met'}"
+    )
+
+
+if __name__ == "__main__":
+    main()
