@@ -9,13 +9,20 @@ feed block i+1 (the sequential protocol of Wanda and SparseGPT).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -58,6 +65,13 @@ class InputNorms:
     @property
     def norm_sq(self) -> torch.Tensor:
         return self.sum / max(self.nsamples, 1)
+
+    @classmethod
+    def of(cls, norm_sq: torch.Tensor) -> InputNorms:
+        """Wrap a stored ||X_j||² (e.g. from the one-shot cache)."""
+        stat = cls.__new__(cls)
+        stat.sum, stat.nsamples = norm_sq, 1
+        return stat
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -154,3 +168,94 @@ def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: 
         for h in handles:
             h.remove()
     return stats
+
+
+def model_digest(model: nn.Module) -> str:
+    """Cheap fingerprint of the weights (shape and sum of every tensor): a cache made for other
+    weights is never reused."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_stats(calib, model: nn.Module, kind: str, compute: Callable[[], dict[str, torch.Tensor]]):
+    """Load statistics `kind` for (these weights, these calibration windows) from the cache, or
+    compute and store them. `kind` names the protocol (e.g. 'grad-l1-fp32'), so a changed protocol
+    is a different file. Returns (tensors, reused)."""
+    if not getattr(calib, "cache_dir", None):
+        return compute(), False
+    from safetensors.torch import load_file, save_file
+
+    path = Path(calib.cache_dir) / f"{kind}-{model_digest(model)}-{calib.key}.safetensors"
+    if path.exists():
+        log.info("reusing cached %s statistics from %s", kind, path)
+        return load_file(path), True
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)  # atomic: parallel sweep jobs never read half a file
+    log.info("cached %s statistics at %s", kind, path)
+    return tensors, False
+
+
+def dense_input_norms(model: nn.Module, calib) -> tuple[dict[str, torch.Tensor], bool]:
+    """||X_j||² of every block linear from the *dense* model (one-shot protocol), cached."""
+
+    def compute():
+        stats = collect_full_forward(model, calib.input_ids, calib.batch_size, InputNorms)
+        return {name: s.norm_sq for name, s in stats.items()}
+
+    return cached_stats(calib, model, "xnorm-dense", compute)
+
+
+def gradient_norms(
+    model: nn.Module, input_ids: torch.Tensor, norm: str, fp16_scale: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradient norms of every block linear's weight (GBLM-Pruner's G).
+
+    One window at a time (batch 1), causal-LM loss with labels = inputs; each sample's gradient is
+    folded into the accumulator the moment it is computed (a post-accumulate hook) and freed, so at
+    most one sample's gradient exists beside the accumulators. Only block linears require grad.
+
+    norm='l1': Σ_s |g_s|;  norm='l2': sqrt(Σ_s g_s²), in fp32 and unscaled: the reference's α·g
+    scaling is linear, so α is applied at scoring time and one cache serves every α.
+    fp16_scale=α reproduces the reference exactly instead: accumulate α·g in fp16 (may overflow).
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"grad_norm must be 'l1' or 'l2', not {norm!r}")
+    linears = prunable_linears(model)
+    acc_dtype = torch.float16 if fp16_scale else torch.float32
+    acc = {n: torch.zeros_like(layer.weight, dtype=acc_dtype) for n, layer in linears.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def fold(name: str):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.to(acc_dtype)
+            if fp16_scale:
+                g = g * fp16_scale
+            acc[name] += g.abs() if norm == "l1" else g * g
+            p.grad = None
+
+        return hook
+
+    handles = []
+    for name, layer in linears.items():
+        layer.weight.requires_grad_(True)
+        handles.append(layer.weight.register_post_accumulate_grad_hook(fold(name)))
+    device = next(model.parameters()).device
+    try:
+        for window in tqdm(input_ids, desc="gradients", unit="sample", leave=False):
+            x = window.unsqueeze(0).to(device)
+            model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return {n: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for n, a in acc.items()}

@@ -87,6 +87,15 @@ class Calibration:
     method: str  # "documents" (Wanda's protocol) or "concatenated" (fallback)
     seed: int
     batch_size: int = 1  # windows per forward in layer-wise passes (statistics do not depend on it)
+    cache_dir: str | None = None  # where reusable statistics (gradient norms, dense norms) are kept
+
+    @property
+    def key(self) -> str:
+        """Hash of the exact token windows: any change of data, tokenizer, seed, nsamples or seqlen
+        gives a new key, so cached statistics can never be stale with respect to the data."""
+        import hashlib
+
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
     @property
     def shape(self) -> tuple[int, int]:

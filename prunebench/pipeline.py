@@ -70,6 +70,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         with stage(timings, "calibration_data"):
             c = cfg.calib
             calib = calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, cfg.seed, c.batch_size)
+            calib.cache_dir = str(Path(cfg.paths.cache_dir) / "stats")
 
     with stage(timings, "prune"):
         stats = pruner(model, calib)

@@ -1,7 +1,8 @@
-"""What every mask pruner shares: the result record and the layer-by-layer mask loop.
+"""What every mask pruner shares: the result record and the mask loop.
 
-A method file supplies only `score(layer, stat)` (pure math lives in a module-level function) and,
-if it needs one, the statistic it collects per linear (`make_stat`).
+A method file supplies `score(name, layer, stat)` (its pure math lives in a module-level
+function), optionally the statistic it collects per linear (`make_stat`), a `prepare` step run on
+the dense model (GBLM's gradient pass), or its own `prune_layer` (SparseGPT's weight update).
 """
 
 from __future__ import annotations
@@ -12,7 +13,16 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from prunebench.calibration import InputNorms, Layerwise, block_linears, collect_stats, find_blocks
+from prunebench import PrunebenchError
+from prunebench.calibration import (
+    InputNorms,
+    Layerwise,
+    block_linears,
+    collect_stats,
+    dense_input_norms,
+    find_blocks,
+    prunable_linears,
+)
 from prunebench.config import parse_pattern
 from prunebench.pruners.masks import make_mask
 
@@ -20,7 +30,7 @@ from prunebench.pruners.masks import make_mask
 @dataclass
 class PruneStats:
     """What a pruner reports: target and achieved sparsity over the pruned matrices, per-matrix
-    sparsity, seconds spent in block forwards (calibration) and in scoring/masking."""
+    sparsity, seconds per phase, and method-specific facts (cache reuse, protocol)."""
 
     target_sparsity: float
     achieved_sparsity: float = 0.0
@@ -44,34 +54,64 @@ def measure(model: nn.Module, target: float, timings: dict, info: dict | None = 
 
 
 class MaskPruner:
-    """Remove weights by a score, layer by layer on calibration data (Wanda's loop): for each
-    block, collect `make_stat` for every linear, score, mask, then recompute the block outputs."""
+    """Remove weights by a score. `sequential=True` (the papers' protocol): block by block, the
+    statistics of block i come from inputs computed by the already-pruned blocks < i.
+    `sequential=False` (one-shot): every statistic comes from the dense model, is cached, and all
+    layers are pruned at once; cheaper in sweeps, not the papers' protocol."""
 
     needs_calibration = True
     make_stat = InputNorms
 
-    def __init__(self, name: str, sparsity: float = 0.5, pattern: str = "unstructured", group: str = "row"):
-        self.name, self.sparsity, self.pattern, self.group = name, float(sparsity), pattern, group
+    def __init__(
+        self,
+        name: str = "",
+        sparsity: float = 0.5,
+        pattern: str = "unstructured",
+        group: str = "row",
+        sequential: bool = True,
+    ):
+        self.name = name or type(self).__name__.lower()
+        self.sparsity, self.pattern, self.group = float(sparsity), pattern, group
+        self.sequential = sequential
         self.nm = parse_pattern(pattern)
+        self.info: dict = {"protocol": "sequential" if sequential else "one-shot (dense statistics)"}
 
-    def score(self, layer: nn.Linear, stat) -> torch.Tensor:
+    def prepare(self, model: nn.Module, calib) -> None:
+        """Work on the dense model before any block is pruned (default: none)."""
+
+    def score(self, name: str, layer: nn.Linear, stat) -> torch.Tensor:
         raise NotImplementedError
 
     @torch.no_grad()
-    def prune_layer(self, layer: nn.Linear, stat) -> None:
-        mask = make_mask(self.score(layer, stat), self.sparsity, self.nm, self.group)
+    def prune_layer(self, name: str, layer: nn.Linear, stat) -> None:
+        mask = make_mask(self.score(name, layer, stat), self.sparsity, self.nm, self.group)
         layer.weight[mask] = 0
 
     def __call__(self, model: nn.Module, calib) -> PruneStats:
-        start = time.perf_counter()
-        runner = Layerwise(model, calib.input_ids, calib.batch_size, desc=self.name)
+        if calib is None:
+            raise PrunebenchError(f"{self.name} needs calibration data")
+        timings: dict[str, float] = {}
+        t = time.perf_counter()
+        self.prepare(model, calib)
+        timings["prepare"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if self.sequential:
+            runner = Layerwise(model, calib.input_ids, calib.batch_size, desc=self.name)
 
-        def edit(_i, block, collect):
-            linears, stats = collect_stats(block, collect, self.make_stat)
-            for name, layer in linears.items():
-                self.prune_layer(layer, stats[name])
+            def edit(i, block, collect):
+                linears, stats = collect_stats(block, collect, self.make_stat)
+                for name, layer in linears.items():
+                    self.prune_layer(f"{i}.{name}", layer, stats[name])
 
-        runner.run(edit)
-        total = time.perf_counter() - start
-        timings = {"forward": runner.forward_s, "score_and_mask": total - runner.forward_s}
-        return measure(model, self.sparsity, timings)
+            runner.run(edit)
+            timings["forward"] = runner.forward_s
+        else:
+            if self.make_stat is not InputNorms:
+                raise PrunebenchError(f"{self.name} has no one-shot mode; use pruner.sequential=true")
+            norms, reused = dense_input_norms(model, calib)
+            self.info["dense_norms_reused"] = reused
+            timings["forward"] = time.perf_counter() - t
+            for name, layer in prunable_linears(model).items():
+                self.prune_layer(name, layer, InputNorms.of(norms[name]))
+        timings["score_and_mask"] = time.perf_counter() - t - timings["forward"]
+        return measure(model, self.sparsity, timings, dict(self.info))

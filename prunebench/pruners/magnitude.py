@@ -30,19 +30,15 @@ class Magnitude(MaskPruner):
     needs_calibration = False
 
     def __init__(
-        self,
-        name: str = "magnitude",
-        sparsity: float = 0.5,
-        pattern: str = "unstructured",
-        group: str = "matrix",
+        self, name: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured", group: str = "matrix"
     ):
         super().__init__(name, sparsity, pattern, group)
 
-    def score(self, layer: nn.Linear, stat=None) -> torch.Tensor:
+    def score(self, name: str, layer: nn.Linear, stat=None) -> torch.Tensor:
         return score(layer.weight)
 
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:
         start = time.perf_counter()
-        for layer in prunable_linears(model).values():  # no data needed: no forward passes
-            self.prune_layer(layer, None)
+        for name, layer in prunable_linears(model).items():  # no data needed: no forward passes
+            self.prune_layer(name, layer, None)
         return measure(model, self.sparsity, {"forward": 0.0, "score_and_mask": time.perf_counter() - start})

@@ -5,7 +5,8 @@ a sample's tokens and averaged over calibration samples (the reference's `scaler
 compete within each output row; N:M removes the N lowest of every M consecutive inputs. No weight
 update. Blocks are calibrated sequentially: block i sees inputs computed by the pruned blocks < i.
 
-    pruner: {_target_: prunebench.pruners.wanda.Wanda, sparsity: 0.5, pattern: unstructured, group: row}
+    pruner: {_target_: prunebench.pruners.wanda.Wanda, sparsity: 0.5, pattern: unstructured, group: row,
+             sequential: true}
 """
 
 from __future__ import annotations
@@ -23,8 +24,5 @@ def score(weight: torch.Tensor, x_norm_sq: torch.Tensor) -> torch.Tensor:
 
 
 class Wanda(MaskPruner):
-    def __init__(self, name: str = "wanda", sparsity: float = 0.5, pattern: str = "unstructured", group: str = "row"):
-        super().__init__(name, sparsity, pattern, group)
-
-    def score(self, layer: nn.Linear, stat: InputNorms) -> torch.Tensor:
+    def score(self, name: str, layer: nn.Linear, stat: InputNorms) -> torch.Tensor:
         return score(layer.weight, stat.norm_sq)
