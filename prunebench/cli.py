@@ -148,20 +148,77 @@ def ls(group: str = typer.Argument(None, help="one config group: " + ", ".join(G
 @app.command()
 def report(
     folder: Path = typer.Argument(..., help="a run or sweep directory (searched for metrics.json)"),
-    out: Path = typer.Option(None, help="where to write report.csv and report.md (default: FOLDER)"),
+    out: Path = typer.Option(None, help="where to write the tables (default: FOLDER)"),
+    metric: str = typer.Option(None, help="metric of the pivot table and plot (default: the first)"),
+    plot: bool = typer.Option(False, "--plot", help="also draw METRIC against sparsity per method (PNG)"),
 ) -> None:
-    """Tabulate every metrics.json under FOLDER; print Markdown, write CSV and Markdown."""
-    from prunebench.report import collect, table, write
+    """Tabulate every metrics.json under FOLDER: one row per run, the method x pattern pivot (the
+    papers' layout), and paper numbers beside reproduced ones; Markdown, CSV and LaTeX."""
+    from prunebench import report as rep
 
     if not folder.is_dir():
         _fail(f"{folder} is not a directory; pass a run or sweep directory (e.g. multirun/2026-01-01/12-00-00)")
-    runs = collect(folder)
+    runs = rep.collect(folder)
     if not runs:
-        _fail(f"no metrics.json under {folder}; run `prunebench run` first")
-    header, rows = table(runs, folder)
-    paths = write(header, rows, out or folder)
-    typer.echo(paths["md_text"])
-    typer.echo(f"\nwrote {paths['csv']} and {paths['md']}")
+        _fail(f"no complete metrics.json under {folder}; run `prunebench run` first")
+    out = out or folder
+    keys = rep.metric_keys(runs)
+    if metric is not None and metric not in keys:
+        _fail(f"--metric {metric} is not in these runs; choose one of: {', '.join(keys)}")
+    metric = metric or (keys[0] if keys else None)
+    written = []
+    for stem, (header, rows) in _views(rep, runs, folder, metric).items():
+        paths = rep.write(header, rows, out, stem)
+        typer.echo(f"\n{stem}:\n{paths['md_text']}")
+        written.append(paths["md"].with_suffix(".{csv,md,tex}"))
+    if plot and metric:
+        written.append(rep.plot(runs, metric, out / "report.png"))
+    typer.echo("\nwrote " + ", ".join(str(p) for p in written))
+
+
+def _views(rep, runs: list[dict], folder: Path, metric: str | None) -> dict:
+    views = {"report": rep.runs_table(runs, folder)}
+    if metric and len(runs) > 1 and len({r["config"]["model"]["name"] for r in runs}) == 1:
+        views["pivot"] = rep.pivot_table(runs, metric)
+    if any(r["config"].get("expected") for r in runs):
+        views["paper"] = rep.paper_table(runs)
+    return views
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def reproduce(
+    ctx: typer.Context,
+    paper: str = typer.Argument(..., help="a folder of conf/experiment: gblm, wanda, ..."),
+    scale: str = typer.Option("embedded", help="embedded (SmolLM2 on this machine) or paper (the published models)"),
+) -> None:
+    """Run every experiment config of PAPER at SCALE as one sweep, then print the reproduced table
+    beside the paper's numbers. Extra arguments are Hydra overrides/flags for every job."""
+    import datetime
+
+    cells = [o for o in group_options("experiment") if o.startswith(f"{paper}/{scale}/")]
+    if not cells:
+        known = sorted({o.rsplit("/", 1)[0] for o in group_options("experiment") if o.count("/") == 2})
+        _fail(f"no experiments for '{paper}' at scale '{scale}'; available: {', '.join(known)}")
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    sweep_dir = Path("multirun") / f"reproduce-{paper}-{scale}" / stamp
+    args = ["-m", "experiment=" + ",".join(cells), f"hydra.sweep.dir={sweep_dir}", *ctx.args]
+    try:
+        check_overrides(split_args(args))
+    except PrunebenchError as err:
+        _fail(str(err))
+    typer.echo(f"reproduce {paper} at scale {scale}: {len(cells)} runs into {sweep_dir}")
+    from prunebench import report as rep
+    from prunebench.app import task
+
+    sys.argv = ["prunebench", *args]
+    task()
+    runs = rep.collect(sweep_dir)
+    if not runs:
+        _fail(f"no run of {paper}/{scale} completed; see the logs under {sweep_dir}")
+    for stem, (header, rows) in _views(rep, runs, sweep_dir, "wikitext2/ppl").items():
+        rep.write(header, rows, sweep_dir, stem)
+        typer.echo(f"\n{stem}:\n{rep.markdown(header, rows)}")
+    typer.echo(f"\n{len(runs)}/{len(cells)} runs complete; tables written to {sweep_dir}")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,24 @@ def test_hydra_flags_pass_through(cli):
     r = cli("run", *TINY, "--cfg", "job")
     assert r.returncode == 0 and "tiny-llama" in r.stdout
     assert split_args(["-m", "--cfg", "job", "a=1", "--info", "defaults", "b=2"]) == ["a=1", "b=2"]
+
+
+def test_report_pivot_plot_and_bad_metric(cli, tmp_path):
+    sweep = tmp_path / "grid"
+    r = cli("run", "-m", *TINY, "pruner=magnitude,wanda", "pruner.pattern=unstructured,2:4", f"hydra.sweep.dir={sweep}")
+    assert r.returncode == 0, r.stderr
+    r = cli("report", str(sweep), "--plot")
+    assert r.returncode == 0, r.stderr
+    assert "| dense |" in r.stdout and "| 2:4 |" in r.stdout.replace("50% | 2:4", "| 2:4")
+    for name in ("report.csv", "report.md", "report.tex", "pivot.csv", "pivot.md", "pivot.tex", "report.png"):
+        assert (sweep / name).exists(), name
+    r = cli("report", str(sweep), "--metric", "nope/ppl")
+    assert r.returncode == 2 and "wikitext2/ppl" in r.stderr
+
+
+def test_reproduce_paper_scale_fails_cleanly(cli):
+    r = cli("reproduce", "gblm", "--scale", "paper")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "model.path" in r.stderr.splitlines()[-1]
+    r = cli("reproduce", "nope")
+    assert r.returncode == 2 and "available:" in r.stderr

@@ -26,7 +26,7 @@ def test_wikitext_rows_match_hf_layout():
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
 
 
-def test_dense_ppl_is_plausible_and_wanda_beats_magnitude(smollm2):
+def test_dense_ppl_is_plausible_and_calibrated_pruners_beat_magnitude(smollm2):
     cfg, model, tok = smollm2
     ppl = instantiate(compose_cfg("eval.wikitext2.max_windows=4").eval.wikitext2)
     dense = ppl(model, tok)
@@ -37,14 +37,15 @@ def test_dense_ppl_is_plausible_and_wanda_beats_magnitude(smollm2):
 
     state = {k: v.clone() for k, v in model.state_dict().items()}
     results = {}
-    for name in ("magnitude", "wanda"):
+    for name in ("magnitude", "wanda", "sparsegpt", "gblm"):
         model.load_state_dict(state)
         stats = instantiate(compose_cfg(f"pruner={name}").pruner)(model, calib)
         assert stats.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
         results[name] = ppl(model, tok)["ppl"]
     model.load_state_dict(state)
     assert math.isfinite(results["wanda"])
-    assert dense["ppl"] < results["wanda"] < results["magnitude"], results
+    for name in ("wanda", "sparsegpt", "gblm"):
+        assert dense["ppl"] < results[name] < results["magnitude"], results
 
 
 def test_calibration_falls_back_when_documents_are_short(smollm2):

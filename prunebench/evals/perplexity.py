@@ -14,13 +14,19 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models import max_context
+
+
+def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
+    """-log softmax(logits)[target] per position, in fp32, as logsumexp − target logit over chunks
+    of positions: the same value as F.cross_entropy without writing a (tokens × vocab) log-softmax."""
+    lse = torch.cat([torch.logsumexp(part.float(), dim=-1) for part in logits.split(chunk)])
+    return lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 
 
 class Perplexity:
@@ -64,12 +70,7 @@ class Perplexity:
         for batch in tqdm(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch", leave=False):
             batch = batch.to(device)
             logits = model(input_ids=batch, use_cache=False).logits
-            # Mean NLL of each window's seqlen-1 predictions, in fp32 (fp16 logits lose precision).
-            nll = (
-                F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="none")
-                .view(batch.shape[0], -1)
-                .mean(1)
-            )
-            nll_sum += float(nll.sum())
+            nll_sum += float(sum(token_nll(lg[:-1], ids[1:]).mean() for lg, ids in zip(logits, batch, strict=True)))
+            del logits
         n, seqlen = windows.shape
         return {"ppl": math.exp(nll_sum / n), "windows": n, "tokens": n * seqlen, "seqlen": seqlen}
