@@ -93,7 +93,7 @@ def check_overrides(overrides: list[str]) -> int:
         for point in points:
             try:
                 cfg = compose("config", overrides=list(point))
-                validate(cfg)
+                validate(cfg, build=True)
             except (HydraException, OmegaConfBaseException) as err:
                 raise PrunebenchError(" ".join(str(err).split("\n")[0:2])) from None
     return len(points)

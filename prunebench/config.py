@@ -37,7 +37,16 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
             raise PrunebenchError(
                 f"refusing to instantiate '{target}': only targets under '{ALLOWED_PREFIX}' are allowed"
             )
-    return _hydra_instantiate(node, _convert_="all", **kwargs)
+    from hydra.errors import InstantiationException
+
+    try:
+        return _hydra_instantiate(node, _convert_="all", **kwargs)
+    except InstantiationException as err:
+        # A constructor's own one-line PrunebenchError, not Hydra's wrapper around it.
+        cause = err.__cause__
+        if isinstance(cause, PrunebenchError):
+            raise cause from None
+        raise PrunebenchError(" ".join(str(err).split())) from None
 
 
 def parse_pattern(pattern: str) -> tuple[int, int] | None:
@@ -53,8 +62,10 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
-def validate(cfg: DictConfig) -> None:
-    """Reject bad knobs with one clear line before anything heavy happens."""
+def validate(cfg: DictConfig, build: bool = False) -> None:
+    """Reject bad knobs with one clear line before anything heavy happens. build=True also
+    constructs the pruner, recovery and evaluators (cheap: no model, no data), so their own
+    checks run too."""
     p = cfg.pruner
     sparsity = p.get("sparsity", 0.0)
     if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
@@ -78,6 +89,11 @@ def validate(cfg: DictConfig) -> None:
                 raise PrunebenchError(f"eval.{name}.{key}={value} must be a positive integer or null")
     if cfg.model.source == "path" and not cfg.model.path:
         raise PrunebenchError("model.source=path needs model.path=/path/to/model")
+    if build:
+        instantiate(cfg.pruner)
+        instantiate(cfg.recovery)
+        for node in cfg.eval.values():
+            instantiate(node)
 
 
 def fingerprint(*parts: Any) -> str:

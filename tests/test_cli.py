@@ -84,6 +84,9 @@ def test_ls(cli):
         (["pruner.nope=1"], "pruner.nope"),
         (["-m", "pruner=wanda", "pruner.sparsity=0.5,1.2"], "1.2"),
         (["model=llama2-7b"], "model.path"),
+        (["pruner=gblm", "pruner.grad_norm=l3"], "grad_norm"),
+        (["pruner=sparsegpt", "pruner.sequential=false"], "one-shot"),
+        (["pruner=wanda", "pruner.group=column"], "pruner.group"),
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, args, needle):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prunebench import PrunebenchError
 from prunebench.pruners.base import MaskPruner
 from prunebench.pruners.masks import matrix_mask, nm_mask
 
@@ -97,6 +98,8 @@ class SparseGPT(MaskPruner):
         percdamp: float = 0.01,
         sequential: bool = True,
     ):
+        if not sequential:
+            raise PrunebenchError("SparseGPT has no one-shot mode: its Hessians need the pruned blocks' outputs")
         super().__init__(name, sparsity, pattern, "block", sequential)
         self.blocksize, self.percdamp = int(blocksize), float(percdamp)
         self.info["mask_selection"] = f"per {self.blocksize}-column block" if self.nm is None else "per N:M group"
