@@ -17,12 +17,18 @@ from prunebench.config import CONF_DIR
 def summary(result: dict, run_dir: Path) -> str:
     """Dense and pruned metrics side by side, with what was reduced for a quick run."""
     cfg, prune, metrics, base = result["config"], result["prune"], result["metrics"], result["baseline"]
-    lines = [
-        f"model {cfg['model']['name']}" + (f" ({result['model_note']})" if result.get("model_note") else ""),
-        f"pruner {prune['method']} {prune['pattern']}: target sparsity {prune['target_sparsity']:.3f},"
-        f" achieved {prune['achieved_sparsity']:.4f} of the block linears;"
-        f" non-zero parameters {prune['nonzero_before']:,} -> {prune['nonzero_after']:,}",
-    ]
+    lines = [f"model {cfg['model']['name']}" + (f" ({result['model_note']})" if result.get("model_note") else "")]
+    if "layers_kept" in prune:
+        lines.append(
+            f"pruner {prune['method']}: kept {len(prune['layers_kept'])} of {prune['layers_before']} layers"
+            f" ({prune['layer_ratio']:.1%} removed); parameters {prune['params_before']:,} -> {prune['params_after']:,}"
+        )
+    else:
+        lines.append(
+            f"pruner {prune['method']} {prune['pattern']}: target sparsity {prune['target_sparsity']:.3f},"
+            f" achieved {prune['achieved_sparsity']:.4f} of the block linears;"
+            f" non-zero parameters {prune['nonzero_before']:,} -> {prune['nonzero_after']:,}"
+        )
     if result.get("calibration"):
         c = result["calibration"]
         lines.append(f"calibration: {c['shape'][0]} windows x {c['shape'][1]} tokens of {c['source']} ({c['method']})")

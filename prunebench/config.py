@@ -90,7 +90,10 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
     if cfg.model.source == "path" and not cfg.model.path:
         raise PrunebenchError("model.source=path needs model.path=/path/to/model")
     if build:
-        instantiate(cfg.pruner)
+        pruner = instantiate(cfg.pruner)
+        layers = cfg.model.get("num_layers") or (cfg.model.get("hf_config") or {}).get("num_hidden_layers")
+        if layers and hasattr(pruner, "check"):  # depth knobs against the model's layer count
+            pruner.check(int(layers))
         instantiate(cfg.recovery)
         for node in cfg.eval.values():
             instantiate(node)

@@ -72,6 +72,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             calib = calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, cfg.seed, c.batch_size)
             calib.cache_dir = str(Path(cfg.paths.cache_dir) / "stats")
 
+    if hasattr(pruner, "tokenizer"):  # pruners with their own text (LaCo's few-shot set D)
+        pruner.tokenizer = tokenizer
     with stage(timings, "prune"):
         stats = pruner(model, calib)
     with stage(timings, "recover"):

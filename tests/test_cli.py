@@ -87,6 +87,11 @@ def test_ls(cli):
         (["pruner=gblm", "pruner.grad_norm=l3"], "grad_norm"),
         (["pruner=sparsegpt", "pruner.sequential=false"], "one-shot"),
         (["pruner=wanda", "pruner.group=column"], "pruner.group"),
+        (["pruner=layer_drop", "pruner.layers=31"], "pruner.layers"),
+        (["pruner=layer_drop", "pruner.keep=null", "pruner.remove=[]"], "pruner.remove"),
+        (["pruner=laco", "pruner.C=1"], "pruner.C"),
+        (["pruner=laco", "pruner.H=40"], "pruner.H"),
+        (["pruner=shortgpt", "pruner.n=30"], "pruner.n"),
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, args, needle):
@@ -96,6 +101,23 @@ def test_bad_input_is_one_line(cli, tmp_path, args, needle):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr
     assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+def test_depth_pruner_runs_end_to_end(cli, tmp_path):
+    out = tmp_path / "depth"
+    r = cli(
+        "run",
+        *TINY,
+        "model.hf_config.num_hidden_layers=6",
+        "pruner=laco",
+        "pruner.T=0.05",
+        "pruner.L=0",
+        f"hydra.run.dir={out}",
+    )
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["prune"]["params_after"] < m["prune"]["params_before"]
+    assert m["config"]["model"]["name"] == "tiny-llama" and "layers" in r.stdout
 
 
 def test_failed_run_leaves_no_metrics(cli, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError
-from prunebench.calibration import InputNorms, collect_full_forward, prunable_linears
+from prunebench.calibration import InputNorms, collect_full_forward, find_blocks, prunable_linears
 from prunebench.config import group_options, instantiate
 from prunebench.pruners import wanda
 from prunebench.pruners.masks import row_mask
@@ -13,10 +13,13 @@ from tests.conftest import compose_cfg, random_calib
 PRUNERS = list(group_options("pruner"))
 
 
+DEPTH = {"layer_drop": [], "shortgpt": [], "laco": ["pruner.L=0", "pruner.T=0.01"]}  # 2-layer tiny models
+
+
 @pytest.mark.parametrize("tiny", ["tiny-llama", "tiny-bert"], indirect=True)
-@pytest.mark.parametrize("name", PRUNERS)
+@pytest.mark.parametrize("name", [p for p in PRUNERS if p not in DEPTH])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
-def test_every_pruner_runs(tiny, name, pattern):
+def test_every_mask_pruner_runs(tiny, name, pattern):
     model, _ = tiny
     cfg = compose_cfg(f"pruner={name}", f"pruner.pattern={pattern}")
     pruner = instantiate(cfg.pruner)
@@ -32,6 +35,21 @@ def test_every_pruner_runs(tiny, name, pattern):
         assert stats.per_matrix[layer_name] == pytest.approx(expected, abs=1e-6)
         if pattern == "2:4" and name != "none":
             assert ((layer.weight == 0).view(layer.out_features, -1, 4).sum(-1) == 2).all()
+
+
+@pytest.mark.parametrize("tiny", ["tiny-llama", "tiny-bert"], indirect=True)
+@pytest.mark.parametrize("name", list(DEPTH))
+def test_every_depth_pruner_runs(tiny, name):
+    model, tokenizer = tiny
+    pruner = instantiate(compose_cfg(f"pruner={name}", *DEPTH[name]).pruner)
+    if hasattr(pruner, "tokenizer"):
+        pruner.tokenizer = tokenizer
+    stats = pruner(model, random_calib() if pruner.needs_calibration else None)
+    kept = len(stats.info["layers_kept"])
+    assert model.config.num_hidden_layers == len(find_blocks(model)) == kept
+    # LaCo starts at l = H − C and never merges the top layer: a 2-layer model has nothing to merge
+    # (test_depth.py runs it on 8 layers); the others remove one of the two layers.
+    assert kept == (2 if name == "laco" else 1)
 
 
 def test_wanda_removes_lowest_scores_of_dense_first_block(tiny):

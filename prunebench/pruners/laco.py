@@ -1,0 +1,195 @@
+"""LaCo: "Large Language Model Pruning via Layer Collapse" (arXiv 2402.11187).
+
+RDSC layer merge, folding the m = C−1 layers after l into l (linear weights only; norms are kept):
+    paper:      θ_l* = θ_l + Σ_{k=1..m} (θ_{l+k} − θ_l)
+    reference:  the authors' notebook updates θ_l in place, θ_l += θ_{l+k} − θ_l for k = 1..m,
+                which leaves θ_l* = θ_{l+m} (repository issues #4, #5)
+    drop:       θ_l unchanged; layers l+1..l+m removed (the merge-vs-drop ablation)
+Iterative collapse (Algorithm 1): start at l = H − C; merge; keep the merge when the mean over the
+few-shot sentences D of cos(flatten(h_orig), flatten(h_merged)) of the final hidden states
+(seq × hidden, hidden_states[-1] of the model) exceeds T and move l ← l − I (reset to
+len − 1 − C if l is past the end); otherwise undo and move l ← l − 1; stop when l < L.
+`rule_based: true` accepts every merge without the similarity test (the rule-based ablation).
+
+A trial never copies the model: it saves the linear weights of layer l, merges in place, detaches
+layers l+1..l+m from the ModuleList, and on rejection restores both.
+
+    pruner: {_target_: prunebench.pruners.laco.LaCo, C: 4, L: 1, H: null, I: 2, T: 0.65, merge: paper}
+
+Default merge: `paper` (the published equation); `reference` reproduces the released notebook.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunebench import PrunebenchError
+from prunebench.calibration import block_linears, find_blocks
+from prunebench.data import load_texts
+from prunebench.models import max_context
+from prunebench.pruners.base import PruneStats
+from prunebench.surgery import keep_layers, set_blocks, snapshot
+
+MERGES = ("paper", "reference", "drop")
+
+
+def merge_weights(base: torch.Tensor, others: list[torch.Tensor], rule: str) -> torch.Tensor:
+    """RDSC merge of one parameter: pure math, see the module docstring."""
+    if rule == "paper":
+        return base + sum(o - base for o in others)
+    if rule == "reference":
+        return others[-1].clone() if others else base
+    if rule == "drop":
+        return base
+    raise ValueError(f"unknown merge rule {rule!r}")
+
+
+def merge_into(base: nn.Module, followers: list[nn.Module], rule: str) -> dict:
+    """Merge the linear weights and biases of `followers` into block `base` in place; returns the
+    original tensors of `base` so a rejected trial can restore them."""
+    saved = {}
+    others = [block_linears(f) for f in followers]
+    with torch.no_grad():
+        for key, lin in block_linears(base).items():
+            for attr in ("weight", "bias"):
+                p = getattr(lin, attr)
+                if p is not None:
+                    saved[(key, attr)] = p.detach().clone()
+                    p.copy_(merge_weights(p, [getattr(o[key], attr) for o in others], rule))
+    return saved
+
+
+def restore_weights(base: nn.Module, saved: dict) -> None:
+    linears = block_linears(base)
+    with torch.no_grad():
+        for (key, attr), value in saved.items():
+            getattr(linears[key], attr).copy_(value)
+
+
+def collapse(n_layers: int, C: int, L: int, H: int, I: int, try_merge: Callable[[int, int], bool]) -> list[dict]:
+    """Algorithm 1's pointer walk. `try_merge(l, m)` merges layers l+1..l+m into l, returns whether
+    the merge was kept; the layer count shrinks by m on each kept merge. Returns the decisions."""
+    decisions, n, l = [], n_layers, H - C
+    while l >= L:
+        m = min(C - 1, n - 1 - l)
+        kept = m > 0 and try_merge(l, m)
+        decisions.append({"l": l, "m": m, "kept": kept})
+        if kept:
+            n -= m
+            l -= I
+            if l >= n:
+                l = n - 1 - C
+        else:
+            l -= 1
+    return decisions
+
+
+def few_shot_sentences(source: str, n: int, chars: int) -> list[str]:
+    """D: the first n paragraphs (not headings) of a text source, each cut to `chars` characters."""
+    rows = [r.strip() for r in load_texts(source) if r.strip() and not r.strip().startswith("=")]
+    if len(rows) < n:
+        raise PrunebenchError(f"{source} has only {len(rows)} paragraphs for pruner.calib_n={n}")
+    return [r[:chars] for r in rows[:n]]
+
+
+class LaCo:
+    needs_calibration = False  # D is its own few-shot set, not the pruners' calibration windows
+
+    def __init__(
+        self,
+        name: str = "laco",
+        C: int = 4,
+        L: int = 1,
+        H: int | None = None,
+        I: int = 2,
+        T: float = 0.65,
+        merge: str = "paper",
+        rule_based: bool = False,
+        calib_source: str = "wikitext2_valid",
+        calib_n: int = 10,
+        calib_chars: int = 400,
+        sparsity: float = 0.0,
+        pattern: str = "unstructured",
+    ):
+        if not isinstance(C, int) or C < 2:
+            raise PrunebenchError(f"pruner.C={C} must be an integer ≥ 2 (C−1 layers are merged into one)")
+        if not 0 < float(T) <= 1:
+            raise PrunebenchError(f"pruner.T={T} must be in (0, 1]")
+        if not isinstance(I, int) or I < 1:
+            raise PrunebenchError(f"pruner.I={I} must be a positive integer")
+        if merge not in MERGES:
+            raise PrunebenchError(f"pruner.merge={merge!r} must be one of {', '.join(MERGES)}")
+        if H is not None and L >= H:
+            raise PrunebenchError(f"pruner.L={L} must be below pruner.H={H}")
+        self.name, self.C, self.L, self.H, self.I, self.T = name, C, L, H, I, float(T)
+        self.merge, self.rule_based = merge, rule_based
+        self.calib_source, self.calib_n, self.calib_chars = calib_source, calib_n, calib_chars
+        self.tokenizer = None
+
+    def check(self, num_layers: int) -> None:
+        H = num_layers - 1 if self.H is None else self.H
+        if not 0 <= self.L < H < num_layers:
+            raise PrunebenchError(f"pruner.L={self.L}, pruner.H={H} must satisfy 0 ≤ L < H < {num_layers} layers")
+
+    @torch.no_grad()
+    def _final_hidden(self, model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [
+            model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states[-1][0].flatten()
+            for x in inputs
+        ]
+
+    def __call__(self, model: nn.Module, calib=None) -> PruneStats:
+        if self.tokenizer is None:
+            raise PrunebenchError("LaCo needs the tokenizer for its few-shot sentences (set by the pipeline)")
+        start = time.perf_counter()
+        blocks = find_blocks(model)
+        n0 = len(blocks)
+        self.check(n0)
+        device = next(model.parameters()).device
+        sentences = few_shot_sentences(self.calib_source, self.calib_n, self.calib_chars)
+        ctx = max_context(model)  # a sentence longer than the context is cut, not an error
+        inputs = [self.tokenizer(s, return_tensors="pt").input_ids[:, :ctx].to(device) for s in sentences]
+        reference = self._final_hidden(model, inputs)
+        origin = list(range(n0))  # original index of each current block
+        sims: list[float] = []
+
+        def try_merge(l: int, m: int) -> bool:
+            before = snapshot(model)  # references only: a trial copies one layer's weights, not the model
+            saved = merge_into(before[0][l], [before[0][l + k] for k in range(1, m + 1)], self.merge)
+            keep_layers(model, [i for i in range(len(before[0])) if not l < i <= l + m])
+            if self.rule_based:
+                ok = True
+            else:
+                merged = self._final_hidden(model, inputs)
+                pairs = zip(reference, merged, strict=True)
+                sim = float(sum(F.cosine_similarity(a, b, dim=0) for a, b in pairs)) / len(inputs)
+                sims.append(round(sim, 6))
+                ok = sim > self.T
+            if ok:
+                del origin[l + 1 : l + m + 1]
+            else:  # undo: layer l's weights back, the detached layers back
+                restore_weights(before[0][l], saved)
+                set_blocks(model, *before)
+            return ok
+
+        H = n0 - 1 if self.H is None else self.H
+        decisions = collapse(n0, self.C, self.L, H, self.I, try_merge)
+        for d, s in zip([d for d in decisions if d["m"] > 0], sims, strict=False):
+            d["similarity"] = s
+        kept = origin
+        info = {
+            "layers_before": n0,
+            "layers_kept": kept,
+            "layers_after": len(kept),
+            "layer_ratio": 1 - len(kept) / n0,
+            "decisions": decisions,
+            "merge": self.merge,
+            "similarity": "cosine of flattened final hidden states (seq x hidden), mean over D",
+            "D": {"source": self.calib_source, "n": self.calib_n, "chars": self.calib_chars},
+        }
+        return PruneStats(0.0, 0.0, {}, {"collapse_loop": time.perf_counter() - start}, info)

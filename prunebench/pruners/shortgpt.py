@@ -1,0 +1,83 @@
+"""ShortGPT: "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect"
+(arXiv 2403.03853), a depth baseline of LaCo.
+
+Block Influence  BI_i = E_tokens[1 − cos(h_i,in, h_i,out)]  over the calibration tokens (a NaN
+cosine, from a zero vector, counts as 0.5 as in the public implementation); the `n` layers of
+lowest BI are removed (real surgery).
+
+    pruner: {_target_: prunebench.pruners.shortgpt.ShortGPT, n: 8}
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from prunebench import PrunebenchError
+from prunebench.calibration import find_blocks
+from prunebench.pruners.base import PruneStats
+from prunebench.surgery import remove_layers
+
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """1 − cos(h_in, h_out) per token (last dim is the hidden size); NaN → 0.5."""
+    bi = 1 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=0.0)
+    return torch.nan_to_num(bi, nan=0.5)
+
+
+@torch.no_grad()
+def layer_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1) -> list[float]:
+    """Mean Block Influence of every block over the calibration windows (dense forward, hooks)."""
+    blocks = find_blocks(model)
+    sums, count = torch.zeros(len(blocks), dtype=torch.float64), 0
+
+    def hook(index):
+        def fn(_module, args, kwargs, out):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, (tuple, list)) else out
+            sums[index] += float(block_influence(h_in, h_out).sum())
+
+        return fn
+
+    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    device = next(model.parameters()).device
+    try:
+        for batch in input_ids.split(batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+            count += batch.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (sums / max(count, 1)).tolist()
+
+
+class ShortGPT:
+    needs_calibration = True
+
+    def __init__(self, name: str = "shortgpt", n: int = 1, sparsity: float = 0.0, pattern: str = "unstructured"):
+        if not isinstance(n, int) or n < 1:
+            raise PrunebenchError(f"pruner.n={n} must be a positive number of layers to remove")
+        self.name, self.n = name, n
+
+    def check(self, num_layers: int) -> None:
+        if self.n >= num_layers:
+            raise PrunebenchError(f"pruner.n={self.n} would remove all {num_layers} layers")
+
+    def __call__(self, model: nn.Module, calib) -> PruneStats:
+        t = time.perf_counter()
+        layers = len(find_blocks(model))
+        self.check(layers)
+        bi = layer_influence(model, calib.input_ids, calib.batch_size)
+        remove = sorted(sorted(range(layers), key=lambda i: bi[i])[: self.n])
+        kept = remove_layers(model, remove)
+        info = {
+            "layers_before": layers,
+            "layers_kept": kept,
+            "layers_removed": remove,
+            "layer_ratio": len(remove) / layers,
+            "block_influence": [round(b, 6) for b in bi],
+        }
+        return PruneStats(0.0, 0.0, {}, {"block_influence": time.perf_counter() - t}, info)
