@@ -32,17 +32,23 @@ def evaluate(evaluators: dict, model, tokenizer) -> dict[str, float]:
 
 
 def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict) -> tuple[dict, bool]:
-    """Metrics of the unpruned model, cached per (model, eval config, seed) so sweeps compute them once."""
-    if not evaluators:
-        return {}, False
-    key = fingerprint(cfg.model, cfg.eval, cfg.seed)
-    path = Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{key}.json"
-    if path.exists():
-        log.info("reusing the dense baseline from %s", path)
-        return read_json(path)["metrics"], True
-    metrics = evaluate(evaluators, model, tokenizer)
-    write_json(path, {"model": cfg.model.name, "eval": OmegaConf.to_container(cfg.eval), "metrics": metrics})
-    return metrics, False
+    """Metrics of the unpruned model. Cacheable evaluators (quality metrics) are cached per (model,
+    eval config, seed) so sweeps compute them once; the others (latency) are measured every run,
+    in the same process as the pruned model."""
+    cacheable = {n: e for n, e in evaluators.items() if getattr(e, "cacheable", True)}
+    fresh = {n: e for n, e in evaluators.items() if n not in cacheable}
+    metrics, reused = {}, False
+    if cacheable:
+        evals = OmegaConf.to_container(cfg.eval, resolve=True)
+        key = fingerprint(cfg.model, {n: evals[n] for n in cacheable}, cfg.seed)
+        path = Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{key}.json"
+        if path.exists():
+            log.info("reusing the dense baseline from %s", path)
+            metrics, reused = read_json(path)["metrics"], True
+        else:
+            metrics = evaluate(cacheable, model, tokenizer)
+            write_json(path, {"model": cfg.model.name, "eval": OmegaConf.to_container(cfg.eval), "metrics": metrics})
+    return {**metrics, **evaluate(fresh, model, tokenizer)}, reused
 
 
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
@@ -72,12 +78,16 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             calib = calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, cfg.seed, c.batch_size)
             calib.cache_dir = str(Path(cfg.paths.cache_dir) / "stats")
 
-    if hasattr(pruner, "tokenizer"):  # pruners with their own text (LaCo's few-shot set D)
-        pruner.tokenizer = tokenizer
+    for part in (pruner, recovery):  # stages that read their own text (LaCo's D, fine-tuning data)
+        if hasattr(part, "tokenizer"):
+            part.tokenizer = tokenizer
     with stage(timings, "prune"):
         stats = pruner(model, calib)
     with stage(timings, "recover"):
         train = recovery(model, teacher, cfg)
+    if getattr(recovery, "reprune", False):
+        with stage(timings, "reprune"):
+            train["reprune"] = pruner(model, calib).to_dict()
     with stage(timings, "eval"):
         metrics = evaluate(evaluators, model, tokenizer)
     params_after, nonzero_after = models.count_params(model)

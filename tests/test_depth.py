@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError, models
-from prunebench.calibration import block_linears, find_blocks
+from prunebench.calibration import block_linears, find_blocks, prunable_linears
 from prunebench.models import ByteTokenizer
 from prunebench.pruners import laco, layer_drop, shortgpt
 from tests.conftest import compose_cfg, random_calib
@@ -150,3 +150,51 @@ def test_block_influence_of_identity_layers_is_zero():
 def test_laco_bad_knobs(kwargs, needle):
     with pytest.raises(PrunebenchError, match=needle):
         laco.LaCo(**kwargs)
+
+
+def test_efficiency_flops_halve_with_half_the_layers():
+    from prunebench.evals.efficiency import Efficiency, flops_per_token
+
+    model = tiny_model("tiny-llama", 8)
+    dense = flops_per_token(model, 64)
+    layer_drop.LayerDrop(keep="top", layers=4)(model)
+    ratio = flops_per_token(model, 64) / dense
+    assert 0.5 <= ratio < 0.6  # blocks halve; the LM head stays
+    m = Efficiency(prompt_len=16, gen_len=4, repeats=1)(model)
+    assert m["layers"] == 4 and m["params"] >= m["nonzero_params"] > 0
+    assert m["prefill_ms"] > 0 and m["decode_tokens_per_s"] > 0
+
+
+def test_lm_finetune_lowers_loss_and_keeps_masks():
+    from prunebench.pruners.wanda import Wanda
+    from prunebench.recovery.lm_finetune import LMFinetune
+
+    model = tiny_model("tiny-llama", 2)
+    Wanda(sparsity=0.5)(model, random_calib())
+    zeros = {n: m.weight == 0 for n, m in prunable_linears(model).items()}
+    rec = LMFinetune(source="wikitext2_valid", tokens=64 * 30, seqlen=64, lr=3e-3, log_every=1)
+    rec.tokenizer = ByteTokenizer()
+    out = rec(model)
+    assert out["steps"] == 30 and len(out["loss_curve"]) == 30
+    first = sum(v for _, v in out["loss_curve"][:5]) / 5
+    last = sum(v for _, v in out["loss_curve"][-5:]) / 5
+    assert last < first
+    for n, m in prunable_linears(model).items():
+        assert torch.equal(m.weight == 0, zeros[n]) or bool((m.weight[zeros[n]] == 0).all())
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_laco_suffix_shortcut_gives_the_full_forward_decisions(name, monkeypatch):
+    results = []
+    for shortcut in (True, False):
+        model = tiny_model(name, 8)
+        if not shortcut:
+            monkeypatch.setattr(torch, "allclose", lambda *a, **k: False)  # the self-check fails: full forwards
+        pruner = laco.LaCo(C=3, L=0, I=1, T=0.5, calib_n=3, calib_chars=60)
+        pruner.tokenizer = ByteTokenizer()
+        stats = pruner(model)
+        assert stats.info["suffix_shortcut"] is shortcut
+        results.append(stats.info["decisions"])
+    assert [d["kept"] for d in results[0]] == [d["kept"] for d in results[1]]
+    for a, b in zip(results[0], results[1], strict=True):
+        assert a.get("similarity") == pytest.approx(b.get("similarity"), abs=1e-5)

@@ -97,6 +97,52 @@ def few_shot_sentences(source: str, n: int, chars: int) -> list[str]:
     return [r[:chars] for r in rows[:n]]
 
 
+class FinalHidden:
+    """Final hidden states of the current model on the few-shot inputs, flattened per sentence.
+
+    Merges only touch layers ≥ l and the pointer walks downwards, so for a trial at l whose layers
+    below l are still the original ones, the input of layer l is the dense model's (cached once):
+    only layers l..end (and the final norm) are run. Anything else, or a model whose final norm
+    is not found, gets a full forward. The shortcut is checked against a full forward once."""
+
+    def __init__(self, model: nn.Module, inputs: list[torch.Tensor]):
+        self.model, self.inputs = model, inputs
+        self.kwargs: list[dict] = []
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        self.norm = next((getattr(base, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(base, a)), None)
+        if self.norm is None and model.get_output_embeddings() is None:
+            self.norm = nn.Identity()  # encoders (BERT): the last layer's output is the final state
+        grab = find_blocks(model)[0].register_forward_pre_hook(
+            lambda _m, args, kw: self.kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"}),
+            with_kwargs=True,
+        )
+        with torch.no_grad():
+            outs = [model(input_ids=x, output_hidden_states=True, use_cache=False) for x in inputs]
+        grab.remove()
+        self.layer_inputs = [o.hidden_states[:-1] for o in outs]  # input of layer j, dense model
+        self.reference = [o.hidden_states[-1][0].flatten() for o in outs]
+        self.shortcut = self.norm is not None and torch.allclose(
+            self._suffix(0, 0), self.reference[0], rtol=1e-4, atol=1e-4
+        )
+
+    @torch.no_grad()
+    def _suffix(self, l: int, s: int) -> torch.Tensor:
+        h = self.layer_inputs[s][l]
+        for block in find_blocks(self.model)[l:]:
+            out = block(h, **self.kwargs[s])
+            h = out[0] if isinstance(out, (tuple, list)) else out
+        return self.norm(h)[0].flatten()
+
+    @torch.no_grad()
+    def __call__(self, lowest_changed: int, l: int) -> list[torch.Tensor]:
+        if self.shortcut and l <= lowest_changed:
+            return [self._suffix(l, s) for s in range(len(self.inputs))]
+        return [
+            self.model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states[-1][0].flatten()
+            for x in self.inputs
+        ]
+
+
 class LaCo:
     needs_calibration = False  # D is its own few-shot set, not the pruners' calibration windows
 
@@ -136,13 +182,6 @@ class LaCo:
         if not 0 <= self.L < H < num_layers:
             raise PrunebenchError(f"pruner.L={self.L}, pruner.H={H} must satisfy 0 ≤ L < H < {num_layers} layers")
 
-    @torch.no_grad()
-    def _final_hidden(self, model: nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [
-            model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states[-1][0].flatten()
-            for x in inputs
-        ]
-
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:
         if self.tokenizer is None:
             raise PrunebenchError("LaCo needs the tokenizer for its few-shot sentences (set by the pipeline)")
@@ -154,9 +193,10 @@ class LaCo:
         sentences = few_shot_sentences(self.calib_source, self.calib_n, self.calib_chars)
         ctx = max_context(model)  # a sentence longer than the context is cut, not an error
         inputs = [self.tokenizer(s, return_tensors="pt").input_ids[:, :ctx].to(device) for s in sentences]
-        reference = self._final_hidden(model, inputs)
+        final = FinalHidden(model, inputs)
         origin = list(range(n0))  # original index of each current block
         sims: list[float] = []
+        lowest = [n0]  # lowest base index of an accepted merge: layers below it are untouched
 
         def try_merge(l: int, m: int) -> bool:
             before = snapshot(model)  # references only: a trial copies one layer's weights, not the model
@@ -165,13 +205,14 @@ class LaCo:
             if self.rule_based:
                 ok = True
             else:
-                merged = self._final_hidden(model, inputs)
-                pairs = zip(reference, merged, strict=True)
+                merged = final(lowest[0], l)
+                pairs = zip(final.reference, merged, strict=True)
                 sim = float(sum(F.cosine_similarity(a, b, dim=0) for a, b in pairs)) / len(inputs)
                 sims.append(round(sim, 6))
                 ok = sim > self.T
             if ok:
                 del origin[l + 1 : l + m + 1]
+                lowest[0] = min(lowest[0], l)
             else:  # undo: layer l's weights back, the detached layers back
                 restore_weights(before[0][l], saved)
                 set_blocks(model, *before)
@@ -190,6 +231,7 @@ class LaCo:
             "decisions": decisions,
             "merge": self.merge,
             "similarity": "cosine of flattened final hidden states (seq x hidden), mean over D",
+            "suffix_shortcut": final.shortcut,
             "D": {"source": self.calib_source, "n": self.calib_n, "chars": self.calib_chars},
         }
         return PruneStats(0.0, 0.0, {}, {"collapse_loop": time.perf_counter() - start}, info)
