@@ -30,6 +30,26 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def proc_status_mb(field: str) -> float | None:
+    """VmRSS (now) or VmHWM (peak since the last reset) from /proc/self/status; None off Linux."""
+    status = Path("/proc/self/status")
+    if not status.exists():
+        return None
+    for line in status.read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def reset_peak_rss() -> None:
+    """Make the peak (VmHWM) equal the current RSS, so a later peak belongs to one phase (Linux)."""
+    import gc
+
+    gc.collect()
+    if Path("/proc/self/clear_refs").exists():
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def versions() -> dict[str, str]:
     import hydra
     import torch

@@ -11,10 +11,8 @@ pruned block's outputs). It is measured as a pass whose per-block edit only coll
 from __future__ import annotations
 
 import argparse
-import gc
 import tempfile
 import time
-from pathlib import Path
 
 from prunebench import models
 from prunebench.calibration import Layerwise
@@ -23,18 +21,7 @@ from prunebench.data import calibration_windows
 from prunebench.pruners.gblm import GBLM
 from prunebench.pruners.sparsegpt import SparseGPT
 from prunebench.pruners.wanda import Wanda
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
-def reset_peak() -> None:
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+from prunebench.results import proc_status_mb, reset_peak_rss
 
 
 def main() -> None:
@@ -53,12 +40,12 @@ def main() -> None:
 
     if not args.skip_methods:
         calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0, 4)
-        reset_peak()
-        base = status_mb("VmRSS")
+        reset_peak_rss()
+        base = proc_status_mb("VmRSS")
         t = time.perf_counter()
         Layerwise(model, calib.input_ids, calib.batch_size, desc="bound").run(lambda i, b, collect: collect())
         bound = time.perf_counter() - t
-        print(f"bound (2 block forwards per token): {bound:.1f} s, peak +{status_mb('VmHWM') - base:.0f} MB")
+        print(f"bound (2 block forwards per token): {bound:.1f} s, peak +{proc_status_mb('VmHWM') - base:.0f} MB")
         print(
             f"{'method':<10} {'grad pass s':>11} {'forwards s':>10} {'score/update s':>14} {'total s':>8}"
             f" {'x bound':>8} {'peak +MB':>8}"
@@ -67,8 +54,8 @@ def main() -> None:
             calib.cache_dir = cache  # empty: GBLM computes its gradients here
             for pruner in (Wanda(sparsity=0.5), SparseGPT(sparsity=0.5), GBLM(sparsity=0.5)):
                 model.load_state_dict(dense)
-                reset_peak()
-                base = status_mb("VmRSS")
+                reset_peak_rss()
+                base = proc_status_mb("VmRSS")
                 t = time.perf_counter()
                 stats = pruner(model, calib)
                 total = time.perf_counter() - t
@@ -77,7 +64,7 @@ def main() -> None:
                 print(
                     f"{pruner.name:<10} {grad:11.1f} {stats.timings['forward']:10.1f}"
                     f" {stats.timings['score_and_mask']:14.2f} {total:8.1f} {layerwise / bound:8.2f}"
-                    f" {status_mb('VmHWM') - base:8.0f}"
+                    f" {proc_status_mb('VmHWM') - base:8.0f}"
                 )
 
     # Sweep costs: 3 alphas x 3 sparsities, one gradient pass in all.

@@ -13,9 +13,7 @@ holds only part of the model.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
-from pathlib import Path
 
 import psutil
 import torch
@@ -24,13 +22,7 @@ from prunebench import models
 from prunebench.config import compose as compose_cfg
 from prunebench.data import calibration_windows
 from prunebench.pruners.wanda import Wanda
-
-
-def status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise KeyError(field)
+from prunebench.results import proc_status_mb, reset_peak_rss
 
 
 def main() -> None:
@@ -47,19 +39,18 @@ def main() -> None:
     calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0, args.batch_size)
     act_mb = args.nsamples * args.seqlen * model.config.hidden_size * 4 / 2**20
 
-    load_peak = status_mb("VmHWM")
+    load_peak = proc_status_mb("VmHWM")
     with torch.no_grad():
         for p in model.parameters():
             p.sum()  # fault every weight page in
         model(input_ids=calib.input_ids[:1, :8], use_cache=False)  # map the kernels once
-    runtime = status_mb("VmRSS") - model_mb
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    rss_before = status_mb("VmRSS")
+    runtime = proc_status_mb("VmRSS") - model_mb
+    reset_peak_rss()
+    rss_before = proc_status_mb("VmRSS")
     t = time.perf_counter()
     stats = Wanda(sparsity=0.5)(model, calib)
     total = time.perf_counter() - t
-    peak = status_mb("VmHWM")
+    peak = proc_status_mb("VmHWM")
     budget = 1.5 * model_mb + act_mb
     rows = [
         ("calibration windows", f"{args.nsamples} x {args.seqlen} ({calib.method})"),

@@ -12,15 +12,14 @@ FLOPs per token (forward, multiply-add = 2 FLOPs), at a context of `prompt_len` 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from prunebench.calibration import find_blocks
 from prunebench.models import count_params
+from prunebench.results import proc_status_mb, reset_peak_rss
 
 
 def flops_per_token(model: nn.Module, context: int, nonzero: bool = False) -> float:
@@ -39,18 +38,14 @@ def flops_per_token(model: nn.Module, context: int, nonzero: bool = False) -> fl
 def _peak_reset() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    elif sys.platform.startswith("linux"):
-        Path("/proc/self/clear_refs").write_text("5")  # peak RSS (VmHWM) := current RSS
+    else:
+        reset_peak_rss()
 
 
 def _peak_mb() -> float | None:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    if sys.platform.startswith("linux"):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
+    return proc_status_mb("VmHWM")
 
 
 class Efficiency:
