@@ -61,3 +61,12 @@ def test_instantiate_refuses_foreign_targets():
 def test_validate_rejects(override, message):
     with pytest.raises(PrunebenchError, match=message):
         validate(compose_cfg(override))
+
+
+def test_experiment_values_override_the_primary_config():
+    cfg = compose_cfg("experiment=gblm/paper/llama2-7b_gblm_4-8")
+    assert cfg.expected.value == 8.63 and cfg.expected.metric == "wikitext2/ppl"
+    assert cfg.model.name == "llama2-7b" and cfg.pruner.pattern == "4:8" and cfg.calib.seqlen == 2048
+    assert cfg.eval.wikitext2.seqlen == 2048 and cfg.eval.wikitext2.max_windows is None
+    assert compose_cfg("experiment=full_protocol").profile == "full"
+    assert compose_cfg().expected is None
