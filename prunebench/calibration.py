@@ -78,27 +78,47 @@ def _first(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+class BlockCall(dict):
+    """The arguments a block receives besides its hidden states: keyword arguments, and positional
+    ones in `args` (BERT passes its attention mask positionally)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        self.args = tuple(args)
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return _first(block(hidden, *self.args, **self))
+
+
+def block_input_hook(sink: list, hidden: list | None = None, stop: bool = False):
+    """A forward pre-hook (with_kwargs) that records each call's BlockCall (and hidden states)."""
+
+    def grab(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        sink.append(BlockCall(args[1:], kwargs))
+        if hidden is not None:
+            hidden.append(h)
+        if stop:
+            raise _Stop
+
+    return grab
+
+
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
-    """Hidden states and keyword arguments (masks, rotary embeddings) entering block 0, per batch."""
+    """Hidden states and the other block arguments (masks, rotary embeddings) entering block 0,
+    per batch."""
     blocks = find_blocks(model)
     device = next(model.parameters()).device
-    hidden, kwargs = [], []
-
-    def grab(_module, args, kw):
-        h = args[0] if args else kw.pop("hidden_states")
-        hidden.append(h)
-        kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"})
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    hidden, calls = [], []
+    handle = blocks[0].register_forward_pre_hook(block_input_hook(calls, hidden, stop=True), with_kwargs=True)
     try:
         for batch in input_ids.split(batch_size):
             with contextlib.suppress(_Stop):
                 model(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()
-    return hidden, kwargs
+    return hidden, calls
 
 
 class Layerwise:
@@ -108,14 +128,14 @@ class Layerwise:
         self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
         self.forward_s = 0.0
 
-    def forward(self, block: nn.Module, hidden: list, kwargs: list, keep: bool) -> None:
+    def forward(self, block: nn.Module, hidden: list, calls: list, keep: bool) -> None:
         """Run `block` over every calibration batch. With keep=True each batch's output replaces its
         input in `hidden` (in place: one set of activations alive, plus one batch); without, the
         outputs are dropped (the statistics pass needs only the hooks)."""
         t = time.perf_counter()
         with torch.no_grad():
-            for j, kw in enumerate(kwargs):
-                out = _first(block(hidden[j], **kw))
+            for j, call in enumerate(calls):
+                out = call(block, hidden[j])
                 if keep:
                     hidden[j] = out
         self.forward_s += time.perf_counter() - t
@@ -125,13 +145,13 @@ class Layerwise:
         calibration batches (hooks see the inputs); then the edited block's outputs become the
         inputs of block i+1."""
         t = time.perf_counter()
-        hidden, kwargs = capture_inputs(self.model, self.input_ids, self.batch_size)
+        hidden, calls = capture_inputs(self.model, self.input_ids, self.batch_size)
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
         for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
-            edit(i, block, lambda b=block: self.forward(b, hidden, kwargs, keep=False))
+            edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
             if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                self.forward(block, hidden, kwargs, keep=True)
+                self.forward(block, hidden, calls, keep=True)
 
 
 def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:

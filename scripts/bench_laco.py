@@ -2,7 +2,7 @@
 implementation of the same loop that deep-copies the model for every trial and runs full
 forwards; then prefill latency and decode tokens/s of the collapsed model against the dense one.
 
-    python scripts/bench_laco.py --C 4 --I 2 --T 0.65
+    python scripts/bench_laco.py --C 4 --I 2 --T 0.65 --merge reference
 
 Goals (issue 4): loop time ≤ 0.3 × the deep-copy loop; speed-up within 10% of the ratio of
 layers (dense layers / kept layers).
@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--C", type=int, default=4)
     ap.add_argument("--I", type=int, default=2)
     ap.add_argument("--T", type=float, default=0.65)
-    ap.add_argument("--merge", default="paper")
+    ap.add_argument("--merge", default="reference")
     args = ap.parse_args()
 
     cfg = compose()
@@ -75,7 +75,7 @@ def main() -> None:
     del collapsed_copy
     model.load_state_dict(dense_state)  # the deep-copy loop never touched `model`; be explicit
 
-    eff = Efficiency(prompt_len=128, gen_len=32, repeats=3)
+    eff = Efficiency(prompt_len=128, gen_len=32, repeats=5)
     dense = eff(model)
     t = time.perf_counter()
     stats = pruner(model)

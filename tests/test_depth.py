@@ -198,3 +198,15 @@ def test_laco_suffix_shortcut_gives_the_full_forward_decisions(name, monkeypatch
     assert [d["kept"] for d in results[0]] == [d["kept"] for d in results[1]]
     for a, b in zip(results[0], results[1], strict=True):
         assert a.get("similarity") == pytest.approx(b.get("similarity"), abs=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
+def test_laco_padded_batch_equals_one_sentence_at_a_time(name):
+    model = tiny_model(name, 4)
+    inputs = [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13]]), torch.tensor([[20, 21, 22, 23]])]
+    final = laco.FinalHidden(model, inputs)
+    assert final.shortcut
+    with torch.no_grad():
+        for x, ref in zip(inputs, final.reference, strict=True):
+            alone = model(input_ids=x, output_hidden_states=True).hidden_states[-1][0].flatten()
+            torch.testing.assert_close(ref, alone, rtol=1e-4, atol=1e-5)

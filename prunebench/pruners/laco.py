@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import block_linears, find_blocks
+from prunebench.calibration import block_input_hook, block_linears, find_blocks
 from prunebench.data import load_texts
 from prunebench.models import max_context
 from prunebench.pruners.base import PruneStats
@@ -98,49 +98,55 @@ def few_shot_sentences(source: str, n: int, chars: int) -> list[str]:
 
 
 class FinalHidden:
-    """Final hidden states of the current model on the few-shot inputs, flattened per sentence.
+    """Final hidden states of the current model on the few-shot sentences D, flattened per sentence.
 
-    Merges only touch layers ≥ l and the pointer walks downwards, so for a trial at l whose layers
-    below l are still the original ones, the input of layer l is the dense model's (cached once):
-    only layers l..end (and the final norm) are run. Anything else, or a model whose final norm
-    is not found, gets a full forward. The shortcut is checked against a full forward once."""
+    D runs as one right-padded batch (a token never attends to the padding after it, and BERT masks
+    it, so each sentence's valid positions are what it gets alone). Merges only touch layers ≥ l and
+    the pointer walks downwards, so for a trial at l whose layers below l are still the original
+    ones, the input of layer l is the dense model's (cached once): only layers l..end and the final
+    norm run. Anything else, or a model whose final norm is not found, gets a full forward. The
+    shortcut is checked against a full forward once."""
 
     def __init__(self, model: nn.Module, inputs: list[torch.Tensor]):
-        self.model, self.inputs = model, inputs
-        self.kwargs: list[dict] = []
+        self.model, self.lengths = model, [x.shape[-1] for x in inputs]
+        device = inputs[0].device
+        self.ids = torch.zeros(len(inputs), max(self.lengths), dtype=torch.long, device=device)
+        self.mask = torch.zeros_like(self.ids)
+        for i, x in enumerate(inputs):
+            self.ids[i, : x.shape[-1]], self.mask[i, : x.shape[-1]] = x[0], 1
         base = model.get_decoder() if hasattr(model, "get_decoder") else model
         self.norm = next((getattr(base, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(base, a)), None)
         if self.norm is None and model.get_output_embeddings() is None:
             self.norm = nn.Identity()  # encoders (BERT): the last layer's output is the final state
-        grab = find_blocks(model)[0].register_forward_pre_hook(
-            lambda _m, args, kw: self.kwargs.append({k: v for k, v in kw.items() if k != "hidden_states"}),
-            with_kwargs=True,
-        )
-        with torch.no_grad():
-            outs = [model(input_ids=x, output_hidden_states=True, use_cache=False) for x in inputs]
+        captured: list = []
+        grab = find_blocks(model)[0].register_forward_pre_hook(block_input_hook(captured), with_kwargs=True)
+        out = self._forward()
         grab.remove()
-        self.layer_inputs = [o.hidden_states[:-1] for o in outs]  # input of layer j, dense model
-        self.reference = [o.hidden_states[-1][0].flatten() for o in outs]
-        self.shortcut = self.norm is not None and torch.allclose(
-            self._suffix(0, 0), self.reference[0], rtol=1e-4, atol=1e-4
+        self.call = captured[0]
+        self.layer_inputs = out.hidden_states[:-1]  # input of layer j in the dense model
+        self.reference = self._split(out.hidden_states[-1])
+        self.shortcut = self.norm is not None and all(
+            torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(self._suffix(0), self.reference, strict=True)
         )
 
     @torch.no_grad()
-    def _suffix(self, l: int, s: int) -> torch.Tensor:
-        h = self.layer_inputs[s][l]
-        for block in find_blocks(self.model)[l:]:
-            out = block(h, **self.kwargs[s])
-            h = out[0] if isinstance(out, (tuple, list)) else out
-        return self.norm(h)[0].flatten()
+    def _forward(self):
+        return self.model(input_ids=self.ids, attention_mask=self.mask, output_hidden_states=True, use_cache=False)
+
+    def _split(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [h[i, :n].flatten() for i, n in enumerate(self.lengths)]
 
     @torch.no_grad()
+    def _suffix(self, l: int) -> list[torch.Tensor]:
+        h = self.layer_inputs[l]
+        for block in find_blocks(self.model)[l:]:
+            h = self.call(block, h)
+        return self._split(self.norm(h))
+
     def __call__(self, lowest_changed: int, l: int) -> list[torch.Tensor]:
         if self.shortcut and l <= lowest_changed:
-            return [self._suffix(l, s) for s in range(len(self.inputs))]
-        return [
-            self.model(input_ids=x, output_hidden_states=True, use_cache=False).hidden_states[-1][0].flatten()
-            for x in self.inputs
-        ]
+            return self._suffix(l)
+        return self._split(self._forward().hidden_states[-1])
 
 
 class LaCo:
