@@ -40,7 +40,8 @@ def metric_keys(runs: list[dict]) -> list[str]:
 def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]]:
     """One row per run: identity columns, then each metric, then the dense baseline's value."""
     keys = metric_keys(runs)
-    header = ["run", "model", "pruner", "pattern", "sparsity", "achieved", *keys, *[f"dense {k}" for k in keys]]
+    header = ["run", "model", "pruner", "pattern", "sparsity", "achieved", "layers", *keys]
+    header += [f"dense {k}" for k in keys]
     rows = []
     for r in runs:
         p = r["prune"]
@@ -49,6 +50,7 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
         rows.append(
             [label, r["config"]["model"]["name"], p["method"], p["pattern"], _fmt(p["target_sparsity"])]
             + [f"{p['achieved_sparsity']:.4f}"]
+            + [f"{len(p['layers_kept'])}/{p['layers_before']}" if "layers_kept" in p else ""]
             + [_fmt(r["metrics"].get(k)) for k in keys]
             + [_fmt(r["baseline"].get(k)) for k in keys]
         )

@@ -118,6 +118,8 @@ def test_depth_pruner_runs_end_to_end(cli, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert m["prune"]["params_after"] < m["prune"]["params_before"]
     assert m["config"]["model"]["name"] == "tiny-llama" and "layers" in r.stdout
+    r = cli("report", str(out))
+    assert r.returncode == 0 and f"| {len(m['prune']['layers_kept'])}/6 |" in r.stdout
 
 
 def test_failed_run_leaves_no_metrics(cli, tmp_path):
