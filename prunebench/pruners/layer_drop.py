@@ -1,4 +1,4 @@
-"""Layer dropping: keep the top, middle or bottom block of layers, or remove an explicit list.
+"""Layer dropping: keep the top, middle or bottom block of layers, keep an explicit list, or remove one.
 
 The depth baseline of LaCo (arXiv 2402.11187) and the pruning step of "Towards Building Efficient
 Sentence BERT Models using Layer Pruning" (arXiv 2409.14168): 'top' keeps the first `layers`
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 
+from omegaconf import ListConfig
 from torch import nn
 
 from prunebench import PrunebenchError
@@ -22,8 +23,13 @@ from prunebench.surgery import keep_layers
 POSITIONS = ("top", "middle", "bottom")
 
 
-def select_layers(n: int, keep: str | None, layers: int | None, remove: list[int] | None) -> list[int]:
+def select_layers(n: int, keep: str | list[int] | None, layers: int | None, remove: list[int] | None) -> list[int]:
     """Indices (0-based, in order) of the blocks to keep out of n."""
+    if isinstance(keep, list):
+        bad = [i for i in keep if not 0 <= i < n]
+        if not keep or bad or len(set(keep)) != len(keep):
+            raise PrunebenchError(f"pruner.keep={keep} must list distinct layers among 0..{n - 1} (at least one)")
+        return sorted(keep)
     if remove is not None:
         bad = [i for i in remove if not 0 <= i < n]
         if bad or len(set(remove)) >= n:
@@ -50,9 +56,12 @@ class LayerDrop:
         sparsity: float = 0.0,
         pattern: str = "unstructured",
     ):
+        keep = list(keep) if isinstance(keep, list | tuple | ListConfig) else keep
         self.name, self.keep, self.layers = name, keep, layers
         self.remove = list(remove) if remove is not None else None
-        if self.remove is None and keep not in POSITIONS:
+        if isinstance(keep, list) and not keep:
+            raise PrunebenchError("pruner.keep is an empty list; name the layers to keep, e.g. pruner.keep=[0,1,2]")
+        if self.remove is None and not isinstance(keep, list) and keep not in POSITIONS:
             raise PrunebenchError(f"pruner.keep={keep!r} must be one of {', '.join(POSITIONS)} (or set pruner.remove)")
         if self.remove is not None and not self.remove:
             raise PrunebenchError("pruner.remove is an empty list; name the layers to remove, e.g. pruner.remove=[3,4]")

@@ -1,0 +1,151 @@
+"""Fine-tune-and-score evaluations for encoders: a classification head on a copy of the (pruned)
+encoder, trained on one split and scored on another.
+
+- `eval=classification`: L3Cube-MahaNews SHC (12 classes, arXiv 2404.18216), the task of the
+  sibling layer-pruning study (arXiv 2501.00733). Offline only its valid and test files exist, so
+  the default trains on valid (2,750) and scores test (2,761); with the Hub train on train.
+- `eval=cola`: CoLA, trained on in_domain_train and scored on in_domain_dev with Matthews
+  correlation (GLUE's metric; MiniBridgeBERT's table).
+
+Reported ×100: accuracy, macro-F1 (mean of per-class F1) and MCC
+= (TP·TN − FP·FN) / √((TP+FP)(TP+FN)(TN+FP)(TN+FN)), its multi-class form (Gorodkin's R_K) for K > 2.
+The copy is fine-tuned; the model handed to the next evaluator is untouched.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+
+import torch
+from torch import nn
+
+from prunebench import PrunebenchError
+from prunebench.encoders import _forward_args, pool
+from prunebench.labelled import classification
+
+log = logging.getLogger(__name__)
+
+
+def confusion(pred: list[int], gold: list[int], k: int) -> torch.Tensor:
+    c = torch.zeros(k, k, dtype=torch.float64)
+    for p, g in zip(pred, gold, strict=True):
+        c[g, p] += 1
+    return c
+
+
+def macro_f1(pred: list[int], gold: list[int], k: int) -> float:
+    """Mean over the k classes of 2·TP / (2·TP + FP + FN); a class never seen nor predicted scores 0."""
+    c = confusion(pred, gold, k)
+    tp = c.diag()
+    denom = 2 * tp + (c.sum(0) - tp) + (c.sum(1) - tp)
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return float(f1.mean())
+
+
+def mcc(pred: list[int], gold: list[int], k: int) -> float:
+    """Matthews correlation (multi-class R_K; the binary formula when k = 2); 0 when undefined."""
+    c = confusion(pred, gold, k)
+    n, correct = c.sum(), c.diag().sum()
+    p, t = c.sum(0), c.sum(1)  # predicted / true counts per class
+    denom = math.sqrt(float(n**2 - (p * p).sum())) * math.sqrt(float(n**2 - (t * t).sum()))
+    return 0.0 if denom == 0 else float(correct * n - (p * t).sum()) / denom
+
+
+class FineTuneClassifier:
+    cacheable = True
+
+    def __init__(
+        self,
+        task: str = "mahanews_shc",
+        train_split: str = "valid",
+        test_split: str = "test",
+        epochs: float = 3,
+        lr: float = 3e-5,
+        batch_size: int = 32,
+        warmup: float = 0.1,
+        max_length: int = 64,
+        train_limit: int | None = None,
+        test_limit: int | None = None,
+        pooling: str = "cls",
+        dropout: float = 0.1,
+        seed: int = 0,
+    ):
+        if task not in ("mahanews_shc", "cola"):
+            raise PrunebenchError(f"eval task {task!r} must be mahanews_shc or cola")
+        if epochs <= 0 or lr <= 0 or batch_size < 1:
+            raise PrunebenchError(
+                f"fine-tuning needs epochs > 0, lr > 0, batch_size ≥ 1 (got {epochs}, {lr}, {batch_size})"
+            )
+        if pooling not in ("cls", "mean"):
+            raise PrunebenchError(f"pooling={pooling!r} must be cls or mean")
+        self.task, self.train_split, self.test_split = task, train_split, test_split
+        self.epochs, self.lr, self.batch_size, self.warmup = epochs, lr, batch_size, warmup
+        self.max_length, self.train_limit, self.test_limit = max_length, train_limit, test_limit
+        self.pooling, self.dropout, self.seed = pooling, dropout, seed
+
+    def _batches(self, tokenizer, texts: list[str], labels: list[int], order: list[int]):
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
+                            return_tensors="pt")  # fmt: skip
+            yield enc, torch.tensor([labels[i] for i in idx])
+
+    def _logits(self, encoder: nn.Module, head: nn.Module, enc) -> torch.Tensor:
+        if "token_type_ids" in enc and "token_type_ids" not in _forward_args(encoder):
+            del enc["token_type_ids"]
+        hidden = encoder(**enc).last_hidden_state
+        return head(pool(hidden, enc["attention_mask"], self.pooling))
+
+    def __call__(self, model: nn.Module, tokenizer) -> dict[str, float]:
+        train = classification(self.task, self.train_split).sample(self.train_limit, self.seed)
+        test = classification(self.task, self.test_split).sample(self.test_limit, self.seed)
+        k = len(train.classes)
+        torch.manual_seed(self.seed)
+        rng = random.Random(self.seed)
+        encoder = copy.deepcopy(model).train()  # the caller's model stays as it was
+        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(model.config.hidden_size, k))
+        params = list(encoder.parameters()) + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+        steps_per_epoch = math.ceil(len(train.texts) / self.batch_size)
+        total = max(1, round(self.epochs * steps_per_epoch))
+        warm = int(self.warmup * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
+        )
+        step, losses = 0, []
+        while step < total:
+            order = list(range(len(train.texts)))
+            rng.shuffle(order)
+            for enc, y in self._batches(tokenizer, train.texts, train.labels, order):
+                loss = nn.functional.cross_entropy(self._logits(encoder, head, enc), y)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step(), sched.step(), opt.zero_grad()
+                losses.append(float(loss))
+                step += 1
+                if step % 50 == 0 or step == total:
+                    log.info(
+                        "%s fine-tuning step %d/%d loss %.4f",
+                        self.task,
+                        step,
+                        total,
+                        sum(losses[-50:]) / len(losses[-50:]),
+                    )
+                if step >= total:
+                    break
+        encoder.eval(), head.eval()
+        pred: list[int] = []
+        with torch.no_grad():
+            for enc, _ in self._batches(tokenizer, test.texts, test.labels, list(range(len(test.texts)))):
+                pred += self._logits(encoder, head, enc).argmax(-1).tolist()
+        gold = test.labels
+        return {
+            "accuracy": 100 * sum(p == g for p, g in zip(pred, gold, strict=True)) / len(gold),
+            "macro_f1": 100 * macro_f1(pred, gold, k),
+            "mcc": 100 * mcc(pred, gold, k),
+            "train_loss_first": losses[0],
+            "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        }
