@@ -215,6 +215,19 @@ def _gguf_cache(cfg: DictConfig, cache_dir: Path) -> Path:
     return target
 
 
+def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> None:
+    """save_pretrained the model and tokenizer; an encoder also gets sentence-transformers files
+    (pooling from the model config) so `SentenceTransformer(folder)` loads it."""
+    if cfg.kind == "encoder":
+        from prunebench.encoders import save_sentence_transformer
+
+        save_sentence_transformer(model, tokenizer, folder, cfg.get("pooling", "mean"))
+        return
+    model.save_pretrained(folder)
+    if hasattr(tokenizer, "save_pretrained"):  # the tiny models' byte tokenizer has nothing to save
+        tokenizer.save_pretrained(folder)
+
+
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters); tied weights counted once."""
     total = nonzero = 0

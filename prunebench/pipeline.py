@@ -96,6 +96,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                            for d in (metrics, baseline))  # fmt: skip
             metrics.update({f"{name}/{k}": v for k, v in ev.relative(mine, dense).items()})
     params_after, nonzero_after = models.count_params(model)
+    if cfg.get("save_model"):
+        with stage(timings, "save"):
+            models.save(model, tokenizer, run_dir / "model", cfg.model)
 
     result = {
         "name": cfg.name,

@@ -24,7 +24,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.encoders import _forward_args, pool
-from prunebench.labelled import classification
+from prunebench.labelled import COLA, MAHANEWS, classification
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,12 @@ class FineTuneClassifier:
         if epochs <= 0 or lr <= 0 or batch_size < 1:
             raise PrunebenchError(
                 f"fine-tuning needs epochs > 0, lr > 0, batch_size ≥ 1 (got {epochs}, {lr}, {batch_size})"
+            )
+        splits = {"mahanews_shc": MAHANEWS, "cola": COLA}[task]
+        if missing := [sp for sp in (train_split, test_split) if sp not in splits]:
+            raise PrunebenchError(
+                f"{task} has no split {missing[0]!r} here; available: {', '.join(splits)}"
+                + (" (SHC_Train.csv is not in ../shared/data: train on valid)" if task == "mahanews_shc" else "")
             )
         if pooling not in ("cls", "mean"):
             raise PrunebenchError(f"pooling={pooling!r} must be cls or mean")

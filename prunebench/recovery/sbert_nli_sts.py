@@ -26,7 +26,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.encoders import sentence_transformer
 from prunebench.evals.sts import sts_scores
-from prunebench.labelled import nli, sts
+from prunebench.labelled import NLI_HUB, STS, nli, sts
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,7 @@ class SbertNliSts:
         prompt: str | None = None,
         max_length: int = 128,
         eval_every: int | None = None,
+        log_every: int = 10,
         seed: int = 0,
     ):
         self.name = name
@@ -62,10 +63,17 @@ class SbertNliSts:
                 raise PrunebenchError(f"recovery.{stage}: batch_size must be ≥ 1 and lr > 0")
             if cfg.get("max_samples") is not None and cfg["max_samples"] < cfg["batch_size"]:
                 raise PrunebenchError(f"recovery.{stage}.max_samples={cfg['max_samples']} is less than one batch")
+        for part in ("sts", "dev"):
+            c = getattr(self, part)
+            if c["set"] not in STS or c["split"] not in STS[c["set"]]:
+                known = ", ".join(f"{k}: {'/'.join(v)}" for k, v in STS.items())
+                raise PrunebenchError(f"recovery.{part}: no STS split {c['set']}/{c['split']} here; known: {known}")
+        if self.nli["source"] not in NLI_HUB:
+            raise PrunebenchError(f"recovery.nli.source={self.nli['source']!r} must be one of {', '.join(NLI_HUB)}")
         if self.nli["loss"] not in ("softmax", "mnrl"):
             raise PrunebenchError(f"recovery.nli.loss={self.nli['loss']!r} must be softmax or mnrl")
         self.pooling, self.prompt, self.max_length = pooling, prompt, max_length
-        self.eval_every, self.seed = eval_every, seed
+        self.eval_every, self.log_every, self.seed = eval_every, log_every, seed
         self.tokenizer = None
 
     # -- data ----------------------------------------------------------------------------------
@@ -131,7 +139,7 @@ class SbertNliSts:
             args = SentenceTransformerTrainingArguments(
                 output_dir=tmp, num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"] or -1,
                 per_device_train_batch_size=cfg["batch_size"], learning_rate=cfg["lr"], warmup_steps=cfg["warmup"],
-                seed=self.seed, data_seed=self.seed, logging_steps=10, save_strategy="no", report_to="none",
+                seed=self.seed, data_seed=self.seed, logging_steps=self.log_every, save_strategy="no", report_to="none",
                 use_cpu=True, disable_tqdm=True, prompts=self.prompt or None, dataloader_drop_last=False,
             )  # fmt: skip
             trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss,
