@@ -74,7 +74,18 @@ def package_dir(package: str) -> Path:
 
 
 def load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
-    """Load (model, tokenizer) for a `model/*.yaml` config."""
+    """Load (model, tokenizer) for a `model/*.yaml` config. `model.reinit: true` keeps the
+    architecture and tokenizer but draws fresh random weights (seeded): the no-pretraining
+    baseline that stands in for a same-size model trained from scratch."""
+    model, tokenizer = _load(cfg, cache_dir, seed)
+    if cfg.get("reinit"):
+        torch.manual_seed(seed)
+        dtype = next(model.parameters()).dtype
+        model = type(model)(model.config).to(dtype).eval()  # the class's own initialisation
+    return model, tokenizer
+
+
+def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0):
     auto = _auto_class(cfg.kind)
     dtype = _dtype(cfg.dtype)
     trust = bool(cfg.get("trust_remote_code", False))

@@ -90,6 +90,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             train["reprune"] = pruner(model, calib).to_dict()
     with stage(timings, "eval"):
         metrics = evaluate(evaluators, model, tokenizer)
+    metrics.update({f"recovery/{k}": v for k, v in (train or {}).get("metrics", {}).items()})  # e.g. dev scores
     for name, ev in evaluators.items():  # metrics relative to the dense model (LaCo's Per.)
         if baseline and hasattr(ev, "relative"):
             mine, dense = ({k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(f"{name}/")}

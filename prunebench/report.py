@@ -74,14 +74,16 @@ def pivot_table(runs: list[dict], metric: str) -> tuple[list[str], list[list[str
     return [f"method ({metric})", *columns], rows
 
 
+def _as_list(expected) -> list[dict]:
+    return [e for e in (expected if isinstance(expected, list) else [expected]) if e]
+
+
 def paper_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Each run that carries `expected` (from conf/experiment/<paper>/...) beside the paper."""
     header = ["table", "row", "column", "metric", "paper", "reproduced", "diff", "tolerance", "ok"]
     rows = []
-    for r in runs:
-        exp = r["config"].get("expected") or {}
-        if not exp:
-            continue
+    cells = [(r, e) for r in runs for e in _as_list(r["config"].get("expected"))]  # a run may fill several tables
+    for r, exp in cells:
         got = r["metrics"].get(exp["metric"]) if exp.get("row") != "Dense" else r["baseline"].get(exp["metric"])
         paper = exp.get("value")
         comparable = paper is not None and got is not None and exp.get("compare", True)

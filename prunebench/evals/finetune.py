@@ -71,6 +71,7 @@ class FineTuneClassifier:
         test_limit: int | None = None,
         pooling: str = "cls",
         dropout: float = 0.1,
+        freeze_word_embeddings: bool = False,
         seed: int = 0,
     ):
         if task not in ("mahanews_shc", "cola"):
@@ -91,6 +92,7 @@ class FineTuneClassifier:
         self.epochs, self.lr, self.batch_size, self.warmup = epochs, lr, batch_size, warmup
         self.max_length, self.train_limit, self.test_limit = max_length, train_limit, test_limit
         self.pooling, self.dropout, self.seed = pooling, dropout, seed
+        self.freeze_word_embeddings = freeze_word_embeddings
 
     def _batches(self, tokenizer, texts: list[str], labels: list[int], order: list[int]):
         for start in range(0, len(order), self.batch_size):
@@ -113,7 +115,9 @@ class FineTuneClassifier:
         rng = random.Random(self.seed)
         encoder = copy.deepcopy(model).train()  # the caller's model stays as it was
         head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(model.config.hidden_size, k))
-        params = list(encoder.parameters()) + list(head.parameters())
+        if self.freeze_word_embeddings:  # large multilingual vocabularies: AdamW over them dominates a CPU step
+            encoder.get_input_embeddings().weight.requires_grad_(False)
+        params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
         steps_per_epoch = math.ceil(len(train.texts) / self.batch_size)
         total = max(1, round(self.epochs * steps_per_epoch))
