@@ -50,7 +50,7 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
         rows.append(
             [label, r["config"]["model"]["name"], p["method"], p["pattern"], _fmt(p["target_sparsity"])]
             + [f"{p['achieved_sparsity']:.4f}"]
-            + [f"{len(p['layers_kept'])}/{p['layers_before']}" if "layers_kept" in p else ""]
+            + [_layers(p)]
             + [_fmt(r["metrics"].get(k)) for k in keys]
             + [_fmt(r["baseline"].get(k)) for k in keys]
         )
@@ -58,8 +58,18 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
+def _layers(p: dict) -> str:
+    """Depth pruners: 'kept/before (ratio removed)', e.g. '21/30 (30% removed)'."""
+    if "layers_kept" not in p:
+        return ""
+    kept, before = len(p["layers_kept"]), p["layers_before"]
+    return f"{kept}/{before} ({1 - kept / before:.0%} removed)"
+
+
 def _column(run: dict) -> str:
     p = run["prune"]
+    if "layers_kept" in p:
+        return f"{len(p['layers_kept'])}/{p['layers_before']} layers"
     return f"{p['target_sparsity']:.0%}" if p["pattern"] == "unstructured" else p["pattern"]
 
 
