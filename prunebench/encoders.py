@@ -46,19 +46,19 @@ def embed(
         idx = order[start : start + batch_size]
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")  # fmt: skip
-        if "token_type_ids" in enc and "token_type_ids" not in _forward_args(model):
-            del enc["token_type_ids"]  # MPNet and friends have no segment embeddings
-        hidden = model(**enc).last_hidden_state
+        hidden = model(**model_inputs(model, enc)).last_hidden_state
         for i, v in zip(idx, pool(hidden, enc["attention_mask"], pooling).float(), strict=True):
             out[i] = v
     model.train(was_training)
     return torch.stack(out) if out else torch.empty(0)
 
 
-def _forward_args(model: nn.Module) -> set[str]:
+def model_inputs(model: nn.Module, enc) -> dict:
+    """The tokenizer's outputs that the model's forward accepts (MPNet has no token_type_ids)."""
     import inspect
 
-    return set(inspect.signature(model.forward).parameters)
+    accepted = inspect.signature(model.forward).parameters
+    return {k: v for k, v in enc.items() if k in accepted}
 
 
 def sentence_transformer(model: nn.Module, tokenizer, pooling: str = "mean", max_length: int = 128):

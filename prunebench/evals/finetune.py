@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.encoders import _forward_args, pool
+from prunebench.encoders import model_inputs, pool
 from prunebench.labelled import COLA, MAHANEWS, classification
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,7 @@ class FineTuneClassifier:
             yield enc, torch.tensor([labels[i] for i in idx])
 
     def _logits(self, encoder: nn.Module, head: nn.Module, enc) -> torch.Tensor:
-        if "token_type_ids" in enc and "token_type_ids" not in _forward_args(encoder):
-            del enc["token_type_ids"]
-        hidden = encoder(**enc).last_hidden_state
+        hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
         return head(pool(hidden, enc["attention_mask"], self.pooling))
 
     def __call__(self, model: nn.Module, tokenizer) -> dict[str, float]:
