@@ -119,7 +119,8 @@ def test_depth_pruner_runs_end_to_end(cli, tmp_path):
     assert m["prune"]["params_after"] < m["prune"]["params_before"]
     assert m["config"]["model"]["name"] == "tiny-llama" and "layers" in r.stdout
     r = cli("report", str(out))
-    assert r.returncode == 0 and f"| {len(m['prune']['layers_kept'])}/6 |" in r.stdout
+    kept = len(m["prune"]["layers_kept"])
+    assert r.returncode == 0 and f"| {kept}/6 ({1 - kept / 6:.0%} removed) |" in r.stdout
 
 
 def test_failed_run_leaves_no_metrics(cli, tmp_path):
