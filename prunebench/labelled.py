@@ -9,7 +9,7 @@ for one gives one line naming what is missing and what stands in.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prunebench import PrunebenchError
@@ -28,10 +28,7 @@ class Pairs:
 
     def sample(self, n: int | None, seed: int = 0) -> Pairs:
         """A seeded random subset of n pairs (the files are ordered by genre or class)."""
-        idx = _subset(len(self.labels), n, seed)
-        if idx is None:
-            return self
-        return Pairs([self.first[i] for i in idx], [self.second[i] for i in idx], [self.labels[i] for i in idx])
+        return _sample(self, ("first", "second", "labels"), n, seed)
 
 
 @dataclass
@@ -41,18 +38,19 @@ class Sentences:
     classes: list[str]
 
     def sample(self, n: int | None, seed: int = 0) -> Sentences:
-        idx = _subset(len(self.labels), n, seed)
-        if idx is None:
-            return self
-        return Sentences([self.texts[i] for i in idx], [self.labels[i] for i in idx], self.classes)
+        return _sample(self, ("texts", "labels"), n, seed)
 
 
-def _subset(total: int, n: int | None, seed: int) -> list[int] | None:
+def _sample(rows, columns: tuple[str, ...], n: int | None, seed: int):
+    """The same seeded subset of rows from every per-row column (in file order); all rows when
+    n is None or at least the row count."""
+    total = len(rows.labels)
     if n is None or n >= total:
-        return None
+        return rows
     import random
 
-    return sorted(random.Random(seed).sample(range(total), n))
+    idx = sorted(random.Random(seed).sample(range(total), n))
+    return replace(rows, **{c: [getattr(rows, c)[i] for i in idx] for c in columns})
 
 
 def _stsb_tsv(path: Path) -> Pairs:
