@@ -10,19 +10,16 @@ layers (dense layers / kept layers).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import time
 
 import torch
 import torch.nn.functional as F
+from benchlib import load_model, measure, parser, summary, table
 
-from prunebench import models
-from prunebench.calibration import find_blocks
-from prunebench.config import compose
 from prunebench.evals.efficiency import Efficiency
+from prunebench.models.blocks import find_blocks
+from prunebench.models.surgery import keep_layers
 from prunebench.pruners import laco
-from prunebench.surgery import keep_layers
 
 
 def deepcopy_loop(model, pruner: laco.LaCo, inputs) -> tuple[list[dict], object]:
@@ -55,31 +52,31 @@ def deepcopy_loop(model, pruner: laco.LaCo, inputs) -> tuple[list[dict], object]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--C", type=int, default=4)
     ap.add_argument("--I", type=int, default=2)
     ap.add_argument("--T", type=float, default=0.65)
     ap.add_argument("--merge", default="reference")
     args = ap.parse_args()
 
-    cfg = compose()
-    model, tok = models.load(cfg.model, cfg.paths.cache_dir)
+    model, tok, _ = load_model(device=args.device)
     dense_state = {k: v.clone() for k, v in model.state_dict().items()}
     pruner = laco.LaCo(C=args.C, I=args.I, T=args.T, merge=args.merge)
     pruner.tokenizer = tok
-    inputs = [tok(s, return_tensors="pt").input_ids for s in laco.few_shot_sentences("wikitext2_valid", 10, 400)]
+    sentences = laco.few_shot_sentences("wikitext2_valid", 10, 400)
+    inputs = [tok(s, return_tensors="pt").input_ids.to(args.device) for s in sentences]
 
-    t = time.perf_counter()
-    decisions_copy, collapsed_copy = deepcopy_loop(model, pruner, inputs)
-    t_copy = time.perf_counter() - t
+    with measure(model, memory=False) as copy_loop:
+        decisions_copy, collapsed_copy = deepcopy_loop(model, pruner, inputs)
+    t_copy = copy_loop.seconds
     del collapsed_copy
     model.load_state_dict(dense_state)  # the deep-copy loop never touched `model`; be explicit
 
     eff = Efficiency(prompt_len=128, gen_len=32, repeats=5)
     dense = eff(model)
-    t = time.perf_counter()
-    stats = pruner(model)
-    t_ours = time.perf_counter() - t
+    with measure(model, memory=False) as ours:
+        stats = pruner(model)
+    t_ours = ours.seconds
     same = [d["kept"] for d in stats.info["decisions"]] == [d["kept"] for d in decisions_copy]
     pruned = eff(model)
     n0, n1 = stats.info["layers_before"], stats.info["layers_after"]
@@ -91,17 +88,17 @@ def main() -> None:
         f"collapse loop: prunebench {t_ours:.1f} s, deep-copy loop {t_copy:.1f} s, ratio {t_ours / t_copy:.2f}"
         f" (goal <= 0.3); suffix shortcut {stats.info['suffix_shortcut']}"
     )
-    print(f"{'':<10} {'layers':>6} {'params':>12} {'GFLOP/tok':>9} {'prefill ms':>10} {'decode tok/s':>12}")
-    for label, m in (("dense", dense), ("collapsed", pruned)):
-        print(
-            f"{label:<10} {m['layers']:>6} {m['params']:>12,} {m['gflops_per_token']:>9.3f} {m['prefill_ms']:>10.1f}"
-            f" {m['decode_tokens_per_s']:>12.1f}"
-        )
+    rows = [
+        (label, m["layers"], f"{m['params']:,}", f"{m['gflops_per_token']:.3f}", f"{m['prefill_ms']:.1f}",
+         f"{m['decode_tokens_per_s']:.1f}")
+        for label, m in (("dense", dense), ("collapsed", pruned))
+    ]  # fmt: skip
+    table(rows, ["model", "layers", "params", "GFLOP/tok", "prefill ms", "decode tok/s"], "lrrrrr")
     ratio = n0 / n1
     prefill_speedup = dense["prefill_ms"] / pruned["prefill_ms"]
     decode_speedup = pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
-    print(
-        f"summary: layer ratio {ratio:.2f}; prefill speed-up {prefill_speedup:.2f}, decode speed-up"
+    summary(
+        f"layer ratio {ratio:.2f}; prefill speed-up {prefill_speedup:.2f}, decode speed-up"
         f" {decode_speedup:.2f} (goal: within 10% of {ratio:.2f}); loop {t_ours / t_copy:.2f}x the deep-copy loop"
     )
 

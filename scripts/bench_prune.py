@@ -10,83 +10,79 @@ pruned block's outputs). It is measured as a pass whose per-block edit only coll
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
 
-from prunebench import models
-from prunebench.calibration import Layerwise
-from prunebench.config import compose
+from benchlib import cuda_columns, load_model, measure, parser, summary, table, weights_mb
+
 from prunebench.data import calibration_windows
 from prunebench.pruners.gblm import GBLM
 from prunebench.pruners.sparsegpt import SparseGPT
+from prunebench.pruners.stats import Layerwise
 from prunebench.pruners.wanda import Wanda
-from prunebench.results import proc_status_mb, reset_peak_rss
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--sweep-nsamples", type=int, default=8)
-    ap.add_argument("--skip-methods", action="store_true")
-    args = ap.parse_args()
-
-    cfg = compose()
-    model, tok = models.load(cfg.model, cfg.paths.cache_dir)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    model_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    print(f"SmolLM2-135M fp32 {model_mb:.0f} MB; calibration {args.nsamples} x {args.seqlen} C4 windows, seed 0")
-
-    if not args.skip_methods:
-        calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0, 4)
-        reset_peak_rss()
-        base = proc_status_mb("VmRSS")
-        t = time.perf_counter()
+def method_rows(model, dense: dict, calib):
+    """The bound, then Wanda, SparseGPT and GBLM from the dense weights: one table row each."""
+    with measure(model) as m:
         Layerwise(model, calib.input_ids, calib.batch_size, desc="bound").run(lambda i, b, collect: collect())
-        bound = time.perf_counter() - t
-        print(f"bound (2 block forwards per token): {bound:.1f} s, peak +{proc_status_mb('VmHWM') - base:.0f} MB")
-        print(
-            f"{'method':<10} {'grad pass s':>11} {'forwards s':>10} {'score/update s':>14} {'total s':>8}"
-            f" {'x bound':>8} {'peak +MB':>8}"
-        )
-        with tempfile.TemporaryDirectory() as cache:
-            calib.cache_dir = cache  # empty: GBLM computes its gradients here
-            for pruner in (Wanda(sparsity=0.5), SparseGPT(sparsity=0.5), GBLM(sparsity=0.5)):
-                model.load_state_dict(dense)
-                reset_peak_rss()
-                base = proc_status_mb("VmRSS")
-                t = time.perf_counter()
+    bound = m.seconds
+    yield ["bound", "", f"{bound:.1f}", "", f"{bound:.1f}", "1.00", f"{m.rss_growth_mb:.0f}", *m.cuda_cells()]
+    with tempfile.TemporaryDirectory() as cache:
+        calib.cache_dir = cache  # empty: GBLM computes its gradients here
+        for pruner in (Wanda(sparsity=0.5), SparseGPT(sparsity=0.5), GBLM(sparsity=0.5)):
+            model.load_state_dict(dense)
+            with measure(model) as m:
                 stats = pruner(model, calib)
-                total = time.perf_counter() - t
-                grad = stats.timings["prepare"]
-                layerwise = total - grad
-                print(
-                    f"{pruner.name:<10} {grad:11.1f} {stats.timings['forward']:10.1f}"
-                    f" {stats.timings['score_and_mask']:14.2f} {total:8.1f} {layerwise / bound:8.2f}"
-                    f" {proc_status_mb('VmHWM') - base:8.0f}"
-                )
+            grad = stats.timings["prepare"]
+            yield [
+                pruner.name, f"{grad:.1f}", f"{stats.timings['forward']:.1f}",
+                f"{stats.timings['score_and_mask']:.2f}", f"{m.seconds:.1f}", f"{(m.seconds - grad) / bound:.2f}",
+                f"{m.rss_growth_mb:.0f}", *m.cuda_cells(),
+            ]  # fmt: skip
 
-    # Sweep costs: 3 alphas x 3 sparsities, one gradient pass in all.
-    calib = calibration_windows(tok, "c4", args.sweep_nsamples, args.seqlen, 0, 4)
-    points = [(a, s) for a in (1.0, 100.0, 10000.0) for s in (0.4, 0.5, 0.6)]
+
+def sweep_rows(model, dense: dict, calib, points):
+    """GBLM over `points` (alpha, sparsity), sequential then one-shot, one gradient pass per sweep."""
     for sequential in (True, False):
         with tempfile.TemporaryDirectory() as cache:
             calib.cache_dir = cache
             times, grads = [], 0
             for alpha, sparsity in points:
                 model.load_state_dict(dense)
-                t = time.perf_counter()
-                stats = GBLM(sparsity=sparsity, alpha=alpha, sequential=sequential)(model, calib)
-                times.append(time.perf_counter() - t)
+                with measure(model, memory=False) as m:
+                    stats = GBLM(sparsity=sparsity, alpha=alpha, sequential=sequential)(model, calib)
+                times.append(m.seconds)
                 grads += not stats.info["gradients_reused"]
+        later = sum(times[1:]) / (len(times) - 1)
         mode = "sequential" if sequential else "one-shot"
-        print(
-            f"sweep {mode:<10} 9 points ({args.sweep_nsamples} x {args.seqlen}): total {sum(times):.1f} s,"
-            f" first {times[0]:.1f} s, later mean {sum(times[1:]) / 8:.1f} s, gradient passes {grads},"
-            f" total / first = {sum(times) / times[0]:.2f}"
-        )
-    print("summary: see rows above; bound = two block forwards per calibration token")
+        yield [mode, f"{sum(times):.1f}", f"{times[0]:.1f}", f"{later:.1f}", grads, f"{sum(times) / times[0]:.2f}"]
+
+
+def main() -> None:
+    ap = parser(__doc__)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--sweep-nsamples", type=int, default=8)
+    ap.add_argument("--skip-methods", action="store_true")
+    args = ap.parse_args()
+
+    model, tok, _ = load_model(device=args.device)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    print(
+        f"SmolLM2-135M fp32 {weights_mb(model):.0f} MB; calibration {args.nsamples} x {args.seqlen} C4 windows, seed 0"
+    )
+    if not args.skip_methods:
+        calib = calibration_windows(tok, "c4", args.nsamples, args.seqlen, 0, 4)
+        columns = ["method", "grad pass s", "forwards s", "score/update s", "total s", "x bound", "peak +MB"]
+        table(method_rows(model, dense, calib), columns + cuda_columns(args.device), "lrrrrrrrr")
+
+    # Sweep costs: 3 alphas x 3 sparsities, one gradient pass in all.
+    calib = calibration_windows(tok, "c4", args.sweep_nsamples, args.seqlen, 0, 4)
+    points = [(a, s) for a in (1.0, 100.0, 10000.0) for s in (0.4, 0.5, 0.6)]
+    print(f"\nGBLM sweep, {len(points)} points ({args.sweep_nsamples} x {args.seqlen}):")
+    columns = ["sweep", "total s", "first s", "later mean s", "gradient passes", "total / first"]
+    table(sweep_rows(model, dense, calib, points), columns, "lrrrrr")
+    summary("see rows above; bound = two block forwards per calibration token")
 
 
 if __name__ == "__main__":

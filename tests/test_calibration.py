@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prunebench.calibration import InputNorms, Layerwise, collect_full_forward, collect_stats, prunable_linears
+from prunebench.pruners.stats import InputNorms, Layerwise, collect_full_forward, collect_stats, prunable_linears
 from tests.conftest import random_calib
 
 

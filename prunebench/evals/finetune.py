@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.encoders import model_inputs, pool
-from prunebench.labelled import COLA, MAHANEWS, classification
+from prunebench.data.labelled import COLA, MAHANEWS, classification
+from prunebench.models.encoders import model_inputs, pool
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from prunebench import PrunebenchError
-from prunebench.encoders import embed
-from prunebench.labelled import STS as SETS
-from prunebench.labelled import sts
+from prunebench.data.labelled import STS as SETS
+from prunebench.data.labelled import sts
+from prunebench.models.encoders import embed
 
 
 def sts_scores(e1: torch.Tensor, e2: torch.Tensor, gold: list[float]) -> dict[str, float]:

@@ -14,17 +14,10 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import (
-    InputNorms,
-    Layerwise,
-    block_linears,
-    collect_stats,
-    dense_input_norms,
-    find_blocks,
-    prunable_linears,
-)
 from prunebench.config import parse_pattern
+from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
 from prunebench.pruners.masks import make_mask
+from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms
 
 
 @dataclass

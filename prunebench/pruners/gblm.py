@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import InputNorms, cached_stats, gradient_norms
 from prunebench.pruners.base import MaskPruner
+from prunebench.pruners.stats import InputNorms, cached_stats, gradient_norms
 
 TERMS = ("both", "gradient", "activation")
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import block_input_hook, block_linears, find_blocks
 from prunebench.data import load_texts
 from prunebench.models import max_context
+from prunebench.models.blocks import block_linears, find_blocks
+from prunebench.models.surgery import keep_layers, set_blocks, snapshot
 from prunebench.pruners.base import PruneStats
-from prunebench.surgery import keep_layers, set_blocks, snapshot
+from prunebench.pruners.stats import block_input_hook
 
 MERGES = ("paper", "reference", "drop")
 

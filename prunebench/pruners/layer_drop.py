@@ -16,9 +16,9 @@ from omegaconf import ListConfig
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import find_blocks
+from prunebench.models.blocks import find_blocks
+from prunebench.models.surgery import keep_layers
 from prunebench.pruners.base import PruneStats
-from prunebench.surgery import keep_layers
 
 POSITIONS = ("top", "middle", "bottom")
 

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from prunebench.calibration import prunable_linears
+from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.base import MaskPruner, PruneStats, measure
 
 

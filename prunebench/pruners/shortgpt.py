@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.calibration import find_blocks
+from prunebench.models.blocks import find_blocks
+from prunebench.models.surgery import remove_layers
 from prunebench.pruners.base import PruneStats
-from prunebench.surgery import remove_layers
 
 
 def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from prunebench.calibration import InputNorms
 from prunebench.pruners.base import MaskPruner
+from prunebench.pruners.stats import InputNorms
 
 
 def score(weight: torch.Tensor, x_norm_sq: torch.Tensor) -> torch.Tensor:

@@ -11,16 +11,12 @@ N:M masks) are held at zero after every step, so the sparsity survives recovery.
 
 from __future__ import annotations
 
-import math
 import time
 
-import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
-from prunebench.calibration import prunable_linears
-from prunebench.data import load_texts, tokenize
+from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, window_order
 
 
 class LMFinetune:
@@ -51,38 +47,20 @@ class LMFinetune:
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
             raise PrunebenchError("lm_finetune needs the tokenizer (set by the pipeline)")
-        ids = tokenize(self.tokenizer, "\n\n".join(t for t in load_texts(self.source) if t))
-        n_windows = len(ids) // self.seqlen
+        windows = text_windows(self.tokenizer, self.source, self.seqlen)
         steps = self.tokens // (self.seqlen * self.batch_size)
-        g = torch.Generator().manual_seed(self.seed)
-        order = torch.cat(
-            [torch.randperm(n_windows, generator=g) for _ in range(math.ceil(steps * self.batch_size / n_windows))]
-        )
-        windows = ids[: n_windows * self.seqlen].view(n_windows, self.seqlen)
-        masks = {n: m.weight == 0 for n, m in prunable_linears(model).items()} if self.keep_masks else {}
-        linears = prunable_linears(model)
+        order = window_order(len(windows), steps * self.batch_size, self.seed)
+        keep = MaskKeeper(model, self.keep_masks)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        warm = max(1, int(self.warmup * steps))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
-        )
+        opt, sched = adamw(params, self.lr, self.weight_decay, steps, self.warmup, decay="linear")
         device = next(model.parameters()).device
-        curve, start = [], time.perf_counter()
-        model.train()
-        for step in tqdm(range(steps), desc="lm_finetune", unit="step", leave=False):
+
+        def loss_fn(step: int, micro: int):
             batch = windows[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for name, mask in masks.items():
-                    linears[name].weight[mask] = 0
-            if step % self.log_every == 0 or step == steps - 1:
-                curve.append([step, round(float(loss), 5)])
-        model.eval()
+            return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+        start = time.perf_counter()
+        curve = fit(model, steps, loss_fn, opt, sched, keep=keep, log_every=self.log_every, desc="lm_finetune")
         return {
             "steps": steps,
             "tokens": steps * self.batch_size * self.seqlen,

@@ -24,9 +24,9 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.encoders import sentence_transformer
+from prunebench.data.labelled import NLI_HUB, STS, nli, sts
 from prunebench.evals.sts import sts_scores
-from prunebench.labelled import NLI_HUB, STS, nli, sts
+from prunebench.models.encoders import sentence_transformer
 
 log = logging.getLogger(__name__)
 

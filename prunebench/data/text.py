@@ -1,0 +1,138 @@
+"""Datasets, read in place from a local data root first, then from the Hugging Face Hub.
+
+Data roots, in order: $PRUNEBENCH_DATA, ./data, ../shared/data beside the project root. File
+layouts follow ../shared/data/*/SOURCE.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prunebench import PrunebenchError
+from prunebench.config import CONF_DIR
+
+log = logging.getLogger(__name__)
+
+# name -> (relative path under a data root, Hub fallback: (dataset, config, split, data_files))
+LOCAL = {
+    "wikitext2_test": "wikitext2/wikitext-2-raw/wiki.test.raw",
+    "wikitext2_valid": "wikitext2/wikitext-2-raw/wiki.valid.raw",
+    "c4": "c4/c4_sample.json",
+}
+HUB = {
+    "wikitext2_test": ("wikitext", "wikitext-2-raw-v1", "test", None),
+    "wikitext2_valid": ("wikitext", "wikitext-2-raw-v1", "validation", None),
+    "c4": ("allenai/c4", None, "train", {"train": "en/c4-train.00000-of-01024.json.gz"}),
+}
+
+
+def data_roots() -> list[Path]:
+    roots = [Path(os.environ["PRUNEBENCH_DATA"])] if os.environ.get("PRUNEBENCH_DATA") else []
+    return roots + [Path.cwd() / "data", CONF_DIR.parent.parent / "shared" / "data"]
+
+
+def find(relpath: str) -> Path | None:
+    for root in data_roots():
+        if (root / relpath).exists():
+            return root / relpath
+    return None
+
+
+def load_texts(name: str) -> list[str]:
+    """The dataset's rows as strings (WikiText-2: the Hugging Face rows, "" for blank lines)."""
+    if name not in LOCAL:
+        raise PrunebenchError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
+    path = find(LOCAL[name])
+    if path is not None:
+        if name.startswith("wikitext2"):
+            return _wikitext_rows(path)
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+    hub, config, split, files = HUB[name]
+    try:
+        import datasets
+
+        return list(datasets.load_dataset(hub, config, split=split, data_files=files)["text"])
+    except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
+        tried = ", ".join(str(r / LOCAL[name]) for r in data_roots())
+        raise PrunebenchError(
+            f"dataset {name} not found: tried {tried} and the Hub {hub} ({type(err).__name__});"
+            f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name]}"
+        ) from None
+
+
+def _wikitext_rows(path: Path) -> list[str]:
+    # The .raw file is the HF rows concatenated, each "" row written as " \n" (SOURCE.md).
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return ["" if line == " " else line + "\n" for line in lines]
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """1-D token ids, with the tokenizer's own special tokens (as the reference code does)."""
+    return tokenizer(text, return_tensors="pt").input_ids[0]
+
+
+@dataclass
+class Calibration:
+    """`nsamples` windows of `seqlen` token ids, shape (nsamples, seqlen), and how they were drawn."""
+
+    input_ids: torch.Tensor
+    source: str
+    method: str  # "documents" (Wanda's protocol) or "concatenated" (fallback)
+    seed: int
+    batch_size: int = 1  # windows per forward in layer-wise passes (statistics do not depend on it)
+    cache_dir: str | None = None  # where reusable statistics (gradient norms, dense norms) are kept
+
+    @property
+    def key(self) -> str:
+        """Hash of the exact token windows: any change of data, tokenizer, seed, nsamples or seqlen
+        gives a new key, so cached statistics can never be stale with respect to the data."""
+        import hashlib
+
+        return hashlib.sha256(self.input_ids.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def calibration_windows(
+    tokenizer, source: str, nsamples: int, seqlen: int, seed: int, batch_size: int = 1
+) -> Calibration:
+    """Wanda's draw: a random document longer than seqlen, then a random window in it (seeded with
+    `random.seed(seed)`, as lib/data.py). Falls back to random windows over the concatenated text
+    when fewer than nsamples/4 documents are long enough (the 200-document C4 sample at 2048)."""
+    texts = [t for t in load_texts(source) if t]
+    rng = random.Random(seed)
+    if source == "c4":
+        docs = [tokenize(tokenizer, t) for t in texts]
+        long_docs = sum(len(d) > seqlen for d in docs)
+        if long_docs >= max(1, nsamples // 4):
+            windows = []
+            for _ in range(nsamples):
+                while True:
+                    doc = docs[rng.randint(0, len(docs) - 1)]
+                    if len(doc) > seqlen:
+                        break
+                start = rng.randint(0, len(doc) - seqlen - 1)
+                windows.append(doc[start : start + seqlen])
+            return Calibration(torch.stack(windows), source, "documents", seed, batch_size)
+        log.warning(
+            "only %d of %d %s documents exceed %d tokens: drawing windows over the concatenated text instead",
+            long_docs,
+            len(docs),
+            source,
+            seqlen,
+        )
+    ids = tokenize(tokenizer, "\n\n".join(texts))
+    if len(ids) <= seqlen:
+        raise PrunebenchError(f"calibration source {source} has only {len(ids)} tokens; lower calib.seqlen")
+    starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+    windows = torch.stack([ids[s : s + seqlen] for s in starts])
+    return Calibration(windows, source, "concatenated", seed, batch_size)

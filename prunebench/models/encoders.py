@@ -1,0 +1,84 @@
+"""Sentence embeddings from a (possibly pruned) Hugging Face encoder, and the bridge to
+sentence-transformers for SBERT training.
+
+The pipeline keeps the bare encoder (BertModel, MPNetModel, ...) so every pruner works on encoders
+and decoders alike; how a sentence vector is read from it (mean or CLS pooling, an instruction
+prefix such as e5's "query: ") comes from the model config.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, seq, dim] → [batch, dim]: mean over non-padding tokens, or the first token."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling != "mean":
+        raise ValueError(f"pooling={pooling!r} must be 'mean' or 'cls'")
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+@torch.no_grad()
+def embed(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    pooling: str = "mean",
+    prompt: str | None = None,
+    batch_size: int = 64,
+    max_length: int = 128,
+) -> torch.Tensor:
+    """Pooled last hidden states, fp32 [len(texts), dim]. Texts are sorted by length so batches
+    carry little padding (the order of the result is the input order)."""
+    texts = [(prompt or "") + t for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
+    out: list[torch.Tensor] = [None] * len(texts)  # type: ignore[list-item]
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")  # fmt: skip
+        hidden = model(**model_inputs(model, enc)).last_hidden_state
+        for i, v in zip(idx, pool(hidden, enc["attention_mask"], pooling).float(), strict=True):
+            out[i] = v
+    model.train(was_training)
+    return torch.stack(out) if out else torch.empty(0)
+
+
+def model_inputs(model: nn.Module, enc) -> dict:
+    """The tokenizer's outputs that the model's forward accepts (MPNet has no token_type_ids)."""
+    import inspect
+
+    accepted = inspect.signature(model.forward).parameters
+    return {k: v for k, v in enc.items() if k in accepted}
+
+
+def sentence_transformer(model: nn.Module, tokenizer, pooling: str = "mean", max_length: int = 128):
+    """A SentenceTransformer whose Transformer module *is* `model` (trained in place, no copy).
+
+    sentence-transformers builds its modules from a folder, so the config and tokenizer (and,
+    once, the weights) go through a temporary folder; the loaded copy is then swapped for `model`."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling, Transformer
+
+    with tempfile.TemporaryDirectory(prefix="prunebench-st-") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        first = Transformer(tmp, max_seq_length=max_length)
+    first.model = model
+    second = Pooling(model.config.hidden_size, pooling_mode=pooling)
+    return SentenceTransformer(modules=[first, second], device="cpu")
+
+
+def save_sentence_transformer(model: nn.Module, tokenizer, folder: Path, pooling: str = "mean") -> None:
+    """Save a (pruned) encoder so that both `AutoModel.from_pretrained` and
+    `SentenceTransformer(folder)` load it."""
+    sentence_transformer(model, tokenizer, pooling).save(str(folder))

@@ -1,0 +1,429 @@
+"""Where a run computes: device, precision, placement and the memory plan. Every stage asks this
+module; none decides alone.
+
+- `device`: `auto` (cuda, else mps, else cpu) | `cpu` | `cuda` | `cuda:N` | `mps`.
+- `model.dtype`: `float32` | `float16` | `bfloat16` | `auto` (the checkpoint's dtype on an
+  accelerator, float32 on the CPU). fp16 on the CPU is upcast to fp32 (CPU fp16 kernels are slow
+  or missing), with one log line. Statistics (norms, Hessians, gradients, importance, KD losses)
+  accumulate in fp32 whatever the model dtype.
+- `placement`: `device` (the whole model on the device) | `offload` (weights stay in CPU memory,
+  one block at a time visits the device: the Wanda/SparseGPT reference pattern, for layer-wise
+  pruners and perplexity) | `device_map` (accelerate's `device_map="auto"` over every GPU, then CPU,
+  capped by `max_memory`: evaluation and recovery of models that do not fit one card) | `auto`
+  (`device` when the plan fits the free device memory, else `offload` where every stage supports
+  it, else `device_map`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from prunebench import PrunebenchError
+
+log = logging.getLogger(__name__)
+
+PLACEMENTS = ("auto", "device", "offload", "device_map")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GiB = 2**30
+
+
+def resolve_device(spec: str | None) -> torch.device:
+    """`auto` | `cpu` | `cuda` | `cuda:N` | `mps` -> a torch.device that exists on this machine."""
+    spec = str(spec or "auto").strip()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise PrunebenchError(f"device={spec!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cpu":
+        return device
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise PrunebenchError(f"device={spec}: CUDA is not available on this machine; use device=cpu or auto")
+        count = torch.cuda.device_count()
+        index = 0 if device.index is None else device.index
+        if index >= count:
+            raise PrunebenchError(f"device={spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise PrunebenchError(f"device={spec}: MPS is not available on this machine; use device=cpu or auto")
+        return device
+    raise PrunebenchError(f"device={spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve_dtype(spec: str, device: torch.device, checkpoint: str | None = None) -> torch.dtype:
+    """The model's dtype on `device`. `auto` = the checkpoint's dtype on an accelerator, fp32 on the
+    CPU. fp16 on the CPU becomes fp32 (one log line)."""
+    spec = str(spec)
+    if spec == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        if checkpoint in DTYPES:
+            return DTYPES[checkpoint]
+        return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float16
+    if spec not in DTYPES:
+        raise PrunebenchError(f"model.dtype={spec!r} must be one of float32, float16, bfloat16, auto")
+    dtype = DTYPES[spec]
+    if dtype == torch.float16 and device.type == "cpu":
+        log.info("model.dtype=float16 on the CPU: upcasting to float32 (CPU fp16 kernels are slow or missing)")
+        return torch.float32
+    return dtype
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "mps":
+        return "Apple MPS"
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def sync(device: torch.device | None) -> None:
+    """Wait for queued kernels, so wall-clock timings measure the work (CUDA and MPS run async)."""
+    if device is None:
+        return
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """Peak device memory since the last reset, MiB (CUDA: allocated by tensors, reserved by the
+    caching allocator); {} on the CPU, where peak RSS is the measure."""
+    if device.type == "cuda":
+        return {
+            "peak_allocated_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "peak_reserved_mb": round(torch.cuda.max_memory_reserved(device) / 2**20, 1),
+        }
+    if device.type == "mps":
+        return {"allocated_mb": round(torch.mps.driver_allocated_memory() / 2**20, 1)}
+    return {}
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free memory where the model would live: the device's, or the host's for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "mps":
+        return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and the memory plan (from the config: no weights are read)
+
+
+def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | None:
+    """params, hidden, layers, ffn, vocab and the checkpoint dtype, from (in order) the YAML's
+    `hf_config` (random models), a local config.json (model.path, a converted cache, the Hugging Face
+    cache) or the YAML's `shape` hint. Parameters are counted exactly by building the model on the
+    meta device (no memory); None when nothing is known."""
+    hf = None
+    if model_cfg.get("hf_config"):
+        hf = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
+    else:
+        for folder in _config_folders(model_cfg, cache_dir):
+            path = Path(folder) / "config.json"
+            if path.exists():
+                import json
+
+                hf = json.loads(path.read_text())
+                break
+    hint = OmegaConf.to_container(model_cfg.shape, resolve=True) if model_cfg.get("shape") else {}
+    if hf is None and not hint:
+        return None
+    shape = {"params": hint.get("params"), "checkpoint_dtype": hint.get("dtype")}
+    if hf is not None:
+        shape["params"] = shape["params"] or _meta_params(hf, model_cfg)
+        shape["checkpoint_dtype"] = hf.get("torch_dtype") or hf.get("dtype") or shape["checkpoint_dtype"]
+    get = (hf or {}).get
+    shape.update(
+        hidden=get("hidden_size") or hint.get("hidden"),
+        layers=get("num_hidden_layers") or hint.get("layers") or model_cfg.get("num_layers"),
+        ffn=get("intermediate_size") or hint.get("ffn"),
+        vocab=get("vocab_size") or hint.get("vocab"),
+    )
+    return shape if shape["params"] and shape["hidden"] and shape["layers"] else None
+
+
+def _config_folders(model_cfg: DictConfig, cache_dir: str | None) -> list[Path]:
+    folders = []
+    if model_cfg.get("path"):
+        folders.append(Path(str(model_cfg.path)).expanduser())
+    if cache_dir:
+        folders.append(Path(cache_dir) / "models" / str(model_cfg.name))
+    if model_cfg.get("hub_id"):
+        with contextlib.suppress(Exception):
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(str(model_cfg.hub_id), "config.json")
+            if isinstance(found, str):
+                folders.append(Path(found).parent)
+    return folders
+
+
+def _meta_params(hf: dict, model_cfg: DictConfig) -> int | None:
+    try:
+        import transformers
+
+        config = transformers.AutoConfig.for_model(**hf)
+        arch = model_cfg.get("arch") or (hf.get("architectures") or [None])[0]
+        cls = getattr(transformers, arch) if arch else transformers.AutoModelForCausalLM
+        with torch.device("meta"):
+            model = cls(config) if arch else cls.from_config(config)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # noqa: BLE001 - an unknown architecture: fall back to the YAML's hint
+        return None
+
+
+@dataclass
+class Plan:
+    """What a run needs, in bytes, and where. `on_device` is the peak on the compute device."""
+
+    device: torch.device
+    dtype: torch.dtype
+    placement: str
+    weights: int = 0
+    activations: int = 0
+    statistics: int = 0
+    on_device: int = 0
+    free: int = 0
+    max_memory: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        where = f"{self.device}" + (" (weights in CPU memory)" if self.placement == "offload" else "")
+        return (
+            f"memory plan: weights {self.weights / GiB:.1f} GiB ({str(self.dtype).removeprefix('torch.')})"
+            f" + activations {self.activations / GiB:.1f} GiB + statistics {self.statistics / GiB:.1f} GiB"
+            f" = ~{self.on_device / GiB:.1f} GiB on {where}, {self.free / GiB:.1f} GiB free;"
+            f" placement={self.placement}"
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "placement": self.placement,
+            "weights_gib": round(self.weights / GiB, 3),
+            "activations_gib": round(self.activations / GiB, 3),
+            "statistics_gib": round(self.statistics / GiB, 3),
+            "on_device_gib": round(self.on_device / GiB, 3),
+            "free_gib": round(self.free / GiB, 3),
+        }
+
+
+def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]:
+    """(activations, statistics, largest block) in bytes for the run's stages, approximately:
+    calibration keeps one set of block inputs (nsamples × seqlen × hidden) plus one batch's block
+    intermediates; SparseGPT keeps a block's Hessians; GBLM keeps fp32 gradient accumulators of every
+    block linear and one sample's autograd graph; perplexity holds one batch's fp32 logits."""
+    hidden, layers = int(shape["hidden"]), int(shape["layers"])
+    ffn = int(shape.get("ffn") or 4 * hidden)
+    vocab = int(shape.get("vocab") or 32000)
+    block = (4 * hidden * hidden + 3 * hidden * ffn) * elt
+    act, stats = 0, 0
+    pruner = cfg.pruner
+    if pruner.get("name") not in (None, "none", "magnitude", "layer_drop"):
+        c = cfg.calib
+        act = max(act, c.nsamples * c.seqlen * hidden * elt + c.batch_size * c.seqlen * (4 * hidden + 3 * ffn) * elt)
+        if pruner.name == "sparsegpt":
+            stats = (6 * hidden * hidden + ffn * ffn) * 4  # one block's Hessians (one per linear), fp32
+        elif pruner.name == "gblm":
+            stats = int(shape["params"] - vocab * hidden) * 4 * 2  # accumulators + one gradient, fp32
+            act = max(act, c.seqlen * layers * (6 * hidden + 3 * ffn) * elt)  # one sample's autograd graph
+        else:
+            stats = (4 * hidden + 2 * ffn) * 4
+    for ev in (cfg.get("eval") or {}).values():
+        seqlen = ev.get("seqlen") or ev.get("max_seqlen") or 2048
+        batch = ev.get("batch_size") or 1
+        act = max(act, batch * seqlen * (vocab * 4 + 4 * hidden * elt + 3 * ffn * elt))
+    return act, stats, block
+
+
+def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=None) -> Plan:
+    """Resolve device, dtype and placement, estimate the memory the run needs, and stop with one
+    line if it cannot fit. Called before any weights load. `pruner`/`evaluators`/`recovery` (the
+    instantiated stages) say whether they support `placement=offload`."""
+    device = resolve_device(cfg.get("device", "auto"))
+    placement = str(cfg.get("placement", "auto"))
+    if placement not in PLACEMENTS:
+        raise PrunebenchError(f"placement={placement!r} must be one of {', '.join(PLACEMENTS)}")
+    shape = model_shape(cfg.model, cfg.paths.get("cache_dir"))
+    dtype = resolve_dtype(cfg.model.dtype, device, (shape or {}).get("checkpoint_dtype"))
+    max_memory = OmegaConf.to_container(cfg.max_memory) if cfg.get("max_memory") else None
+    stages = [s for s in [pruner, recovery, *(evaluators or {}).values()] if s is not None]
+    offloadable = all(getattr(s, "supports_offload", False) for s in stages)
+    if placement == "offload" and not offloadable:
+        names = [getattr(s, "name", type(s).__name__) for s in stages if not getattr(s, "supports_offload", False)]
+        raise PrunebenchError(
+            f"placement=offload runs layer-wise pruners (magnitude, wanda, sparsegpt) and eval=wikitext2;"
+            f" {', '.join(map(str, names))} need the whole model: use placement=device or placement=device_map"
+        )
+    p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory)
+    if shape is None:
+        p.notes.append("model shape unknown before loading: no memory estimate")
+        if placement == "auto":
+            p.placement = "device"
+        return p
+    elt = torch.finfo(dtype).bits // 8
+    p.weights = int(shape["params"]) * elt
+    p.activations, p.statistics, block = _stage_needs(cfg, shape, elt)
+    headroom = 1.1  # allocator fragmentation, kernels' workspaces
+
+    def need(where: str) -> int:
+        if where == "offload":  # embeddings + head on the device, one block, its activations and statistics
+            embed = 2 * int(shape.get("vocab") or 32000) * int(shape["hidden"]) * elt
+            return int(headroom * (embed + 2 * block + p.activations + p.statistics))
+        return int(headroom * (p.weights + p.activations + p.statistics))
+
+    if placement == "auto":
+        if need("device") <= p.free or device.type == "cpu":
+            p.placement = "device"
+        elif offloadable:
+            p.placement = "offload"
+        else:
+            p.placement = "device_map"
+    p.on_device = need(p.placement)
+    if p.placement == "device_map":
+        return p  # accelerate spreads the weights over every GPU (then CPU) itself
+    if p.on_device > p.free:
+        advice = (
+            "try placement=offload or model.dtype=float16"
+            if p.placement == "device" and dtype == torch.float32
+            else "try placement=offload"
+            if p.placement == "device"
+            else "lower calib.nsamples or calib.batch_size"
+        )
+        if device.type == "cpu":
+            advice = "lower calib.nsamples, calib.seqlen or the eval batch size, or use a GPU"
+        raise PrunebenchError(
+            f"needs ~{p.on_device / GiB:.1f} GiB on {device}, {p.free / GiB:.1f} GiB free"
+            f" (weights {p.weights / GiB:.1f} GiB {str(dtype).removeprefix('torch.')}); {advice}"
+        )
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# Moving models
+
+
+def load_kwargs(p: Plan) -> dict:
+    """Keyword arguments for `from_pretrained`: weights go straight to their place (no CPU copy
+    of a 7B model first)."""
+    if p.placement == "device" and p.device.type != "cpu":
+        return {"device_map": {"": p.device}}
+    if p.placement == "device_map":
+        kw: dict = {"device_map": "auto"}
+        if p.max_memory:
+            kw["max_memory"] = p.max_memory
+        return kw
+    return {}
+
+
+def place(model: torch.nn.Module, p: Plan) -> torch.nn.Module:
+    """Put a loaded model where the plan says. `offload`: everything but the transformer blocks on
+    the device (embeddings, rotary tables, final norm, head); the blocks stay in CPU memory and visit
+    the device one at a time (`on_device`)."""
+    if p.placement == "device_map" or getattr(model, "hf_device_map", None):
+        return model
+    if p.placement == "device":
+        return model.to(p.device)
+    from prunebench.models.blocks import find_blocks
+
+    blocks = find_blocks(model)
+    for module in model.children():
+        _place_except(module, blocks, p.device)
+    model.prunebench_offload = p.device  # the compute device of an offloaded model
+    return model
+
+
+def _place_except(module: torch.nn.Module, skip: torch.nn.Module, device: torch.device) -> None:
+    if module is skip:
+        return
+    for child in module.children():
+        _place_except(child, skip, device)
+    for name, param in module.named_parameters(recurse=False):
+        param.data = param.data.to(device)
+        del name
+    for name, buf in module.named_buffers(recurse=False):
+        module._buffers[name] = buf.to(device)
+
+
+def compute_device(model: torch.nn.Module) -> torch.device:
+    """Where inputs go: the offload device, else the input embeddings' device."""
+    offload = getattr(model, "prunebench_offload", None)
+    if offload is not None:
+        return offload
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return emb.weight.device if emb is not None else next(model.parameters()).device
+
+
+def offloaded(model: torch.nn.Module) -> bool:
+    return getattr(model, "prunebench_offload", None) is not None
+
+
+@contextlib.contextmanager
+def on_device(block: torch.nn.Module, device: torch.device | None):
+    """Offload: move one block to the compute device for the body, then back to CPU memory."""
+    if device is None:
+        yield block
+        return
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield block
+    finally:
+        block.to(home)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: synchronised timings, one-line out-of-memory errors
+
+ADVICE = {
+    "load": "placement=offload or model.dtype=float16",
+    "baseline": "a smaller eval batch_size or seqlen, or placement=offload",
+    "calibration_data": "calib.nsamples or calib.seqlen",
+    "prune": "calib.batch_size, calib.nsamples, or placement=offload",
+    "recover": "recovery.batch_size or recovery.seqlen",
+    "eval": "a smaller eval batch_size or seqlen",
+}
+
+
+@contextlib.contextmanager
+def stage(timings: dict, name: str, device: torch.device | None = None):
+    """Time a pipeline stage with device synchronisation; a device out-of-memory error becomes one
+    line naming the stage and the knob to change."""
+    sync(device)
+    start = time.perf_counter()
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise PrunebenchError(
+            f"out of memory on {device} during {name}; try {ADVICE.get(name, 'placement=offload')}"
+        ) from None
+    sync(device)
+    timings[name] = round(time.perf_counter() - start, 3)

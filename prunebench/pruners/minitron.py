@@ -1,0 +1,698 @@
+"""Minitron: "Compact Language Models via Pruning and Knowledge Distillation" (Muralidharan et al.,
+arXiv 2407.14679). Activation-based importance from forward passes only (no gradients), computed
+once on the dense model; then depth, then width trimmed for real (smaller matrices, not masks).
+
+Importance (per layer; X the calibration batch, B windows × S tokens):
+    heads    F_head(i)   = agg_B agg_S ‖Attn(X W_Q,i, X W_K,i, X W_V,i)‖₂     (o_proj input, per head)
+    neurons  F_neuron(i) = agg_B agg_S |act(X W_gate,i) · X W_up,i|          (down_proj input; relu²(X W_up,i)
+                                                                             for Nemotron's non-gated MLP)
+    channels F_emb(i)    = Σ_norms agg_B agg_S |LN(X)_i|                     (every residual norm's output:
+                                                                             input/post-attention norms of the
+                                                                             kept layers + the final norm)
+    depth    BI(l)       = mean_tokens [1 − cos(h_l,in, h_l,out)]           (Block Importance; one pass), or
+             PPL(l)      = ppl(model without layer l) − ppl(model)          (one forward per layer)
+agg_S ∈ {mean, l2, var} over tokens of a window, then agg_B ∈ {mean, l2, var} over windows, both of
+magnitudes; the paper's best (its Table 13) is batch = l2, seq = mean, the default:
+    F = sqrt(Σ_b (1/S Σ_s |a_bs|)²).
+GQA: heads are ranked within their KV group and every kept group keeps the same number of heads;
+`target.kv_heads` also removes whole KV groups, ranked by the sum of their heads' scores (an MHA
+model, KV heads = heads, prunes KV heads with its query heads). `depth.contiguous` removes the
+best contiguous run instead (its BI is 1 − cos(input of the first, output of the last layer)).
+
+Head merge (`head_merge: true`, off by default): the paper adds the residual of pruned heads into
+the kept ones, head_i ← head_i + (head_i − head_{2K−i+1}) with heads ranked 1..2K by importance
+and K kept (kept head i paired with pruned head 2K−i+1); with GQA only query heads are merged, so
+it applies to q_proj rows (and bias), inside each KV group. Measured on SmolLM2-135M without
+retraining it hurts (see the report), so it stays off.
+
+Order: compute every importance on the dense model (once: `compute_importance` returns all
+scores, and `plan` + `apply_plan` can trim many candidate shapes from one pass, as a search
+needs), then remove layers, then trim heads, MLP neurons and hidden channels.
+
+    pruner:
+      _target_: prunebench.pruners.minitron.Minitron
+      target: {layers: null, heads: 6, kv_heads: null, ffn: 1024, hidden: null}
+      agg: {batch: l2, seq: mean}
+      depth: {metric: bi, contiguous: false}
+      head_merge: false
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from prunebench import PrunebenchError
+from prunebench.models import count_params
+from prunebench.models import trim as trim_ops
+from prunebench.models.blocks import find_blocks
+from prunebench.models.surgery import keep_layers, set_blocks, snapshot
+from prunebench.pruners.base import PruneStats
+from prunebench.pruners.shortgpt import block_influence
+
+AGGS = ("mean", "l2", "var")
+DEPTH_METRICS = ("bi", "ppl")
+TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
+WIDTH_AXES = ("heads", "ffn", "hidden")
+
+# --------------------------------------------------------------------------------------------------
+# Aggregation (pure): over the tokens of a window, then over windows; always of magnitudes, in fp32.
+
+
+def reduce_seq(x: torch.Tensor, how: str = "mean") -> torch.Tensor:
+    """(B, S, C) activations -> (B, C): mean, l2 norm or (population) variance of |x| over S."""
+    if how == "mean":
+        return torch.linalg.vector_norm(x, ord=1, dim=1, dtype=torch.float32) / x.shape[1]
+    if how == "l2":
+        return torch.linalg.vector_norm(x, ord=2, dim=1, dtype=torch.float32)
+    if how == "var":
+        return x.float().abs().var(dim=1, correction=0)
+    raise ValueError(f"unknown sequence aggregation {how!r}; one of {AGGS}")
+
+
+def reduce_batch(v: torch.Tensor, how: str = "l2") -> torch.Tensor:
+    """(B, C) per-window scores -> (C,): mean, l2 norm or (population) variance over windows."""
+    v = v.float()
+    if how == "mean":
+        return v.mean(0)
+    if how == "l2":
+        return torch.linalg.vector_norm(v, ord=2, dim=0)
+    if how == "var":
+        return v.var(dim=0, correction=0)
+    raise ValueError(f"unknown batch aggregation {how!r}; one of {AGGS}")
+
+
+def aggregate(x: torch.Tensor, batch: str = "l2", seq: str = "mean") -> torch.Tensor:
+    """(B, S, C) -> (C,): the importance of each channel over a whole calibration set."""
+    return reduce_batch(reduce_seq(x, seq), batch)
+
+
+def head_norms(o_in: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """o_proj input (B, S, H·d) -> per-token L2 norm of each head's attention output (B, S, H)."""
+    b, s, _ = o_in.shape
+    return torch.linalg.vector_norm(o_in.reshape(b, s, -1, head_dim), ord=2, dim=-1, dtype=torch.float32)
+
+
+class BatchAgg:
+    """`reduce_batch` accumulated over batches of windows (exactly, in fp32; var by Chan's merge)."""
+
+    def __init__(self, how: str = "l2"):
+        if how not in AGGS:
+            raise ValueError(f"unknown batch aggregation {how!r}; one of {AGGS}")
+        self.how, self.n = how, 0
+        self.acc: torch.Tensor | None = None  # Σv² (l2), Σv (mean), mean (var)
+        self.m2: torch.Tensor | None = None
+
+    def add(self, v: torch.Tensor) -> None:
+        v = v.float()
+        nb = v.shape[0]
+        if self.acc is None:
+            self.acc = torch.zeros_like(v[0])
+            self.m2 = torch.zeros_like(v[0])
+        if self.how == "l2":
+            self.acc += (v * v).sum(0)
+        elif self.how == "mean":
+            self.acc += v.sum(0)
+        else:
+            mean_b = v.mean(0)
+            m2_b = ((v - mean_b) ** 2).sum(0)
+            total = self.n + nb
+            delta = mean_b - self.acc
+            self.acc += delta * (nb / total)
+            self.m2 += m2_b + delta * delta * (self.n * nb / total)
+        self.n += nb
+
+    def value(self) -> torch.Tensor:
+        if self.acc is None:
+            raise ValueError("no activations were aggregated")
+        if self.how == "l2":
+            return self.acc.sqrt()
+        if self.how == "mean":
+            return self.acc / self.n
+        return self.m2 / self.n
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection (pure): scores -> kept indices.
+
+
+def top_k(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the k highest scores, in ascending index order (ties: the lower index wins)."""
+    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
+    return sorted(order[:k].tolist())
+
+
+def ranking(scores: torch.Tensor) -> list[int]:
+    """Indices from most to least important."""
+    return torch.sort(scores.float().cpu(), descending=True, stable=True).indices.tolist()
+
+
+def select_heads(
+    scores: torch.Tensor, kv_groups: int, heads: int, groups: int
+) -> tuple[list[int], list[int], dict[int, list[int]]]:
+    """Keep `groups` KV groups (highest sums of their heads' scores) and `heads` query heads, the
+    top heads/groups within each kept group. Returns (kept heads, kept groups, each kept group's
+    heads ranked best first)."""
+    total = scores.numel()
+    r = total // kv_groups
+    if total % kv_groups or heads % groups or heads // groups > r or groups > kv_groups:
+        raise ValueError(f"cannot keep {heads} heads in {groups} of {kv_groups} groups of {r} heads")
+    per = scores.float().cpu().view(kv_groups, r)
+    kept_groups = top_k(per.sum(1), groups)
+    ranked = {g: [g * r + i for i in ranking(per[g])] for g in kept_groups}
+    kept = sorted(h for g in kept_groups for h in ranked[g][: heads // groups])
+    return kept, kept_groups, ranked
+
+
+def merge_pairs(ranked: Sequence[int], keep: int) -> list[tuple[int, int]]:
+    """The paper's head merge pairs: with heads ranked 1..n (best first) and K kept, kept head i
+    takes the residual of pruned head 2K − i + 1 (when that head exists)."""
+    return [(ranked[i - 1], ranked[2 * keep - i]) for i in range(1, keep + 1) if 2 * keep - i < len(ranked)]
+
+
+def select_run(run_scores: Sequence[float], n: int, layers: int) -> list[int]:
+    """Remove the contiguous run of n layers whose removal matters least; returns the kept layers."""
+    start = min(range(len(run_scores)), key=lambda s: (run_scores[s], s))
+    return [i for i in range(layers) if not start <= i < start + n]
+
+
+# --------------------------------------------------------------------------------------------------
+# Importance: one hooked forward pass over the calibration windows.
+
+
+@dataclass
+class Importance:
+    """Every score of one importance pass on the dense model (fp32, on the CPU). Higher = keep."""
+
+    num_layers: int
+    kv_groups: int = 0
+    heads: list[torch.Tensor] | None = None  # per layer (H,)
+    neurons: list[torch.Tensor] | None = None  # per layer (F,)
+    norms: dict[str, torch.Tensor] | None = None  # residual norm ('3.input_layernorm', 'norm') -> (hidden,)
+    layers: list[float] | None = None  # per-layer depth importance (BI or Δppl)
+    runs: dict[int, list[float]] = field(default_factory=dict)  # run length n -> importance of removing run s..s+n-1
+    depth_metric: str | None = None
+    agg: tuple[str, str] = ("l2", "mean")
+    dense_ppl: float | None = None
+
+    def groups(self, layer: int) -> torch.Tensor:
+        """Each KV group's score: the sum of its heads' scores."""
+        return self.heads[layer].view(self.kv_groups, -1).sum(1)
+
+    def hidden(self, layers: Sequence[int] | None = None) -> torch.Tensor:
+        """Channel scores summed over the residual norms of `layers` (default all) and the final norm."""
+        keep = None if layers is None else {int(i) for i in layers}
+        parts = [
+            s for name, s in self.norms.items() if keep is None or "." not in name or int(name.split(".")[0]) in keep
+        ]
+        return torch.stack(parts).sum(0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def _mean_nll(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> float:
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in input_ids.split(batch_size):
+        x = batch.to(device)
+        n = x.shape[0] * (x.shape[1] - 1)
+        total += float(model(input_ids=x, labels=x, use_cache=False).loss.float()) * n
+        count += n
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def removal_ppl(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int, runs: Sequence[Sequence[int]]
+) -> tuple[float, list[float]]:
+    """Calibration perplexity of the model, and with each run of layers removed (by re-pointing the
+    block list: no copies; the model is restored after each)."""
+    blocks, types = snapshot(model)
+    dense = math.exp(_mean_nll(model, input_ids, batch_size))
+    out = []
+    for run in runs:
+        drop = set(run)
+        keep = [i for i in range(len(blocks)) if i not in drop]
+        try:
+            set_blocks(model, [blocks[i] for i in keep], [types[i] for i in keep] if types else None)
+            out.append(math.exp(_mean_nll(model, input_ids, batch_size)))
+        finally:
+            set_blocks(model, blocks, types)
+    return dense, out
+
+
+@torch.no_grad()
+def compute_importance(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    batch_size: int = 1,
+    *,
+    batch: str = "l2",
+    seq: str = "mean",
+    axes: Sequence[str] = WIDTH_AXES,
+    depth: str | None = "bi",
+    run_lengths: Sequence[int] = (),
+) -> Importance:
+    """All importance scores of the dense model over the calibration windows, from forward hooks
+    (no gradients): per-head attention-output norms (o_proj input), per-neuron down_proj inputs,
+    per-channel residual-norm outputs and per-layer Block Importance in one pass, which stops at
+    the final norm (the LM head is not needed); depth='ppl' adds one forward per removed layer or
+    run. `run_lengths` also scores contiguous runs of those lengths."""
+    for how in (batch, seq):
+        if how not in AGGS:
+            raise ValueError(f"unknown aggregation {how!r}; one of {AGGS}")
+    blocks = find_blocks(model)
+    n_layers = len(blocks)
+    imp = Importance(num_layers=n_layers, depth_metric=depth, agg=(batch, seq))
+    handles = []
+    head_acc: list[BatchAgg] = []
+    neuron_acc: list[BatchAgg] = []
+    norm_acc: dict[str, BatchAgg] = {}
+    if "heads" in axes:
+        d = trim_ops.head_dim(model)
+        imp.kv_groups = trim_ops.layer_heads(model, 0)[1]
+        for block in blocks:
+            acc = BatchAgg(batch)
+            head_acc.append(acc)
+            o = trim_ops._attn(block).o_proj
+            handles.append(
+                o.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(reduce_seq(head_norms(a[0], d), seq)))
+            )
+    if "ffn" in axes:
+        for block in blocks:
+            acc = BatchAgg(batch)
+            neuron_acc.append(acc)
+            down = trim_ops._mlp(block).down_proj
+            handles.append(down.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(reduce_seq(a[0], seq))))
+    norms = trim_ops.residual_norms(model)
+    if "hidden" in axes:
+        if not norms:
+            raise ValueError(f"{type(model).__name__} has no residual norms to score hidden channels with")
+        for name, norm in norms.items():
+            acc = norm_acc[name] = BatchAgg(batch)
+            handles.append(
+                norm.register_forward_hook(lambda _m, _a, out, acc=acc: acc.add(reduce_seq(_first(out), seq)))
+            )
+    bi_sum = torch.zeros(n_layers, dtype=torch.float64)
+    run_sum = {n: torch.zeros(n_layers - n + 1, dtype=torch.float64) for n in run_lengths if 1 <= n <= n_layers}
+    tokens = [0]
+    stash: dict[int, torch.Tensor] = {}
+    if depth == "bi":
+        longest = max(run_sum, default=1)
+
+        def pre(index):
+            def fn(_module, args, kwargs):
+                if run_sum:
+                    stash[index] = args[0] if args else kwargs["hidden_states"]
+
+            return fn
+
+        def post(index):
+            def fn(_module, args, kwargs, out):
+                h_in = args[0] if args else kwargs["hidden_states"]
+                h_out = _first(out)
+                bi_sum[index] += float(block_influence(h_in, h_out).sum())
+                for n, sums in run_sum.items():
+                    if index - n + 1 >= 0:
+                        sums[index - n + 1] += float(block_influence(stash[index - n + 1], h_out).sum())
+                stash.pop(index - longest + 1, None)
+                if index == 0:
+                    tokens[0] += h_in.shape[0] * h_in.shape[1]
+
+            return fn
+
+        for i, block in enumerate(blocks):
+            handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
+            handles.append(block.register_forward_hook(post(i), with_kwargs=True))
+
+    hooked = bool(handles)
+    final = next((m for n, m in reversed(norms.items()) if "." not in n), None)
+    if final is not None:  # everything is measured by the final norm: skip the LM head
+
+        def stop(*_):
+            raise _Stop
+
+        handles.append(final.register_forward_hook(stop))
+    device = next(model.parameters()).device
+    try:
+        if hooked:
+            for chunk in input_ids.split(batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=chunk.to(device), use_cache=False)
+                stash.clear()
+    finally:
+        for h in handles:
+            h.remove()
+    if head_acc:
+        imp.heads = [a.value().cpu() for a in head_acc]
+    if neuron_acc:
+        imp.neurons = [a.value().cpu() for a in neuron_acc]
+    if norm_acc:
+        imp.norms = {n: a.value().cpu() for n, a in norm_acc.items()}
+    if depth == "bi":
+        imp.layers = (bi_sum / max(tokens[0], 1)).tolist()
+        imp.runs = {n: (s / max(tokens[0], 1)).tolist() for n, s in run_sum.items()}
+    elif depth == "ppl":
+        single = [[i] for i in range(n_layers)]
+        runs = [list(range(s, s + n)) for n in run_lengths if 1 <= n <= n_layers for s in range(n_layers - n + 1)]
+        imp.dense_ppl, ppls = removal_ppl(model, input_ids, batch_size, single + runs)
+        imp.layers = [p - imp.dense_ppl for p in ppls[:n_layers]]
+        rest = iter(ppls[n_layers:])
+        imp.runs = {
+            n: [next(rest) - imp.dense_ppl for _ in range(n_layers - n + 1)] for n in run_lengths if 1 <= n <= n_layers
+        }
+    elif depth is not None:
+        raise ValueError(f"unknown depth metric {depth!r}; one of {DEPTH_METRICS}")
+    return imp
+
+
+# --------------------------------------------------------------------------------------------------
+# Plan (pure) and apply (surgery).
+
+
+@dataclass
+class Dims:
+    """The shape Minitron trims: layers, query heads, KV heads, MLP size, hidden size."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    ffn: int
+    hidden: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Dims:
+        c = model.config
+        return cls(
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+            c.intermediate_size,
+            c.hidden_size,
+        )
+
+
+@dataclass
+class Plan:
+    """What to keep, in the dense model's indices (layers of the dense model)."""
+
+    layers: list[int]
+    heads: dict[int, list[int]] = field(default_factory=dict)
+    kv_groups: dict[int, list[int]] = field(default_factory=dict)
+    merges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
+    neurons: dict[int, list[int]] = field(default_factory=dict)
+    channels: list[int] | None = None
+
+
+def resolve_groups(dims: Dims, heads: int | None, kv_heads: int | None) -> tuple[int, int]:
+    """(query heads, KV groups) to keep: KV groups stay unless `kv_heads` is set, except on an MHA
+    model (KV heads = heads), where the KV heads follow the query heads."""
+    h = dims.heads if heads is None else heads
+    if kv_heads is not None:
+        return h, kv_heads
+    return h, (h if dims.kv_heads == dims.heads else dims.kv_heads)
+
+
+def plan(
+    imp: Importance, dims: Dims, target: Mapping[str, int | None], contiguous: bool = False, head_merge: bool = False
+) -> Plan:
+    """Kept indices for one target shape from one importance pass (no model needed)."""
+    n_keep = target.get("layers") or dims.layers
+    if n_keep < dims.layers:
+        remove = dims.layers - n_keep
+        if contiguous:
+            if remove not in imp.runs:
+                raise ValueError(f"no run scores of length {remove}; compute_importance(run_lengths=[{remove}])")
+            layers = select_run(imp.runs[remove], remove, dims.layers)
+        else:
+            layers = top_k(torch.tensor(imp.layers), n_keep)
+    else:
+        layers = list(range(dims.layers))
+    p = Plan(layers=layers)
+    h, g = resolve_groups(dims, target.get("heads"), target.get("kv_heads"))
+    if (h, g) != (dims.heads, dims.kv_heads):
+        for i in layers:
+            kept, groups, ranked = select_heads(imp.heads[i], dims.kv_heads, h, g)
+            p.heads[i], p.kv_groups[i] = kept, groups
+            if head_merge:
+                p.merges[i] = [pair for grp in groups for pair in merge_pairs(ranked[grp], h // g)]
+    if target.get("ffn") is not None and target["ffn"] < dims.ffn:
+        p.neurons = {i: top_k(imp.neurons[i], target["ffn"]) for i in layers}
+    if target.get("hidden") is not None and target["hidden"] < dims.hidden:
+        p.channels = top_k(imp.hidden(layers), target["hidden"])
+    return p
+
+
+@torch.no_grad()
+def merge_heads(model: nn.Module, layer: int, pairs: Sequence[tuple[int, int]]) -> None:
+    """head_i ← head_i + (head_i − head_j) on the query projection (rows and bias) of one layer."""
+    q = trim_ops._attn(find_blocks(model)[layer]).q_proj
+    d = trim_ops.head_dim(model)
+    for params in (q.weight, q.bias):
+        if params is None:
+            continue
+        old = params.detach().clone()
+        for i, j in pairs:
+            params[i * d : (i + 1) * d] = 2 * old[i * d : (i + 1) * d] - old[j * d : (j + 1) * d]
+
+
+def apply_plan(model: nn.Module, p: Plan) -> None:
+    """Depth first, then heads (merged first if planned), MLP neurons, hidden channels."""
+    if len(p.layers) < len(find_blocks(model)):
+        keep_layers(model, p.layers)
+    for new, old in enumerate(p.layers):
+        if old in p.merges:
+            merge_heads(model, new, p.merges[old])
+        if old in p.heads:
+            trim_ops.trim_heads(model, new, p.heads[old], p.kv_groups[old])
+        if old in p.neurons:
+            trim_ops.trim_mlp(model, new, p.neurons[old])
+    if p.channels is not None:
+        trim_ops.trim_hidden(model, p.channels)
+    trim_ops.check_uniform(model)
+
+
+# --------------------------------------------------------------------------------------------------
+# The pruner.
+
+
+def _summary(scores: Sequence[torch.Tensor] | torch.Tensor, rank: bool = True) -> dict:
+    t = torch.stack(list(scores)) if isinstance(scores, (list, tuple)) else torch.as_tensor(scores)
+    t = t.float()
+    out = {"min": float(t.min()), "mean": float(t.mean()), "max": float(t.max())}
+    if rank:
+        out["ranking"] = [ranking(s) for s in scores] if isinstance(scores, (list, tuple)) else ranking(t)
+    return out
+
+
+def _positive_int(value, knob: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise PrunebenchError(f"{knob}={value!r} must be a positive integer or null (keep)")
+    return value
+
+
+class Minitron:
+    needs_calibration = True
+
+    def __init__(
+        self,
+        name: str = "minitron",
+        target: Mapping | None = None,
+        agg: Mapping | None = None,
+        depth: Mapping | None = None,
+        head_merge: bool = False,
+        sparsity: float = 0.0,
+        pattern: str = "unstructured",
+    ):
+        self.name = name
+        target = dict(target or {})
+        if unknown := sorted(set(target) - set(TARGET_KEYS)):
+            raise PrunebenchError(f"pruner.target.{unknown[0]} is not a Minitron axis; use {', '.join(TARGET_KEYS)}")
+        self.target = {k: _positive_int(target.get(k), f"pruner.target.{k}") for k in TARGET_KEYS}
+        agg = dict(agg or {})
+        if unknown := sorted(set(agg) - {"batch", "seq"}):
+            raise PrunebenchError(f"pruner.agg.{unknown[0]} is unknown; set pruner.agg.batch and pruner.agg.seq")
+        self.batch, self.seq = agg.get("batch", "l2"), agg.get("seq", "mean")
+        for key, value in (("batch", self.batch), ("seq", self.seq)):
+            if value not in AGGS:
+                raise PrunebenchError(f"pruner.agg.{key}={value!r} must be one of {', '.join(AGGS)} (paper: l2, mean)")
+        depth = dict(depth or {})
+        if unknown := sorted(set(depth) - {"metric", "contiguous"}):
+            raise PrunebenchError(f"pruner.depth.{unknown[0]} is unknown; set pruner.depth.metric / .contiguous")
+        self.metric, self.contiguous = depth.get("metric", "bi"), depth.get("contiguous", False)
+        if self.metric not in DEPTH_METRICS:
+            raise PrunebenchError(f"pruner.depth.metric={self.metric!r} must be bi (Block Importance) or ppl")
+        if not isinstance(self.contiguous, bool):
+            raise PrunebenchError(f"pruner.depth.contiguous={self.contiguous!r} must be true or false")
+        if not isinstance(head_merge, bool):
+            raise PrunebenchError(f"pruner.head_merge={head_merge!r} must be true or false")
+        self.head_merge = head_merge
+        h, g = self.target["heads"], self.target["kv_heads"]
+        if h is not None and g is not None and h % g:
+            raise PrunebenchError(
+                f"pruner.target.heads={h} is not divisible by pruner.target.kv_heads={g}; heads must be k × kv_heads"
+            )
+        if sparsity:
+            raise PrunebenchError("pruner.sparsity must be 0 for minitron: it trims shapes (set pruner.target.*)")
+        if pattern != "unstructured":
+            raise PrunebenchError(
+                "pruner.pattern must be unstructured for minitron: it trims shapes (set pruner.target.*)"
+            )
+        self.importance: Importance | None = None  # the last pass, for reuse (e.g. an architecture search)
+
+    def check(self, num_layers: int, dims: Mapping | None = None) -> None:
+        """Validate the target against the model's shape known before loading: its layer count, and
+        (if given, HF config names) hidden_size, num_attention_heads, num_key_value_heads,
+        intermediate_size."""
+        if (n := self.target["layers"]) is not None and n > num_layers:
+            raise PrunebenchError(f"pruner.target.layers={n} is more than the model's {num_layers} layers")
+        if dims and all(dims.get(k) for k in ("hidden_size", "num_attention_heads", "intermediate_size")):
+            heads = dims["num_attention_heads"]
+            self._check_dims(
+                Dims(
+                    num_layers,
+                    heads,
+                    dims.get("num_key_value_heads") or heads,
+                    dims["intermediate_size"],
+                    dims["hidden_size"],
+                )
+            )
+
+    def _check_dims(self, d: Dims) -> None:
+        t = self.target
+        for key, have, what in (
+            ("layers", d.layers, "layers"),
+            ("heads", d.heads, "attention heads"),
+            ("kv_heads", d.kv_heads, "KV heads"),
+            ("ffn", d.ffn, "MLP channels (intermediate_size)"),
+            ("hidden", d.hidden, "hidden channels"),
+        ):
+            if t[key] is not None and t[key] > have:
+                raise PrunebenchError(f"pruner.target.{key}={t[key]} is more than the model's {have} {what}")
+        if d.heads % d.kv_heads:
+            raise PrunebenchError(f"the model's {d.heads} heads are not divisible by its {d.kv_heads} KV heads")
+        h, g = resolve_groups(d, t["heads"], t["kv_heads"])
+        if h % g:
+            raise PrunebenchError(
+                f"pruner.target.heads={h} is not a multiple of the {g} KV heads kept; set pruner.target.heads to a"
+                f" multiple of {g} or pruner.target.kv_heads to a divisor of {h}"
+            )
+        if h // g > d.heads // d.kv_heads:
+            raise PrunebenchError(
+                f"pruner.target.heads={h} with {g} KV heads needs {h // g} heads per group but the model has"
+                f" {d.heads // d.kv_heads}; keep more KV heads (pruner.target.kv_heads) or fewer heads"
+            )
+
+    def _check_model(self, model: nn.Module) -> Dims:
+        blocks = find_blocks(model)
+        wants = {k for k in ("heads", "kv_heads", "ffn", "hidden") if self.target[k] is not None}
+        needs = {"heads": trim_ops._attn, "kv_heads": trim_ops._attn, "ffn": trim_ops._mlp}
+        for key in sorted(wants):
+            for check in [needs[key]] if key in needs else [trim_ops._attn, trim_ops._mlp]:
+                try:
+                    check(blocks[0])
+                except ValueError as err:
+                    raise PrunebenchError(
+                        f"pruner.target.{key}: {err}; minitron trims Llama-family and Nemotron decoders"
+                        f" (set pruner.target.{key}=null)"
+                    ) from None
+        if self.target["hidden"] is not None and model.get_output_embeddings() is None:
+            raise PrunebenchError("pruner.target.hidden needs a causal LM (embedding and LM head); set it to null")
+        if self.metric == "ppl" and self.target["layers"] is not None and model.get_output_embeddings() is None:
+            raise PrunebenchError("pruner.depth.metric=ppl needs a language-model head; use pruner.depth.metric=bi")
+        if wants:
+            d = Dims.of(model)
+        else:
+            c = model.config
+            d = Dims(len(blocks), 1, 1, getattr(c, "intermediate_size", 1), c.hidden_size)
+        self._check_dims(d)
+        return d
+
+    def __call__(self, model: nn.Module, calib) -> PruneStats:
+        if calib is None:
+            raise PrunebenchError(f"{self.name} needs calibration data")
+        t0 = time.perf_counter()
+        dims = self._check_model(model)
+        params_before = count_params(model)[0]
+        t = self.target
+        axes = [
+            a
+            for a, keys in (("heads", ("heads", "kv_heads")), ("ffn", ("ffn",)), ("hidden", ("hidden",)))
+            if any(t[k] is not None for k in keys)
+        ]
+        remove = dims.layers - t["layers"] if t["layers"] is not None else 0
+        imp = compute_importance(
+            model,
+            calib.input_ids,
+            calib.batch_size,
+            batch=self.batch,
+            seq=self.seq,
+            axes=axes,
+            depth=self.metric if remove else None,
+            run_lengths=[remove] if remove and self.contiguous else (),
+        )
+        self.importance = imp
+        timings = {"importance": time.perf_counter() - t0}
+        t1 = time.perf_counter()
+        p = plan(imp, dims, t, self.contiguous, self.head_merge)
+        apply_plan(model, p)
+        timings["trim"] = time.perf_counter() - t1
+        params_after = count_params(model)[0]
+        info = {
+            "target": dict(t),
+            "agg": {"batch": self.batch, "seq": self.seq},
+            "depth": {"metric": self.metric, "contiguous": self.contiguous},
+            "head_merge": self.head_merge,
+            "shape_before": vars(dims),
+            "shape_after": vars(Dims.of(model)),
+            "layers_before": dims.layers,
+            "layers_kept": p.layers,
+            "layers_removed": [i for i in range(dims.layers) if i not in set(p.layers)],
+            "layer_ratio": 1 - len(p.layers) / dims.layers,
+            "heads_kept": {str(i): v for i, v in p.heads.items()},
+            "kv_groups_kept": {str(i): v for i, v in p.kv_groups.items()},
+            "heads_merged": {str(i): [list(x) for x in v] for i, v in p.merges.items()},
+            "neurons_kept": {str(i): v for i, v in p.neurons.items()},
+            "channels_kept": p.channels,
+            "params_before": params_before,
+            "params_after": params_after,
+            "param_ratio": params_after / params_before,
+            "scores": self._scores(imp, p.layers),
+        }
+        return PruneStats(0.0, 0.0, {}, timings, info)
+
+    @staticmethod
+    def _scores(imp: Importance, kept: list[int]) -> dict:
+        """min/mean/max of each axis and its ranking (best first); MLP neurons: per-layer min/mean/max only."""
+        out = {}
+        if imp.layers is not None:
+            out["layers"] = {"metric": imp.depth_metric, "values": [round(v, 6) for v in imp.layers]}
+            out["layers"].update(_summary(torch.tensor(imp.layers)))
+            if imp.dense_ppl is not None:
+                out["layers"]["dense_ppl"] = imp.dense_ppl
+            if imp.runs:
+                out["layers"]["runs"] = {str(n): [round(v, 6) for v in r] for n, r in imp.runs.items()}
+        if imp.heads is not None:
+            out["heads"] = _summary(imp.heads)
+            out["kv_groups"] = _summary([imp.groups(i) for i in range(imp.num_layers)])
+        if imp.neurons is not None:
+            out["ffn"] = _summary(imp.neurons, rank=False)
+            out["ffn"]["per_layer"] = [[float(s.min()), float(s.mean()), float(s.max())] for s in imp.neurons]
+        if imp.norms is not None:
+            out["hidden"] = _summary(imp.hidden(kept))
+        return out

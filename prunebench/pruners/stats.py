@@ -1,0 +1,264 @@
+"""Statistics capture for the pruners. Layer-by-layer calibration: capture the inputs of the first
+transformer block, then run block after block, so that peak memory is the model plus one block's
+activations.
+
+A pruner hooks the linears of block i, runs the block over the calibration batches to collect its
+statistics, edits the block, and the block's outputs are recomputed through the *edited* block to
+feed block i+1 (the sequential protocol of Wanda and SparseGPT).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
+
+log = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    pass
+
+
+class InputNorms:
+    """Squared L2 norm of each input column, summed over the tokens of a sample and averaged over
+    samples: Wanda's `scaler_row` (lib/layerwrapper.py), accumulated as an exact sum in fp32."""
+
+    def __init__(self, layer: nn.Linear):
+        self.sum = torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device)
+        self.nsamples = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.nsamples += x.shape[0] if x.dim() == 3 else 1
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x * x).sum(0)
+
+    @property
+    def norm_sq(self) -> torch.Tensor:
+        return self.sum / max(self.nsamples, 1)
+
+    @classmethod
+    def of(cls, norm_sq: torch.Tensor) -> InputNorms:
+        """Wrap a stored ||X_j||² (e.g. from the one-shot cache)."""
+        stat = cls.__new__(cls)
+        stat.sum, stat.nsamples = norm_sq, 1
+        return stat
+
+
+def _first(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class BlockCall(dict):
+    """The arguments a block receives besides its hidden states: keyword arguments, and positional
+    ones in `args` (BERT passes its attention mask positionally)."""
+
+    def __init__(self, args: tuple, kwargs: dict):
+        super().__init__({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        self.args = tuple(args)
+
+    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return _first(block(hidden, *self.args, **self))
+
+
+def block_input_hook(sink: list, hidden: list | None = None, stop: bool = False):
+    """A forward pre-hook (with_kwargs) that records each call's BlockCall (and hidden states)."""
+
+    def grab(_module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]
+        sink.append(BlockCall(args[1:], kwargs))
+        if hidden is not None:
+            hidden.append(h)
+        if stop:
+            raise _Stop
+
+    return grab
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
+    """Hidden states and the other block arguments (masks, rotary embeddings) entering block 0,
+    per batch."""
+    blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    hidden, calls = [], []
+    handle = blocks[0].register_forward_pre_hook(block_input_hook(calls, hidden, stop=True), with_kwargs=True)
+    try:
+        for batch in input_ids.split(batch_size):
+            with contextlib.suppress(_Stop):
+                model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return hidden, calls
+
+
+class Layerwise:
+    """Iterate blocks with their calibration inputs; `timings` splits forward time from the rest."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int, desc: str = "prune"):
+        self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
+        self.forward_s = 0.0
+
+    def forward(self, block: nn.Module, hidden: list, calls: list, keep: bool) -> None:
+        """Run `block` over every calibration batch. With keep=True each batch's output replaces its
+        input in `hidden` (in place: one set of activations alive, plus one batch); without, the
+        outputs are dropped (the statistics pass needs only the hooks)."""
+        t = time.perf_counter()
+        with torch.no_grad():
+            for j, call in enumerate(calls):
+                out = call(block, hidden[j])
+                if keep:
+                    hidden[j] = out
+        self.forward_s += time.perf_counter() - t
+
+    def run(self, edit: Callable[[int, nn.Module, Callable[[], None]], None]) -> None:
+        """For each block i: `edit(i, block, collect)` where collect() runs the block over the
+        calibration batches (hooks see the inputs); then the edited block's outputs become the
+        inputs of block i+1."""
+        t = time.perf_counter()
+        hidden, calls = capture_inputs(self.model, self.input_ids, self.batch_size)
+        self.forward_s += time.perf_counter() - t
+        blocks = find_blocks(self.model)
+        for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
+            edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
+            if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
+                self.forward(block, hidden, calls, keep=True)
+
+
+def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
+    """Hook every linear in `block`, run `collect()`, return (linears, stats)."""
+    linears = block_linears(block)
+    stats = {name: make_stat(layer) for name, layer in linears.items()}
+    handles = [
+        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
+        for name, layer in linears.items()
+    ]
+    try:
+        collect()
+    finally:
+        for h in handles:
+            h.remove()
+    return linears, stats
+
+
+@torch.no_grad()
+def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: int, make_stat) -> dict:
+    """Statistics of every block linear from plain full-model forwards on the dense model (the
+    one-shot protocol; also the reference the layer-wise path is tested against)."""
+    linears = prunable_linears(model)
+    stats = {name: make_stat(layer) for name, layer in linears.items()}
+    handles = [
+        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
+        for name, layer in linears.items()
+    ]
+    device = next(model.parameters()).device
+    try:
+        for batch in input_ids.split(batch_size):
+            model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+def model_digest(model: nn.Module) -> str:
+    """Cheap fingerprint of the weights (shape and sum of every tensor): a cache made for other
+    weights is never reused."""
+    h = hashlib.sha256()
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def cached_stats(calib, model: nn.Module, kind: str, compute: Callable[[], dict[str, torch.Tensor]]):
+    """Load statistics `kind` for (these weights, these calibration windows) from the cache, or
+    compute and store them. `kind` names the protocol (e.g. 'grad-l1-fp32'), so a changed protocol
+    is a different file. Returns (tensors, reused)."""
+    if not getattr(calib, "cache_dir", None):
+        return compute(), False
+    from safetensors.torch import load_file, save_file
+
+    path = Path(calib.cache_dir) / f"{kind}-{model_digest(model)}-{calib.key}.safetensors"
+    if path.exists():
+        log.info("reusing cached %s statistics from %s", kind, path)
+        return load_file(path), True
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)  # atomic: parallel sweep jobs never read half a file
+    log.info("cached %s statistics at %s", kind, path)
+    return tensors, False
+
+
+def dense_input_norms(model: nn.Module, calib) -> tuple[dict[str, torch.Tensor], bool]:
+    """||X_j||² of every block linear from the *dense* model (one-shot protocol), cached."""
+
+    def compute():
+        stats = collect_full_forward(model, calib.input_ids, calib.batch_size, InputNorms)
+        return {name: s.norm_sq for name, s in stats.items()}
+
+    return cached_stats(calib, model, "xnorm-dense", compute)
+
+
+def gradient_norms(
+    model: nn.Module, input_ids: torch.Tensor, norm: str, fp16_scale: float | None = None
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradient norms of every block linear's weight (GBLM-Pruner's G).
+
+    One window at a time (batch 1), causal-LM loss with labels = inputs; each sample's gradient is
+    folded into the accumulator the moment it is computed (a post-accumulate hook) and freed, so at
+    most one sample's gradient exists beside the accumulators. Only block linears require grad.
+
+    norm='l1': Σ_s |g_s|;  norm='l2': sqrt(Σ_s g_s²), in fp32 and unscaled: the reference's α·g
+    scaling is linear, so α is applied at scoring time and one cache serves every α.
+    fp16_scale=α reproduces the reference exactly instead: accumulate α·g in fp16 (may overflow).
+    """
+    if norm not in ("l1", "l2"):
+        raise ValueError(f"grad_norm must be 'l1' or 'l2', not {norm!r}")
+    linears = prunable_linears(model)
+    acc_dtype = torch.float16 if fp16_scale else torch.float32
+    acc = {n: torch.zeros_like(layer.weight, dtype=acc_dtype) for n, layer in linears.items()}
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    def fold(name: str):
+        def hook(p: torch.Tensor) -> None:
+            g = p.grad.to(acc_dtype)
+            if fp16_scale:
+                g = g * fp16_scale
+            acc[name] += g.abs() if norm == "l1" else g * g
+            p.grad = None
+
+        return hook
+
+    handles = []
+    for name, layer in linears.items():
+        layer.weight.requires_grad_(True)
+        handles.append(layer.weight.register_post_accumulate_grad_hook(fold(name)))
+    device = next(model.parameters()).device
+    try:
+        for window in tqdm(input_ids, desc="gradients", unit="sample", leave=False):
+            x = window.unsqueeze(0).to(device)
+            model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+    return {n: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for n, a in acc.items()}
