@@ -89,14 +89,23 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
                 raise PrunebenchError(f"eval.{name}.{key}={value} must be a positive integer or null")
     if cfg.model.source == "path" and not cfg.model.path:
         raise PrunebenchError("model.source=path needs model.path=/path/to/model")
+    from prunebench import placement  # torch: only once a run is being checked
+
+    device = placement.resolve_device(cfg.get("device", "auto"))
+    placement.resolve_dtype(cfg.model.dtype, device)
+    if cfg.get("placement", "auto") not in placement.PLACEMENTS:
+        raise PrunebenchError(f"placement={cfg.placement!r} must be one of {', '.join(placement.PLACEMENTS)}")
     if build:
         pruner = instantiate(cfg.pruner)
         layers = cfg.model.get("num_layers") or (cfg.model.get("hf_config") or {}).get("num_hidden_layers")
         if layers and hasattr(pruner, "check"):  # depth knobs against the model's layer count
             pruner.check(int(layers))
-        instantiate(cfg.recovery)
-        for node in cfg.eval.values():
-            instantiate(node)
+        recovery = instantiate(cfg.recovery)
+        evaluators = {name: instantiate(node) for name, node in cfg.eval.items()}
+        from prunebench.models.loading import check_available
+
+        check_available(cfg.model)
+        placement.plan(cfg, pruner, evaluators, recovery)  # the memory plan: stops before loading
 
 
 def fingerprint(*parts: Any) -> str:
@@ -110,10 +119,16 @@ def fingerprint(*parts: Any) -> str:
 
 
 def group_options(group: str) -> dict[str, str]:
-    """Options of a config group with the one-line description from each file's first comment."""
+    """Options of a config group with the one-line description from each file's first comment.
+
+    Files whose name starts with `_` are not options: they are bases that options pull through their
+    defaults list, e.g. conf/experiment/<paper>/<scale>/_table.yaml, the protocol shared by a table's
+    cells. `ls` and `reproduce` do not list them and `prunebench run` rejects them as unknown choices."""
     root = CONF_DIR / group
     options = {}
     for path in sorted(root.rglob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
         desc = ""
         for line in path.read_text().splitlines():
             text = line.lstrip("# ").strip()

@@ -90,6 +90,11 @@ def device_name(device: torch.device) -> str:
         return "Apple MPS"
     import platform
 
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine() or "cpu"
 
 
@@ -281,7 +286,8 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
         names = [getattr(s, "name", type(s).__name__) for s in stages if not getattr(s, "supports_offload", False)]
         raise PrunebenchError(
             f"placement=offload runs layer-wise pruners (magnitude, wanda, sparsegpt) and eval=wikitext2;"
-            f" {', '.join(map(str, names))} need the whole model: use placement=device or placement=device_map"
+            f" {', '.join(map(str, names))} cannot (the whole model must be on the device): use placement=device"
+            " or placement=device_map"
         )
     p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory)
     if shape is None:
@@ -319,7 +325,11 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
             else "lower calib.nsamples or calib.batch_size"
         )
         if device.type == "cpu":
-            advice = "lower calib.nsamples, calib.seqlen or the eval batch size, or use a GPU"
+            advice = (
+                "use a machine with more memory, or a GPU (device=cuda, model.dtype=float16)"
+                if p.weights * headroom > p.free
+                else "lower calib.nsamples, calib.seqlen or the eval batch size"
+            )
         raise PrunebenchError(
             f"needs ~{p.on_device / GiB:.1f} GiB on {device}, {p.free / GiB:.1f} GiB free"
             f" (weights {p.weights / GiB:.1f} GiB {str(dtype).removeprefix('torch.')}); {advice}"

@@ -19,6 +19,7 @@ from torch import nn
 
 from prunebench.models import count_params
 from prunebench.models.blocks import find_blocks
+from prunebench.placement import compute_device, sync
 from prunebench.results import proc_status_mb, reset_peak_rss
 
 
@@ -35,17 +36,35 @@ def flops_per_token(model: nn.Module, context: int, nonzero: bool = False) -> fl
     return 2.0 * linear + attention
 
 
-def _peak_reset() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+def _peak_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     else:
         reset_peak_rss()
 
 
-def _peak_mb() -> float | None:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
+def _peak_mb(device: torch.device) -> float | None:
+    """Peak memory of the measured calls: CUDA max allocated on a GPU, peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return proc_status_mb("VmHWM")
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds of `fn()`: CUDA events on a GPU (kernels run asynchronously, so the host clock alone
+    would time the launches), the host clock after a device sync elsewhere."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
 
 
 class Efficiency:
@@ -56,7 +75,7 @@ class Efficiency:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, tokenizer=None) -> dict[str, float]:
-        device = next(model.parameters()).device
+        device = compute_device(model)
         g = torch.Generator().manual_seed(0)
         vocab = model.config.vocab_size
         prompt = torch.randint(3, vocab, (self.batch_size, self.prompt_len), generator=g).to(device)
@@ -69,31 +88,17 @@ class Efficiency:
             "gflops_per_token_nonzero": flops_per_token(model, self.prompt_len, nonzero=True) / 1e9,
         }
         model(input_ids=prompt, use_cache=False)  # warm-up: first full-size calls allocate and pick kernels
-        _peak_reset()
-        prefill = []
-        for _ in range(self.repeats):
-            t = time.perf_counter()
-            model(input_ids=prompt, use_cache=False)
-            prefill.append(time.perf_counter() - t)
+        _peak_reset(device)
+        prefill = [timed(lambda: model(input_ids=prompt, use_cache=False), device) for _ in range(self.repeats)]
         out["prefill_ms"] = 1000 * statistics.median(prefill)
         if hasattr(model, "generate") and model.get_output_embeddings() is not None:
-            decode = []
-            for _ in range(self.repeats):
-                t = time.perf_counter()
-                model.generate(
-                    input_ids=prompt,
-                    attention_mask=torch.ones_like(prompt),
-                    do_sample=False,
-                    use_cache=True,
-                    min_new_tokens=self.gen_len,
-                    max_new_tokens=self.gen_len,
-                    pad_token_id=0,
-                )
-                decode.append(time.perf_counter() - t)
+            kw = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "use_cache": True,
+                  "min_new_tokens": self.gen_len, "max_new_tokens": self.gen_len, "pad_token_id": 0}  # fmt: skip
+            decode = [timed(lambda: model.generate(input_ids=prompt, **kw), device) for _ in range(self.repeats)]
             # generate = one prefill + gen_len − 1 cached decode steps (+ the last token's sampling)
             decode_s = statistics.median(decode) - statistics.median(prefill)
             out["decode_tokens_per_s"] = self.batch_size * (self.gen_len - 1) / max(decode_s, 1e-9)
-        peak = _peak_mb()
+        peak = _peak_mb(device)
         if peak is not None:
             out["peak_mb"] = peak
         return out

@@ -25,6 +25,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.data.labelled import COLA, MAHANEWS, classification
 from prunebench.models.encoders import model_inputs, pool
+from prunebench.placement import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class FineTuneClassifier:
 
     def _logits(self, encoder: nn.Module, head: nn.Module, enc) -> torch.Tensor:
         hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
-        return head(pool(hidden, enc["attention_mask"], self.pooling))
+        return head(pool(hidden, enc["attention_mask"].to(hidden.device), self.pooling).to(head[1].weight.dtype))
 
     def __call__(self, model: nn.Module, tokenizer) -> dict[str, float]:
         train = classification(self.task, self.train_split).sample(self.train_limit, self.seed)
@@ -112,7 +113,8 @@ class FineTuneClassifier:
         torch.manual_seed(self.seed)
         rng = random.Random(self.seed)
         encoder = copy.deepcopy(model).train()  # the caller's model stays as it was
-        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(model.config.hidden_size, k))
+        device = compute_device(model)
+        head = nn.Sequential(nn.Dropout(self.dropout), nn.Linear(model.config.hidden_size, k)).to(device)
         if self.freeze_word_embeddings:  # large multilingual vocabularies: AdamW over them dominates a CPU step
             encoder.get_input_embeddings().weight.requires_grad_(False)
         params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
@@ -128,7 +130,7 @@ class FineTuneClassifier:
             order = list(range(len(train.texts)))
             rng.shuffle(order)
             for enc, y in self._batches(tokenizer, train.texts, train.labels, order):
-                loss = nn.functional.cross_entropy(self._logits(encoder, head, enc), y)
+                loss = nn.functional.cross_entropy(self._logits(encoder, head, enc).float(), y.to(device))
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step(), sched.step(), opt.zero_grad()

@@ -5,6 +5,8 @@ non-overlapping windows of `seqlen` (the tail is dropped); each window is scored
 perplexity = exp(mean over windows of the window's mean next-token NLL), which equals the
 reference's exp(Σ NLL·seqlen / (n·seqlen)). `seqlen: null` uses the model's context
 (max_position_embeddings) capped at `max_seqlen`; `max_windows` caps the windows for quick runs.
+With `placement=offload` the windows go through the model block by block (each block visits the
+device once for all windows, as SparseGPT's llama_eval), then the final norm and the LM head.
 
     eval: {wikitext2: {_target_: prunebench.evals.perplexity.Perplexity, seqlen: null, max_windows: null}}
 """
@@ -20,6 +22,9 @@ from tqdm.auto import tqdm
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models import max_context
+from prunebench.models.blocks import final_norm, find_blocks
+from prunebench.placement import compute_device, offloaded, on_device
+from prunebench.pruners.stats import capture_inputs
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -29,7 +34,30 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> t
     return lse - logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1).float()
 
 
+def window_nll(logits: torch.Tensor, batch: torch.Tensor) -> float:
+    """Σ over the batch's windows of each window's mean next-token NLL."""
+    return float(sum(token_nll(lg[:-1], ids[1:]).mean() for lg, ids in zip(logits, batch, strict=True)))
+
+
+@torch.no_grad()
+def blockwise_logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
+    """(batch, logits) per batch of an offloaded model: block inputs of every window are captured
+    once, each block visits the device once and transforms all of them, then the final norm and
+    the head (already on the device) give the logits, one batch at a time."""
+    hidden, calls = capture_inputs(model, windows, batch_size)
+    device = compute_device(model)
+    for block in tqdm(find_blocks(model), desc="ppl (offload)", unit="block", leave=False):
+        with on_device(block, device):
+            for j, call in enumerate(calls):
+                hidden[j] = call(block, hidden[j])
+    norm, head = final_norm(model), model.get_output_embeddings()
+    for batch, h in zip(windows.split(batch_size), hidden, strict=True):
+        yield batch, head(norm(h))
+
+
 class Perplexity:
+    supports_offload = True
+
     def __init__(
         self,
         dataset: str = "wikitext2_test",
@@ -65,12 +93,14 @@ class Perplexity:
                 " (drop eval=wikitext2 for encoders)"
             )
         windows = self.windows(model, tokenizer)
-        device = next(model.parameters()).device
+        device = compute_device(model)
         nll_sum = 0.0
-        for batch in tqdm(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch", leave=False):
-            batch = batch.to(device)
-            logits = model(input_ids=batch, use_cache=False).logits
-            nll_sum += float(sum(token_nll(lg[:-1], ids[1:]).mean() for lg, ids in zip(logits, batch, strict=True)))
-            del logits
+        if offloaded(model):
+            for batch, logits in blockwise_logits(model, windows, self.batch_size):
+                nll_sum += window_nll(logits, batch.to(device))
+        else:
+            for batch in tqdm(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch", leave=False):
+                batch = batch.to(device)
+                nll_sum += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         n, seqlen = windows.shape
         return {"ppl": math.exp(nll_sum / n), "windows": n, "tokens": n * seqlen, "seqlen": seqlen}

@@ -47,18 +47,23 @@ def embed(
         enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt")  # fmt: skip
         hidden = model(**model_inputs(model, enc)).last_hidden_state
-        for i, v in zip(idx, pool(hidden, enc["attention_mask"], pooling).float(), strict=True):
+        mask = enc["attention_mask"].to(hidden.device)
+        for i, v in zip(idx, pool(hidden, mask, pooling).float().cpu(), strict=True):
             out[i] = v
     model.train(was_training)
     return torch.stack(out) if out else torch.empty(0)
 
 
 def model_inputs(model: nn.Module, enc) -> dict:
-    """The tokenizer's outputs that the model's forward accepts (MPNet has no token_type_ids)."""
+    """The tokenizer's outputs that the model's forward accepts (MPNet has no token_type_ids), on
+    the model's device."""
     import inspect
 
+    from prunebench.placement import compute_device
+
     accepted = inspect.signature(model.forward).parameters
-    return {k: v for k, v in enc.items() if k in accepted}
+    device = compute_device(model)
+    return {k: v.to(device) for k, v in enc.items() if k in accepted}
 
 
 def sentence_transformer(model: nn.Module, tokenizer, pooling: str = "mean", max_length: int = 128):
@@ -75,7 +80,9 @@ def sentence_transformer(model: nn.Module, tokenizer, pooling: str = "mean", max
         first = Transformer(tmp, max_seq_length=max_length)
     first.model = model
     second = Pooling(model.config.hidden_size, pooling_mode=pooling)
-    return SentenceTransformer(modules=[first, second], device="cpu")
+    from prunebench.placement import compute_device
+
+    return SentenceTransformer(modules=[first, second], device=str(compute_device(model)))
 
 
 def save_sentence_transformer(model: nn.Module, tokenizer, folder: Path, pooling: str = "mean") -> None:

@@ -7,6 +7,7 @@ under `<cache_dir>/models/<name>`, so later loads take about a second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -130,6 +131,23 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
     return model.eval(), tokenizer
 
 
+def check_available(cfg: DictConfig) -> None:
+    """Before anything loads: a Hub model that is neither cached nor reachable ends in one line
+    (checked before the memory plan, the more fundamental problem)."""
+    if cfg.get("path") or cfg.source != "hub":
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(str(cfg.hub_id), "config.json"), str):
+        return
+    if not hub_reachable():
+        raise PrunebenchError(
+            f"could not fetch '{cfg.hub_id}': the Hugging Face Hub is unreachable; download it where the Hub"
+            " is reachable and pass model.path=/path/to/local/copy"
+        )
+
+
+@functools.lru_cache(maxsize=1)  # once per process: a sweep checks many points
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the Hub endpoint, so an offline machine fails in seconds rather than
     after the Hub client's retries."""

@@ -53,6 +53,7 @@ class MaskPruner:
     layers are pruned at once; cheaper in sweeps, not the papers' protocol."""
 
     needs_calibration = True
+    supports_offload = True  # layer-wise: one block at a time can visit the device
     make_stat = InputNorms
 
     def __init__(

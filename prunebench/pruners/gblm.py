@@ -50,6 +50,8 @@ def score(
 
 
 class GBLM(MaskPruner):
+    supports_offload = False  # the gradient pass backpropagates through the whole model
+
     def __init__(
         self,
         name: str = "gblm",

@@ -33,6 +33,7 @@ from prunebench.data import load_texts
 from prunebench.models import max_context
 from prunebench.models.blocks import block_linears, find_blocks
 from prunebench.models.surgery import keep_layers, set_blocks, snapshot
+from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats
 from prunebench.pruners.stats import block_input_hook
 
@@ -196,7 +197,7 @@ class LaCo:
         blocks = find_blocks(model)
         n0 = len(blocks)
         self.check(n0)
-        device = next(model.parameters()).device
+        device = compute_device(model)
         sentences = few_shot_sentences(self.calib_source, self.calib_n, self.calib_chars)
         ctx = max_context(model)  # a sentence longer than the context is cut, not an error
         inputs = [self.tokenizer(s, return_tensors="pt").input_ids[:, :ctx].to(device) for s in sentences]

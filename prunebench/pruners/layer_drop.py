@@ -46,6 +46,7 @@ def select_layers(n: int, keep: str | list[int] | None, layers: int | None, remo
 
 class LayerDrop:
     needs_calibration = False
+    supports_offload = True  # surgery only
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ from prunebench.pruners.base import PruneStats, measure
 
 class NoPruner:
     needs_calibration = False
+    supports_offload = True
 
     def __init__(self, name: str = "none", sparsity: float = 0.0, pattern: str = "unstructured"):
         self.name, self.sparsity = name, sparsity

@@ -19,6 +19,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
 from prunebench.models.surgery import remove_layers
+from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats
 
 
@@ -43,7 +44,7 @@ def layer_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int =
         return fn
 
     handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    device = next(model.parameters()).device
+    device = compute_device(model)
     try:
         for batch in input_ids.split(batch_size):
             model(input_ids=batch.to(device), use_cache=False)

@@ -23,7 +23,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from prunebench import PrunebenchError
 from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
+from prunebench.placement import compute_device, offloaded, on_device
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,9 @@ def block_input_hook(sink: list, hidden: list | None = None, stop: bool = False)
 @torch.no_grad()
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
     """Hidden states and the other block arguments (masks, rotary embeddings) entering block 0,
-    per batch."""
+    per batch, on the compute device."""
     blocks = find_blocks(model)
-    device = next(model.parameters()).device
+    device = compute_device(model)
     hidden, calls = [], []
     handle = blocks[0].register_forward_pre_hook(block_input_hook(calls, hidden, stop=True), with_kwargs=True)
     try:
@@ -131,10 +133,12 @@ class Layerwise:
         hidden, calls = capture_inputs(self.model, self.input_ids, self.batch_size)
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
+        visit = compute_device(self.model) if offloaded(self.model) else None  # offload: one block on the device
         for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
-            edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
-            if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                self.forward(block, hidden, calls, keep=True)
+            with on_device(block, visit):
+                edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
+                if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
+                    self.forward(block, hidden, calls, keep=True)
 
 
 def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
@@ -156,14 +160,24 @@ def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> t
 @torch.no_grad()
 def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: int, make_stat) -> dict:
     """Statistics of every block linear from plain full-model forwards on the dense model (the
-    one-shot protocol; also the reference the layer-wise path is tested against)."""
+    one-shot protocol; also the reference the layer-wise path is tested against). An offloaded
+    model runs block by block instead: with no edits in between that is the same computation."""
+    if offloaded(model):
+        stats = {}
+
+        def grab(i, block, collect):
+            _, block_stats = collect_stats(block, collect, make_stat)
+            stats.update({f"{i}.{name}": s for name, s in block_stats.items()})
+
+        Layerwise(model, input_ids, batch_size, desc="statistics").run(grab)
+        return stats
     linears = prunable_linears(model)
     stats = {name: make_stat(layer) for name, layer in linears.items()}
     handles = [
         layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
         for name, layer in linears.items()
     ]
-    device = next(model.parameters()).device
+    device = compute_device(model)
     try:
         for batch in input_ids.split(batch_size):
             model(input_ids=batch.to(device), use_cache=False)
@@ -230,6 +244,10 @@ def gradient_norms(
     """
     if norm not in ("l1", "l2"):
         raise ValueError(f"grad_norm must be 'l1' or 'l2', not {norm!r}")
+    if offloaded(model):
+        raise PrunebenchError(
+            "gblm's gradient pass needs the whole model on the device: use placement=device or device_map"
+        )
     linears = prunable_linears(model)
     acc_dtype = torch.float16 if fp16_scale else torch.float32
     acc = {n: torch.zeros_like(layer.weight, dtype=acc_dtype) for n, layer in linears.items()}
@@ -251,7 +269,7 @@ def gradient_norms(
     for name, layer in linears.items():
         layer.weight.requires_grad_(True)
         handles.append(layer.weight.register_post_accumulate_grad_hook(fold(name)))
-    device = next(model.parameters()).device
+    device = compute_device(model)
     try:
         for window in tqdm(input_ids, desc="gradients", unit="sample", leave=False):
             x = window.unsqueeze(0).to(device)

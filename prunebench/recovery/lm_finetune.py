@@ -16,6 +16,7 @@ import time
 from torch import nn
 
 from prunebench import PrunebenchError
+from prunebench.placement import compute_device
 from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, window_order
 
 
@@ -53,7 +54,7 @@ class LMFinetune:
         keep = MaskKeeper(model, self.keep_masks)
         params = [p for p in model.parameters() if p.requires_grad]
         opt, sched = adamw(params, self.lr, self.weight_decay, steps, self.warmup, decay="linear")
-        device = next(model.parameters()).device
+        device = compute_device(model)
 
         def loss_fn(step: int, micro: int):
             batch = windows[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)

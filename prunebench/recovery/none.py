@@ -5,6 +5,7 @@ from __future__ import annotations
 
 class NoRecovery:
     needs_teacher = False
+    supports_offload = True
 
     def __init__(self, name: str = "none"):
         self.name = name

@@ -27,6 +27,7 @@ from prunebench import PrunebenchError
 from prunebench.data.labelled import NLI_HUB, STS, nli, sts
 from prunebench.evals.sts import sts_scores
 from prunebench.models.encoders import sentence_transformer
+from prunebench.placement import compute_device
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ class SbertNliSts:
                 output_dir=tmp, num_train_epochs=cfg["epochs"], max_steps=cfg["max_steps"] or -1,
                 per_device_train_batch_size=cfg["batch_size"], learning_rate=cfg["lr"], warmup_steps=cfg["warmup"],
                 seed=self.seed, data_seed=self.seed, logging_steps=self.log_every, save_strategy="no", report_to="none",
-                use_cpu=True, disable_tqdm=True, prompts=self.prompt or None, dataloader_drop_last=False,
+                use_cpu=compute_device(model).type == "cpu", disable_tqdm=True, prompts=self.prompt or None,
+                dataloader_drop_last=False,
             )  # fmt: skip
             trainer = SentenceTransformerTrainer(model=st, args=args, train_dataset=dataset, loss=loss,
                                                  callbacks=[keep])  # fmt: skip
