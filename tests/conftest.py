@@ -19,3 +19,13 @@ def tiny(request):
 def random_calib(vocab: int = 259, n: int = 4, seqlen: int = 32, batch_size: int = 2, seed: int = 0) -> Calibration:
     g = torch.Generator().manual_seed(seed)
     return Calibration(torch.randint(3, vocab, (n, seqlen), generator=g), "random", "test", seed, batch_size)
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests need CUDA: skipped (with the reason) on machines without it."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -92,6 +92,10 @@ def test_ls(cli):
         (["pruner=laco", "pruner.C=1"], "pruner.C"),
         (["pruner=laco", "pruner.H=40"], "pruner.H"),
         (["pruner=shortgpt", "pruner.n=30"], "pruner.n"),
+        (["device=cuda:7"], "device=cuda:7"),
+        (["placement=banana"], "placement="),
+        (["model.dtype=int3"], "model.dtype"),
+        (["pruner=gblm", "placement=offload"], "placement=offload"),
     ],
 )
 def test_bad_input_is_one_line(cli, tmp_path, args, needle):

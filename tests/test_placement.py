@@ -1,0 +1,153 @@
+"""Device, precision, placement and the memory plan (CPU paths; CUDA ones are in test_gpu.py)."""
+
+import copy
+
+import pytest
+import torch
+
+from prunebench import PrunebenchError, models, pipeline, placement
+from prunebench.evals.perplexity import Perplexity
+from prunebench.models.blocks import prunable_linears
+from prunebench.pruners.sparsegpt import SparseGPT
+from prunebench.pruners.stats import InputNorms, collect_full_forward
+from prunebench.pruners.wanda import Wanda
+from tests.conftest import compose_cfg, random_calib
+
+
+def tiny(dtype=torch.float32):
+    cfg = compose_cfg("model=tiny-llama")
+    return models.load(cfg.model, cache_dir="/nonexistent")[0].to(dtype)
+
+
+def offload(model):
+    cpu = torch.device("cpu")
+    return placement.place(model, placement.Plan(cpu, torch.float32, "offload"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+@pytest.mark.parametrize(
+    "spec,needle",
+    [("cuda", "CUDA is not available"), ("cuda:7", "CUDA is not available"), ("banana", "not a device")],
+)
+def test_bad_devices_are_one_line(spec, needle):
+    with pytest.raises(PrunebenchError, match=needle):
+        placement.resolve_device(spec)
+
+
+def test_auto_and_cpu_devices():
+    assert placement.resolve_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert placement.resolve_device("auto").type in ("cpu", "mps")
+
+
+def test_dtypes():
+    cpu = torch.device("cpu")
+    assert placement.resolve_dtype("float16", cpu) == torch.float32  # upcast on the CPU
+    assert placement.resolve_dtype("bfloat16", cpu) == torch.bfloat16
+    assert placement.resolve_dtype("auto", cpu) == torch.float32
+    assert placement.resolve_dtype("auto", torch.device("meta"), "float16") == torch.float16
+    with pytest.raises(PrunebenchError, match="model.dtype"):
+        placement.resolve_dtype("int3", cpu)
+
+
+@pytest.mark.parametrize("pruner", [Wanda, SparseGPT])
+@pytest.mark.parametrize("sequential", [True, False])
+def test_offload_gives_the_same_masks_and_perplexity(pruner, sequential):
+    if pruner is SparseGPT and not sequential:
+        pytest.skip("SparseGPT has no one-shot mode")
+    dense = tiny()
+    moved = offload(copy.deepcopy(dense))
+    assert placement.offloaded(moved) and not placement.offloaded(dense)
+    calib = random_calib(n=4, seqlen=32)
+    for model in (dense, moved):
+        pruner(sparsity=0.5, sequential=sequential)(model, calib)
+    for (name, a), b in zip(prunable_linears(dense).items(), prunable_linears(moved).values(), strict=True):
+        assert torch.equal(a.weight == 0, b.weight == 0), name
+        assert torch.equal(a.weight, b.weight), name
+    ppl = Perplexity(seqlen=64, max_windows=3, batch_size=2)
+    tok = models.ByteTokenizer()
+    assert ppl(moved, tok)["ppl"] == pytest.approx(ppl(dense, tok)["ppl"], rel=1e-6)
+
+
+def test_offloaded_dense_statistics_equal_a_full_forward():
+    dense = tiny()
+    calib = random_calib(n=4, seqlen=32)
+    full = collect_full_forward(dense, calib.input_ids, 2, InputNorms)
+    blockwise = collect_full_forward(offload(copy.deepcopy(dense)), calib.input_ids, 2, InputNorms)
+    for name, stat in full.items():
+        torch.testing.assert_close(blockwise[name].norm_sq, stat.norm_sq)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_fp32_statistics_and_masks(dtype):
+    ref = tiny()
+    with torch.no_grad():  # the same weights in both precisions: round them to the half format once
+        for p in ref.parameters():
+            p.copy_(p.to(dtype).float())
+    half = copy.deepcopy(ref).to(dtype)
+    calib = random_calib(n=4, seqlen=32)
+    stats = collect_full_forward(half, calib.input_ids, 2, InputNorms)
+    assert all(s.sum.dtype == torch.float32 for s in stats.values())
+    for model in (ref, half):
+        Wanda(sparsity=0.5)(model, calib)
+    same = total = 0
+    for a, b in zip(prunable_linears(ref).values(), prunable_linears(half).values(), strict=True):
+        same += int(((a.weight == 0) == (b.weight == 0)).sum())
+        total += a.weight.numel()
+    # Scores differ only by half-precision activations: almost every mask entry agrees.
+    assert same / total > 0.97, same / total
+
+
+def test_plan_stops_before_loading_when_it_cannot_fit(monkeypatch):
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 8 * placement.GiB)
+    cfg = compose_cfg("model=llama2-7b", "device=cpu")
+    with pytest.raises(PrunebenchError, match=r"needs ~.* GiB on cpu, 8.0 GiB free"):
+        placement.plan(cfg)
+    small = placement.plan(compose_cfg("model=tiny-llama", "device=cpu"))
+    assert small.placement == "device" and "memory plan" in small.line()
+
+
+def test_auto_placement_offloads_when_the_device_is_too_small(monkeypatch):
+    fake = torch.device("meta")  # stands in for an accelerator with 8 GiB free
+    monkeypatch.setattr(placement, "resolve_device", lambda spec: fake)
+    monkeypatch.setattr(placement, "free_bytes", lambda device: 8 * placement.GiB)
+    cfg = compose_cfg("model=llama2-7b", "model.dtype=float16", "pruner=wanda")
+    from prunebench.config import instantiate
+
+    evaluators = {n: instantiate(e) for n, e in cfg.eval.items()}
+    p = placement.plan(cfg, instantiate(cfg.pruner), evaluators, instantiate(cfg.recovery))
+    assert p.placement == "offload" and p.on_device < 8 * placement.GiB < p.weights * 1.5
+    gblm = compose_cfg("model=llama2-7b", "model.dtype=float16", "pruner=gblm")
+    p = placement.plan(gblm, instantiate(gblm.pruner), evaluators, instantiate(gblm.recovery))
+    assert p.placement == "device_map"  # the gradient pass needs the whole model: accelerate spreads it
+    with pytest.raises(PrunebenchError, match="placement=offload"):
+        placement.plan(compose_cfg("pruner=gblm", "placement=offload"), instantiate(gblm.pruner))
+
+
+def test_pipeline_records_the_device_and_offload_matches(tmp_path):
+    results = {}
+    for where in ("device", "offload"):
+        cfg = compose_cfg(
+            "model=tiny-llama", "pruner=wanda", "calib.nsamples=4", "calib.seqlen=32", "eval.wikitext2.seqlen=64",
+            "eval.wikitext2.max_windows=2", f"placement={where}", "device=cpu", f"paths.cache_dir={tmp_path}",
+        )  # fmt: skip
+        results[where] = pipeline.run(cfg, tmp_path / where)
+    assert results["offload"]["metrics"] == results["device"]["metrics"]
+    dev = results["offload"]["device"]
+    assert dev["placement"] == "offload" and dev["device"] == "cpu" and dev["dtype"] == "float32"
+    assert {"load", "prune", "eval"} <= set(results["offload"]["timings"])
+
+
+def test_device_map_placement_loads_through_accelerate(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    dense = tiny()
+    dense.save_pretrained(tmp_path / "m")
+    p = placement.Plan(torch.device("cpu"), torch.float32, "device_map", max_memory={"cpu": "1GiB"})
+    kw = placement.load_kwargs(p)
+    assert kw == {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}
+    mapped = placement.place(AutoModelForCausalLM.from_pretrained(tmp_path / "m", **kw), p)
+    assert not placement.offloaded(mapped)
+    ppl = Perplexity(seqlen=64, max_windows=2)
+    tok = models.ByteTokenizer()
+    assert ppl(mapped, tok)["ppl"] == pytest.approx(ppl(dense, tok)["ppl"], rel=1e-5)
