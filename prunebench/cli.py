@@ -132,6 +132,35 @@ def run(ctx: typer.Context) -> None:
     task()
 
 
+data_app = typer.Typer(no_args_is_help=False, help="Datasets: where each resolves, and fetching them once.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.callback(invoke_without_command=True)
+def data(ctx: typer.Context) -> None:
+    """List where each corpus resolves (data roots: $PRUNEBENCH_DATA, ./data, ../shared/data, then the Hub)."""
+    if ctx.invoked_subcommand is None:
+        from prunebench.data.text import LOCAL, where
+
+        for name in LOCAL:
+            typer.echo(f"{name:<16} {where(name)}")
+
+
+@data_app.command("fetch")
+def data_fetch(
+    name: str = typer.Argument(..., help="wikitext2 | c4"),
+    root: Path = typer.Option(Path("data"), help="data root to write into (read first: $PRUNEBENCH_DATA, ./data)"),
+) -> None:
+    """Download a dataset once from the Hugging Face Hub into the data root (for offline compute nodes)."""
+    from prunebench.data.text import fetch
+
+    try:
+        for path in fetch(name, root):
+            typer.echo(f"wrote {path}")
+    except PrunebenchError as err:
+        _fail(str(err))
+
+
 @app.command("ls")
 def ls(group: str = typer.Argument(None, help="one config group: " + ", ".join(GROUPS))) -> None:
     """List config groups and their options, with a one-line description each."""

@@ -20,11 +20,12 @@ from prunebench.config import CONF_DIR
 
 log = logging.getLogger(__name__)
 
-# name -> (relative path under a data root, Hub fallback: (dataset, config, split, data_files))
+# name -> relative paths under a data root, first found wins (C4: the whole first shard that
+# `prunebench data fetch c4` writes, else the 200-document sample); Hub fallback below.
 LOCAL = {
-    "wikitext2_test": "wikitext2/wikitext-2-raw/wiki.test.raw",
-    "wikitext2_valid": "wikitext2/wikitext-2-raw/wiki.valid.raw",
-    "c4": "c4/c4_sample.json",
+    "wikitext2_test": ("wikitext2/wikitext-2-raw/wiki.test.raw",),
+    "wikitext2_valid": ("wikitext2/wikitext-2-raw/wiki.valid.raw",),
+    "c4": ("c4/c4-train.00000-of-01024.json", "c4/c4_sample.json"),
 }
 HUB = {
     "wikitext2_test": ("wikitext", "wikitext-2-raw-v1", "test", None),
@@ -38,10 +39,11 @@ def data_roots() -> list[Path]:
     return roots + [Path.cwd() / "data", CONF_DIR.parent.parent / "shared" / "data"]
 
 
-def find(relpath: str) -> Path | None:
+def find(relpath: str | tuple[str, ...]) -> Path | None:
     for root in data_roots():
-        if (root / relpath).exists():
-            return root / relpath
+        for rel in (relpath,) if isinstance(relpath, str) else relpath:
+            if (root / rel).exists():
+                return root / rel
     return None
 
 
@@ -60,10 +62,10 @@ def load_texts(name: str) -> list[str]:
 
         return list(datasets.load_dataset(hub, config, split=split, data_files=files)["text"])
     except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
-        tried = ", ".join(str(r / LOCAL[name]) for r in data_roots())
+        tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
         raise PrunebenchError(
             f"dataset {name} not found: tried {tried} and the Hub {hub} ({type(err).__name__});"
-            f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name]}"
+            f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name][-1]}, or run: prunebench data fetch"
         ) from None
 
 
@@ -136,3 +138,41 @@ def calibration_windows(
     starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
     windows = torch.stack([ids[s : s + seqlen] for s in starts])
     return Calibration(windows, source, "concatenated", seed, batch_size)
+
+
+FETCH = {"wikitext2": ("wikitext2_test", "wikitext2_valid"), "c4": ("c4",)}
+
+
+def fetch(name: str, root: Path) -> list[Path]:
+    """Download a dataset once from the Hub into `root`, in the local layout, so machines without
+    internet (a cluster's compute nodes) read it in place: WikiText-2 = `wikitext`
+    `wikitext-2-raw-v1` test and validation (each row as in the .raw files); C4 = `allenai/c4`
+    `en/c4-train.00000-of-01024.json.gz`, the Wanda/SparseGPT calibration shard, as JSON lines."""
+    if name not in FETCH:
+        raise PrunebenchError(f"prunebench data fetch {name!r}: choose one of {', '.join(FETCH)}")
+    import datasets
+
+    written = []
+    for part in FETCH[name]:
+        hub, config, split, files = HUB[part]
+        try:
+            rows = datasets.load_dataset(hub, config, split=split, data_files=files)["text"]
+        except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
+            raise PrunebenchError(
+                f"could not download {hub} ({type(err).__name__}); run this where the Hub is reachable"
+            ) from None
+        target = root / LOCAL[part][0]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in rows:  # .raw: blank rows are written " \n" (SOURCE.md), so reading gives the rows back
+                f.write((row or " \n") if part.startswith("wikitext2") else json.dumps({"text": row}) + "\n")
+        tmp.replace(target)
+        written.append(target)
+    return written
+
+
+def where(name: str) -> str:
+    """Where `load_texts(name)` would read from: a local file, or the Hub."""
+    path = find(LOCAL[name])
+    return str(path) if path else f"Hub {HUB[name][0]} (no local copy)"
