@@ -1,13 +1,17 @@
 """Every option of every config group composes; instantiable ones instantiate."""
 
 import pytest
+import yaml
 from omegaconf import OmegaConf
 
 from prunebench import PrunebenchError, models
-from prunebench.config import GROUPS, group_options, instantiate, validate
+from prunebench.config import CONF_DIR, GROUPS, group_options, instantiate, validate
 from tests.conftest import compose_cfg
 
 OPTIONS = [(g, o) for g in GROUPS for o in group_options(g)]
+EXPERIMENTS = list(group_options("experiment"))
+TABLES = sorted({e.rsplit("/", 1)[0] for e in EXPERIMENTS if e.count("/") == 2})  # <paper>/<scale>
+EXPECTED_KEYS = ["paper", "table", "row", "column", "metric", "value", "tolerance", "source", "compare"]
 
 
 def test_every_group_has_options():
@@ -70,3 +74,40 @@ def test_experiment_values_override_the_primary_config():
     assert cfg.eval.wikitext2.seqlen == 2048 and cfg.eval.wikitext2.max_windows is None
     assert compose_cfg("experiment=full_protocol").profile == "full"
     assert compose_cfg().expected is None
+
+
+def _entries(expected) -> list:
+    return list(expected) if OmegaConf.is_list(expected) else [expected]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_validates_and_carries_its_paper_number(experiment):
+    cfg = compose_cfg(f"experiment={experiment}")
+    validate(cfg)
+    assert not OmegaConf.missing_keys(cfg), f"{experiment} leaves ??? of its _table unset"
+    if experiment.count("/") == 2:  # <paper>/<scale>/<cell>: one cell of a paper's table
+        assert cfg.expected, experiment
+        for entry in _entries(cfg.expected):
+            assert list(entry) == EXPECTED_KEYS, experiment
+            assert entry.paper == experiment.split("/")[0] and entry.metric and entry.row, experiment
+
+
+def test_table_bases_are_not_options():
+    bases = sorted(p.relative_to(CONF_DIR / "experiment") for p in (CONF_DIR / "experiment").rglob("_*.yaml"))
+    assert [str(b.parent) for b in bases] == TABLES  # one base per <paper>/<scale> folder, each with cells
+    assert all(b.name == "_table.yaml" for b in bases)
+    options = group_options("experiment")
+    assert not [o for o in options if o.rsplit("/", 1)[-1].startswith("_")]
+    assert len(options) == len(list((CONF_DIR / "experiment").rglob("*.yaml"))) - len(bases)
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_table_cells_pull_their_base_and_its_header_shows_their_numbers(table):
+    folder = CONF_DIR / "experiment" / table
+    header = "\n".join(line for line in (folder / "_table.yaml").read_text().splitlines() if line.startswith("#"))
+    for cell in (e for e in EXPERIMENTS if e.startswith(f"{table}/")):
+        defaults = yaml.safe_load((CONF_DIR / "experiment" / f"{cell}.yaml").read_text())["defaults"]
+        assert defaults[0] == f"/experiment/{table}/_table", cell
+        for entry in _entries(compose_cfg(f"experiment={cell}").expected):
+            if entry.value is not None:  # the base's header tabulates the paper's numbers for the reader
+                assert str(entry.value) in header, f"{cell}: {entry.value} missing from {table}/_table.yaml"
