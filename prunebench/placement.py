@@ -258,7 +258,7 @@ def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]
         if pruner.name == "sparsegpt":
             stats = (6 * hidden * hidden + ffn * ffn) * 4  # one block's Hessians (one per linear), fp32
         elif pruner.name == "gblm":
-            stats = int(shape["params"] - vocab * hidden) * 4 * 2  # accumulators + one gradient, fp32
+            stats = int(shape["params"] - 2 * vocab * hidden) * (4 + elt)  # fp32 accumulators + one gradient
             act = max(act, c.seqlen * layers * (6 * hidden + 3 * ffn) * elt)  # one sample's autograd graph
         else:
             stats = (4 * hidden + 2 * ffn) * 4
