@@ -8,51 +8,45 @@ Goal (issue 2): evaluator throughput ≥ 0.95 × the bare loop.
 
 from __future__ import annotations
 
-import argparse
-import time
-
 import torch
+from benchlib import load_model, measure, parser, summary, table
 
-from prunebench import models
-from prunebench.config import compose as compose_cfg
 from prunebench.evals.perplexity import Perplexity
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = parser(__doc__)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
 
-    cfg = compose_cfg()
-    model, tok = models.load(cfg.model, cfg.paths.cache_dir)
+    model, tok, _ = load_model(device=args.device)
     ev = Perplexity(seqlen=args.seqlen, max_windows=args.windows)
     windows = ev.windows(model, tok)
     tokens = windows.numel()
     with torch.no_grad():
-        model(input_ids=windows[:1], use_cache=False)  # warm-up
+        model(input_ids=windows[:1].to(args.device), use_cache=False)  # warm-up
 
     def bare():
         with torch.no_grad():
             for w in windows.split(1):
-                model(input_ids=w, use_cache=False)
+                model(input_ids=w.to(args.device), use_cache=False)  # the evaluator also moves each batch
 
     best = {"bare": float("inf"), "evaluator": float("inf")}
     ppl = None
     for _ in range(args.repeats):  # interleaved, best of N: robust to a busy machine
-        t = time.perf_counter()
-        bare()
-        best["bare"] = min(best["bare"], time.perf_counter() - t)
-        t = time.perf_counter()
-        ppl = ev(model, tok)["ppl"]
-        best["evaluator"] = min(best["evaluator"], time.perf_counter() - t)
+        with measure(model, memory=False) as m:
+            bare()
+        best["bare"] = min(best["bare"], m.seconds)
+        with measure(model, memory=False) as m:
+            ppl = ev(model, tok)["ppl"]
+        best["evaluator"] = min(best["evaluator"], m.seconds)
     rate = {k: tokens / v for k, v in best.items()}
-    for k in best:
-        print(f"{k:<10} {best[k]:8.2f} s  {rate[k]:8.1f} tokens/s")
+    table([(k, f"{best[k]:.2f}", f"{rate[k]:.1f}") for k in best], ["loop", "best s", "tokens/s"], "lrr")
     ratio = rate["evaluator"] / rate["bare"]
-    print(
-        f"summary: {args.windows} windows x {args.seqlen}, ppl {ppl:.3f}; evaluator/bare throughput {ratio:.3f}"
+    summary(
+        f"{args.windows} windows x {args.seqlen}, ppl {ppl:.3f}; evaluator/bare throughput {ratio:.3f}"
         f" (goal >= 0.95: {'met' if ratio >= 0.95 else 'NOT met'})"
     )
 
