@@ -44,8 +44,8 @@ def score(
 ) -> torch.Tensor:
     """|W|·sqrt(||X_j||²) + α·|W|·||G_ij||_p (or one of the two terms, for ablations)."""
     w = weight.abs().float()
-    activation = w * x_norm_sq.sqrt().reshape(1, -1)
-    gradient = alpha * w * g_norm.float()
+    activation = w * x_norm_sq.to(w.device).sqrt().reshape(1, -1)  # cached statistics load on the CPU
+    gradient = alpha * w * g_norm.to(w.device).float()
     return {"both": activation + gradient, "gradient": gradient, "activation": activation}[terms]
 
 

@@ -213,7 +213,7 @@ def cached_stats(calib, model: nn.Module, kind: str, compute: Callable[[], dict[
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
     os.replace(tmp, path)  # atomic: parallel sweep jobs never read half a file
     log.info("cached %s statistics at %s", kind, path)
     return tensors, False

@@ -20,7 +20,7 @@ from prunebench.pruners.stats import InputNorms
 
 def score(weight: torch.Tensor, x_norm_sq: torch.Tensor) -> torch.Tensor:
     """S = |W| · sqrt(||X_j||²), broadcast over output rows."""
-    return weight.abs().float() * x_norm_sq.sqrt().reshape(1, -1)
+    return weight.abs().float() * x_norm_sq.to(weight.device).sqrt().reshape(1, -1)  # cached stats: CPU
 
 
 class Wanda(MaskPruner):
