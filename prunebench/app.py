@@ -48,6 +48,9 @@ def summary(result: dict, run_dir: Path) -> str:
     # The quick profile only shortens calibration and WikiText-2; say so only where they ran.
     if cfg.get("profile") == "quick" and (result.get("calibration") or any(k.endswith("/windows") for k in metrics)):
         lines.append("quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'")
+    if dev := result.get("device"):
+        peak = f", peak {dev['peak_allocated_mb']:.0f} MB allocated" if "peak_allocated_mb" in dev else ""
+        lines.append(f"device {dev['device']} ({dev['name']}), {dev['dtype']}, placement={dev['placement']}{peak}")
     t = result["timings"]
     lines.append(
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak RSS {result['peak_rss_mb']:.0f} MB"
