@@ -18,7 +18,14 @@ def summary(result: dict, run_dir: Path) -> str:
     """Dense and pruned metrics side by side, with what was reduced for a quick run."""
     cfg, prune, metrics, base = result["config"], result["prune"], result["metrics"], result["baseline"]
     lines = [f"model {cfg['model']['name']}" + (f" ({result['model_note']})" if result.get("model_note") else "")]
-    if "layers_kept" in prune:
+    if "shape_after" in prune:  # width (and depth) trimming: Minitron
+        before, after = prune["shape_before"], prune["shape_after"]
+        changed = ", ".join(f"{k} {before[k]} -> {after[k]}" for k in after if before.get(k) != after[k])
+        lines.append(
+            f"pruner {prune['method']}: {changed or 'nothing trimmed'}; parameters {prune['params_before']:,}"
+            f" -> {prune['params_after']:,} ({prune['params_after'] / prune['params_before']:.1%} kept)"
+        )
+    elif "layers_kept" in prune:
         lines.append(
             f"pruner {prune['method']}: kept {len(prune['layers_kept'])} of {prune['layers_before']} layers"
             f" ({prune['layer_ratio']:.1%} removed); parameters {prune['params_before']:,} -> {prune['params_after']:,}"

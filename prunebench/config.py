@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -97,9 +98,13 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
         raise PrunebenchError(f"placement={cfg.placement!r} must be one of {', '.join(placement.PLACEMENTS)}")
     if build:
         pruner = instantiate(cfg.pruner)
-        layers = cfg.model.get("num_layers") or (cfg.model.get("hf_config") or {}).get("num_hidden_layers")
-        if layers and hasattr(pruner, "check"):  # depth knobs against the model's layer count
-            pruner.check(int(layers))
+        dims = placement.hf_config(cfg.model, cfg.paths.get("cache_dir"))  # None until first converted
+        layers = cfg.model.get("num_layers") or (dims or {}).get("num_hidden_layers")
+        if layers and hasattr(pruner, "check"):  # depth (and width) knobs against the model's shape
+            if "dims" in inspect.signature(pruner.check).parameters:
+                pruner.check(int(layers), dims=dims)
+            else:
+                pruner.check(int(layers))
         recovery = instantiate(cfg.recovery)
         evaluators = {name: instantiate(node) for name, node in cfg.eval.items()}
         from prunebench.models.loading import check_available

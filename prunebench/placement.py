@@ -146,17 +146,7 @@ def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | N
     `hf_config` (random models), a local config.json (model.path, a converted cache, the Hugging Face
     cache) or the YAML's `shape` hint. Parameters are counted exactly by building the model on the
     meta device (no memory); None when nothing is known."""
-    hf = None
-    if model_cfg.get("hf_config"):
-        hf = OmegaConf.to_container(model_cfg.hf_config, resolve=True)
-    else:
-        for folder in _config_folders(model_cfg, cache_dir):
-            path = Path(folder) / "config.json"
-            if path.exists():
-                import json
-
-                hf = json.loads(path.read_text())
-                break
+    hf = hf_config(model_cfg, cache_dir)
     hint = OmegaConf.to_container(model_cfg.shape, resolve=True) if model_cfg.get("shape") else {}
     if hf is None and not hint:
         return None
@@ -172,6 +162,20 @@ def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | N
         vocab=get("vocab_size") or hint.get("vocab"),
     )
     return shape if shape["params"] and shape["hidden"] and shape["layers"] else None
+
+
+def hf_config(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | None:
+    """The model's Hugging Face config as a dict, without loading weights: the YAML's `hf_config`
+    (random models) or a local config.json (model.path, a converted cache, the Hub cache)."""
+    if model_cfg.get("hf_config"):
+        return OmegaConf.to_container(model_cfg.hf_config, resolve=True)
+    for folder in _config_folders(model_cfg, cache_dir):
+        path = Path(folder) / "config.json"
+        if path.exists():
+            import json
+
+            return json.loads(path.read_text())
+    return None
 
 
 def _config_folders(model_cfg: DictConfig, cache_dir: str | None) -> list[Path]:

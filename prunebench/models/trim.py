@@ -168,13 +168,24 @@ def _cut_norm(norm: nn.Module, idx: torch.Tensor) -> None:
             setattr(norm, attr, idx.numel())
 
 
-def trim_hidden(model: nn.Module, keep_channels: Sequence[int]) -> None:
+def _rescale_norm(norm: nn.Module, factor: float) -> None:
+    """Multiply a norm's effective gain by `factor` (LayerNorm1P stores gain − 1)."""
+    with torch.no_grad():
+        if type(norm).__name__.endswith("1P"):
+            norm.weight.add_(1.0).mul_(factor).sub_(1.0)
+        else:
+            norm.weight.mul_(factor)
+
+
+def trim_hidden(model: nn.Module, keep_channels: Sequence[int], rescale_norms: bool = False) -> None:
     """Keep hidden (residual-stream, embedding) channels `keep_channels` everywhere: embedding
     columns, every residual norm's weight and bias, input columns of q/k/v/gate/up, output rows of
     o_proj/down_proj (and their biases), the LM head's columns (re-tied if tied), `hidden_size`.
 
     Norm statistics (RMS, mean, variance) are then taken over the kept channels only: the paper's
-    trimming; nothing is rescaled."""
+    trimming. `rescale_norms=True` (not in the paper) multiplies every norm's gain by sqrt(d/d'),
+    which makes RMSNorm exact when the removed channels carry no energy (with eps → 0): the mean
+    square over d' channels is d/d' times the one over d."""
     config = model.config
     width = config.hidden_size
     c = _as_index(keep_channels, width, "hidden channels")
@@ -196,6 +207,8 @@ def trim_hidden(model: nn.Module, keep_channels: Sequence[int]) -> None:
                 module.hidden_size = c.numel()
     for norm in norms.values():
         _cut_norm(norm, c)
+        if rescale_norms:
+            _rescale_norm(norm, (width / c.numel()) ** 0.5)
     with torch.no_grad():
         w = embed.weight.index_select(1, c.to(embed.weight.device)).contiguous()
         embed.weight = nn.Parameter(w, requires_grad=embed.weight.requires_grad)
