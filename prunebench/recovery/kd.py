@@ -1,0 +1,296 @@
+"""Knowledge-distillation recovery of a pruned causal LM: Minitron's retraining (arXiv 2407.14679,
+§3.4): L = clm_weight · L_CLM + L_logit + α · L_is with α = L_logit / L_is, logit-only forward KL at
+τ = 1 by default (the paper's best setting). The loss math is `distill.py`; the loop is `train.py`.
+
+Teacher: the unpruned model (the pipeline deep-copies it before pruning), or `teacher:` a model
+config name from conf/model or a saved Hugging Face folder, loaded here once on the student's device.
+Training text: `tokens` tokens of `source` (never an evaluation split) in `seqlen` windows, seeded
+order; AdamW, linear warm-up then cosine decay to `min_lr`, gradient clipping, `grad_accum`
+micro-batches per step, autocast for bf16/fp16; pruned weights stay zero (`keep_masks`).
+Reported, as Minitron's Table 1: the distillation loss (KL to the teacher) and the LM loss on
+held-out windows of `val_source`, before → after, plus the loss curve.
+
+    recovery: {_target_: prunebench.recovery.kd.KD, loss: kld, temperature: 1.0, tokens: 65536, seqlen: 256}
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from prunebench import PrunebenchError
+from prunebench.placement import Plan, compute_device
+from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
+from prunebench.recovery.train import (
+    PRECISIONS,
+    MaskKeeper,
+    adamw,
+    autocast,
+    check_source,
+    fit,
+    text_windows,
+    window_order,
+)
+
+log = logging.getLogger(__name__)
+
+
+class KD:
+    def __init__(
+        self,
+        name: str = "kd",
+        loss: str = "kld",
+        temperature: float = 1.0,
+        topk: int | None = None,
+        clm_weight: float = 0.0,
+        intermediate: dict | None = None,
+        teacher: str | None = None,
+        tokens: int = 65536,
+        seqlen: int = 256,
+        batch_size: int = 1,
+        grad_accum: int = 1,
+        lr: float = 1e-4,
+        min_lr: float = 1e-5,
+        warmup: float = 0.05,
+        weight_decay: float = 0.0,
+        clip: float | None = 1.0,
+        precision: str = "fp32",
+        source: str = "c4",
+        val_source: str = "wikitext2_valid",
+        val_windows: int = 16,
+        log_every: int = 10,
+        keep_masks: bool = True,
+        chunk: int | None = None,
+        seed: int = 0,
+    ):
+        check_knobs(loss, temperature, topk, clm_weight, intermediate)
+        for knob, value in (
+            ("seqlen", seqlen),
+            ("batch_size", batch_size),
+            ("grad_accum", grad_accum),
+            ("val_windows", val_windows),
+            ("log_every", log_every),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise PrunebenchError(f"recovery.{knob}={value} must be a positive integer")
+        step_tokens = seqlen * batch_size * grad_accum
+        if not isinstance(tokens, int) or tokens < step_tokens:
+            raise PrunebenchError(
+                f"recovery.tokens={tokens} is less than one optimiser step of {step_tokens} tokens"
+                " (seqlen × batch_size × grad_accum); raise recovery.tokens"
+            )
+        if lr <= 0 or not 0 <= min_lr <= lr:
+            raise PrunebenchError(f"recovery.lr={lr}, recovery.min_lr={min_lr}: need lr > 0 and 0 ≤ min_lr ≤ lr")
+        if not 0 <= warmup < 1:
+            raise PrunebenchError(f"recovery.warmup={warmup} is a fraction of the steps in [0, 1)")
+        if clip is not None and clip <= 0:
+            raise PrunebenchError(f"recovery.clip={clip} must be > 0 or null (no clipping)")
+        if precision not in PRECISIONS:
+            raise PrunebenchError(f"recovery.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise PrunebenchError(f"recovery.chunk={chunk} must be a positive number of tokens or null")
+        check_source(source, "recovery.source")
+        check_source(val_source, "recovery.val_source")  # model selection on the test split would leak too
+        if val_source == source:
+            raise PrunebenchError(
+                f"recovery.val_source={val_source} is the training source; held-out text must differ"
+                " (use recovery.val_source=wikitext2_valid with source=c4)"
+            )
+        if teacher is not None:
+            _teacher_cfg(teacher)  # exists? (cheap: composes a config or checks a folder)
+        self.loss = DistillLoss(loss, temperature, topk, clm_weight, intermediate, chunk)
+        self.name, self.kind, self.teacher = name, loss, teacher
+        self.tokens, self.seqlen, self.batch_size, self.grad_accum = tokens, seqlen, batch_size, grad_accum
+        self.lr, self.min_lr, self.warmup, self.weight_decay, self.clip = lr, min_lr, warmup, weight_decay, clip
+        self.precision, self.source, self.val_source, self.val_windows = precision, source, val_source, val_windows
+        self.log_every, self.keep_masks, self.seed = log_every, keep_masks, seed
+        self.steps = tokens // step_tokens
+        self.tokenizer = None
+
+    @property
+    def needs_teacher(self) -> bool:
+        """The pipeline copies the unpruned model only when no teacher is configured."""
+        return self.teacher is None
+
+    # -- held-out losses -----------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self, student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict[str, float]:
+        """Forward KL(teacher ‖ student) per token (τ = 1, no truncation: Minitron's distillation
+        loss) and the student's next-token cross-entropy, averaged over the held-out windows."""
+        device = compute_device(student)
+        was_training = student.training
+        student.eval()
+        kd = lm = 0.0
+        for i in range(0, len(windows), self.batch_size):
+            batch = windows[i : i + self.batch_size].to(device)
+            with autocast(device, self.precision):
+                s, t = (m(input_ids=batch, use_cache=False).logits for m in (student, teacher))
+            n = len(batch)
+            kd += float(logit_loss(s, t, "kld", chunk=self.loss.chunk)) * n
+            lm += float(clm_loss(s, batch)) * n
+        student.train(was_training)
+        return {"kd": round(kd / len(windows), 5), "lm": round(lm / len(windows), 5)}
+
+    # -- training ------------------------------------------------------------------------------
+    def train(self, model: nn.Module, teacher: nn.Module, checkpoints: list[int] | tuple = ()) -> dict:
+        """Distil `teacher` into `model` in place. `checkpoints`: optimiser-step counts at which the
+        held-out losses are also measured (returned under "checkpoints")."""
+        if self.tokenizer is None:
+            raise PrunebenchError("kd needs the tokenizer (set by the pipeline)")
+        if bad := [c for c in checkpoints if not 1 <= c <= self.steps]:
+            raise PrunebenchError(f"checkpoints {bad} are outside 1..{self.steps} steps")
+        device = compute_device(model)
+        teacher.eval().requires_grad_(False)
+        torch.manual_seed(self.seed)
+        windows = text_windows(self.tokenizer, self.source, self.seqlen)
+        val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows]
+        per_step = self.batch_size * self.grad_accum
+        order = window_order(len(windows), self.steps * per_step, self.seed)
+
+        start = time.perf_counter()
+        before = self.validate(model, teacher, val)
+        val_seconds = time.perf_counter() - start
+
+        keep = MaskKeeper(model, self.keep_masks)
+        extra = self.loss.setup_projection(model.config.hidden_size, teacher.config.hidden_size, device)
+        params = [p for p in model.parameters() if p.requires_grad] + extra
+        opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, "cosine", self.min_lr)
+        scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        ctx = autocast(device, self.precision)
+        last: dict = {}
+
+        def loss_fn(step: int, micro: int) -> torch.Tensor:
+            k = step * per_step + micro * self.batch_size
+            batch = windows[order[k : k + self.batch_size]].to(device)
+            parts = distill_step(model, teacher, {"input_ids": batch}, self.loss, ctx)
+            last.update({name: v for name, v in parts.items() if name != "loss"})
+            return parts["loss"]
+
+        marks, wanted = [], set(checkpoints) - {self.steps}
+        val_time = [0.0]
+
+        def on_step(done: int) -> None:
+            if done in wanted:
+                t0 = time.perf_counter()
+                marks.append(
+                    {"step": done, "tokens": done * per_step * self.seqlen, **self.validate(model, teacher, val)}
+                )
+                val_time[0] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        curve = fit(
+            model,
+            self.steps,
+            loss_fn,
+            opt,
+            sched,
+            grad_accum=self.grad_accum,
+            clip=self.clip,
+            keep=keep,
+            scaler=scaler,
+            log_every=self.log_every,
+            desc=f"kd ({self.kind})",
+            on_step=on_step,
+        )
+        seconds = time.perf_counter() - t0 - val_time[0]
+        t1 = time.perf_counter()
+        after = self.validate(model, teacher, val)
+        val_seconds += val_time[0] + time.perf_counter() - t1
+        tokens = self.steps * per_step * self.seqlen
+        if self.steps in set(checkpoints):
+            marks.append({"step": self.steps, "tokens": tokens, **after})
+        out = {
+            "name": self.name,
+            "loss": self.kind,
+            "temperature": self.loss.temperature,
+            "topk": self.loss.topk,
+            "clm_weight": self.loss.clm_weight,
+            "intermediate": self.loss.intermediate,
+            "teacher": self.teacher or "unpruned model (copied before pruning)",
+            "source": self.source,
+            "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
+            "distillation_loss": {"before": before["kd"], "after": after["kd"]},
+            "lm_val_loss": {"before": before["lm"], "after": after["lm"]},
+            "loss_curve": curve,
+            "tokens": tokens,
+            "steps": self.steps,
+            "seconds": round(seconds, 2),
+            "val_seconds": round(val_seconds, 2),
+            "precision": self.precision,
+            "kept_masks": self.keep_masks,
+            "last_step": {k: round(v, 5) for k, v in last.items()},
+            "metrics": {"kd_val_before": before["kd"], "kd_val_after": after["kd"], "lm_val_loss": after["lm"]},
+        }
+        if checkpoints:
+            out["checkpoints"] = sorted(marks, key=lambda m: m["step"])
+        return out
+
+    def __call__(self, model: nn.Module, teacher: nn.Module | None = None, data=None) -> dict:
+        if self.teacher is not None:
+            cache_dir = OmegaConf.select(data, "paths.cache_dir") if data is not None else None
+            dtype = next(model.parameters()).dtype
+            teacher = load_teacher(self.teacher, compute_device(model), dtype, cache_dir, self.tokenizer)
+        elif teacher is None:
+            raise PrunebenchError("kd needs a teacher: run it through the pipeline or set recovery.teacher")
+        return self.train(model, teacher)
+
+
+def _teacher_cfg(teacher: str):
+    """The model config of a teacher given as a conf/model name or a saved Hugging Face folder."""
+    from prunebench.config import CONF_DIR, compose
+
+    if (CONF_DIR / "model" / f"{teacher}.yaml").exists():
+        return compose(f"model={teacher}").model
+    path = Path(teacher).expanduser()
+    if not (path / "config.json").exists():
+        raise PrunebenchError(
+            f"recovery.teacher={teacher!r} is neither a model config name in conf/model nor"
+            " a saved Hugging Face folder (config.json); use e.g. recovery.teacher=smollm2-135m"
+        )
+    return OmegaConf.create(
+        {
+            "name": path.name,
+            "kind": "causal_lm",
+            "source": "path",
+            "path": str(path),
+            "dtype": "float32",
+            "reinit": False,
+        }
+    )
+
+
+def load_teacher(
+    teacher: str, device: torch.device, dtype: torch.dtype, cache_dir: str | None = None, tokenizer=None
+) -> nn.Module:
+    """Load a configured teacher once, straight onto `device` in `dtype` (the student's), in eval mode
+    with gradients off; refuses a teacher whose tokenizer differs from the student's."""
+    from prunebench import models
+    from prunebench.config import compose
+
+    cfg = _teacher_cfg(teacher)
+    cache_dir = cache_dir or compose().paths.cache_dir
+    model, tok = models.load(cfg, cache_dir, plan=Plan(torch.device(device), dtype, "device"))
+    if hasattr(tok, "get_vocab") and hasattr(tokenizer, "get_vocab") and tok.get_vocab() != tokenizer.get_vocab():
+        raise PrunebenchError(
+            f"recovery.teacher={teacher}: its tokenizer differs from the student's; logit KD needs the same vocabulary"
+        )
+    log.info("kd teacher %s loaded on %s", teacher, device)
+    return model.eval().requires_grad_(False)
+
+
+def kd_checkpoints(
+    student: nn.Module, teacher: nn.Module, tokenizer, tokens: int, checkpoints: list[int], **knobs
+) -> list[dict]:
+    """A short KD of `student` for `tokens` tokens, returning the held-out losses at the given
+    optimiser-step counts (and before training, step 0): [{"step", "tokens", "kd", "lm"}, ...].
+    Minitron's architecture search ranks candidates by the LM val loss ("lm") at these points."""
+    kd = KD(tokens=tokens, **knobs)
+    kd.tokenizer = tokenizer
+    out = kd.train(student, teacher, checkpoints)
+    first = {"step": 0, "tokens": 0, "kd": out["distillation_loss"]["before"], "lm": out["lm_val_loss"]["before"]}
+    return [first, *out.get("checkpoints", [])]

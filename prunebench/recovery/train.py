@@ -1,0 +1,156 @@
+"""The training plumbing recoveries share: token windows of a text source in a seeded order, AdamW
+with a warm-up + decay schedule, pruning masks held at zero, autocast, and one optimisation loop.
+
+`lm_finetune` (causal-LM loss) and `kd` (distillation loss) both run `fit`; only the per-batch loss
+differs. The loss math itself lives in `distill.py`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from prunebench import PrunebenchError
+from prunebench.data import load_texts, tokenize
+from prunebench.models.blocks import prunable_linears
+
+EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check_source(source: str, knob: str = "recovery.source") -> None:
+    """Refuse an evaluation split (or an unknown name) as training text, before anything loads."""
+    from prunebench.data.text import LOCAL
+
+    if source in EVAL_SPLITS:
+        raise PrunebenchError(
+            f"{knob}={source} is an evaluation split and must never be trained on; use {knob}=c4 (or wikitext2_valid)"
+        )
+    if source not in LOCAL:
+        raise PrunebenchError(f"{knob}={source!r} is not a known text source; use one of: c4, wikitext2_valid")
+
+
+def text_windows(tokenizer, source: str, seqlen: int) -> torch.Tensor:
+    """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines."""
+    ids = tokenize(tokenizer, "\n\n".join(t for t in load_texts(source) if t))
+    n = len(ids) // seqlen
+    if n == 0:
+        raise PrunebenchError(f"{source} has only {len(ids)} tokens, less than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)
+
+
+def window_order(n_windows: int, count: int, seed: int) -> torch.Tensor:
+    """`count` or more window indices: seeded permutations of all windows, concatenated."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.cat([torch.randperm(n_windows, generator=g) for _ in range(math.ceil(count / n_windows))])
+
+
+def lr_lambda(steps: int, warmup: float, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
+    """LR multiplier per step: linear warm-up over `warmup` × steps, then linear decay to 0 or cosine
+    decay to `min_ratio` (min_lr / lr)."""
+    warm = max(1, int(warmup * steps))
+    if decay == "linear":
+        return lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+
+    def cosine(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        progress = min(1.0, (s - warm) / max(1, steps - warm))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return cosine
+
+
+def adamw(
+    params: Iterable[nn.Parameter],
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    warmup: float,
+    decay: str = "linear",
+    min_lr: float = 0.0,
+):
+    """(AdamW, LambdaLR) over `params`."""
+    opt = torch.optim.AdamW(list(params), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, warmup, decay, min_lr / lr if lr else 0.0))
+    return opt, sched
+
+
+class MaskKeeper:
+    """Remembers which block-linear weights are exactly zero and sets them back to zero after each
+    optimiser step, so unstructured and N:M sparsity survive training."""
+
+    def __init__(self, model: nn.Module, enabled: bool = True):
+        self.linears = prunable_linears(model) if enabled else {}
+        self.masks = {n: m.weight == 0 for n, m in self.linears.items()}
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for name, mask in self.masks.items():
+            self.linears[name].weight[mask] = 0
+
+
+def autocast(device: torch.device, precision: str):
+    """torch.autocast on the model's device for bf16/fp16; a no-op for fp32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def fit(
+    model: nn.Module,
+    steps: int,
+    loss_fn: Callable[[int, int], torch.Tensor],
+    opt: torch.optim.Optimizer,
+    sched,
+    *,
+    grad_accum: int = 1,
+    clip: float | None = None,
+    keep: MaskKeeper | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    log_every: int = 10,
+    desc: str = "train",
+    on_step: Callable[[int], None] | None = None,
+) -> list[list]:
+    """`steps` optimiser steps; `loss_fn(step, micro)` returns the loss of one micro-batch. Each step
+    accumulates `grad_accum` micro-batches, clips the gradient norm to `clip`, steps the optimiser
+    and scheduler and re-applies the masks. `on_step(done)` runs after each step (checkpoints).
+    Returns the loss curve [[step, loss], ...] every `log_every` steps and at the last one."""
+    params = [p for group in opt.param_groups for p in group["params"]]
+    curve = []
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    for step in bar:
+        total = 0.0
+        for micro in range(grad_accum):
+            loss = loss_fn(step, micro)
+            scaled = loss / grad_accum if grad_accum > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            total += float(loss.detach()) / grad_accum
+        if scaler is not None:
+            scaler.unscale_(opt)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if keep is not None:
+            keep.apply()
+        if step % log_every == 0 or step == steps - 1:
+            curve.append([step, round(total, 5)])
+            bar.set_postfix(loss=f"{total:.4f}")
+        if on_step is not None:
+            on_step(step + 1)
+            model.train()
+    model.eval()
+    return curve
