@@ -86,6 +86,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     with stage(timings, "eval", device):
         metrics = evaluate(evaluators, model, tokenizer)
     metrics.update({f"recovery/{k}": v for k, v in (train or {}).get("metrics", {}).items()})  # e.g. dev scores
+    metrics.update({f"prune/{k}": v for k, v in stats.info.get("metrics", {}).items()})  # e.g. MCC per bridge step
     for name, ev in evaluators.items():  # metrics relative to the dense model (LaCo's Per.)
         if baseline and hasattr(ev, "relative"):
             mine, dense = ({k.split("/", 1)[1]: v for k, v in d.items() if k.startswith(f"{name}/")}

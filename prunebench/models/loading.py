@@ -126,6 +126,10 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
 def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
     from transformers import AutoTokenizer
 
+    if (path / "prunebench_bridges.json").exists():  # blocks replaced by low-rank bridges (MiniBridgeBERT)
+        from prunebench.models.bridges import load_bridged
+
+        return load_bridged(path, dtype)
     model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model.eval(), tokenizer
@@ -247,7 +251,13 @@ def _gguf_cache(cfg: DictConfig, cache_dir: Path) -> Path:
 
 def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> None:
     """save_pretrained the model and tokenizer; an encoder also gets sentence-transformers files
-    (pooling from the model config) so `SentenceTransformer(folder)` loads it."""
+    (pooling from the model config) so `SentenceTransformer(folder)` loads it. A model with low-rank
+    bridges is saved as safetensors + its bridge spec, which `load` (model.path) reads back."""
+    from prunebench.models.bridges import has_bridges, save_bridged
+
+    if has_bridges(model):
+        save_bridged(model, tokenizer, folder)
+        return
     if cfg.kind == "encoder":
         from prunebench.models.encoders import save_sentence_transformer
 
