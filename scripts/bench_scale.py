@@ -28,7 +28,8 @@ from prunebench import placement
 from prunebench.config import compose
 from prunebench.data import Calibration
 from prunebench.evals.perplexity import Perplexity
-from prunebench.models.blocks import find_blocks, prunable_linears
+from prunebench.models.blocks import find_blocks
+from prunebench.pruners.base import mask_agreement
 from prunebench.pruners.sparsegpt import SparseGPT
 from prunebench.pruners.stats import capture_inputs
 from prunebench.pruners.wanda import Wanda
@@ -101,17 +102,13 @@ def ppl_throughput(model, windows: torch.Tensor, device) -> tuple[float, float]:
     return tokens / t_eval, tokens / timed(bare, device)
 
 
-def mask_agreement(shape, device, calib) -> float:
+def bf16_agreement(shape, device, calib) -> float:
     """Wanda masks of the same weights in bf16 and in fp32 (weights rounded to bf16 once)."""
     ref = build(shape, torch.bfloat16, device).float()
     half = copy.deepcopy(ref).to(torch.bfloat16)
     for model in (ref, half):
         Wanda(sparsity=0.5)(model, calib)
-    same = total = 0
-    for a, b in zip(prunable_linears(ref).values(), prunable_linears(half).values(), strict=True):
-        same += int(((a.weight == 0) == (b.weight == 0)).sum())
-        total += a.weight.numel()
-    return same / total
+    return mask_agreement(ref, half)
 
 
 def main() -> None:
@@ -162,7 +159,7 @@ def main() -> None:
         ev, bare = ppl_throughput(model, windows, device)
         print(f"\nperplexity evaluator {ev:.0f} tokens/s vs bare forward {bare:.0f} tokens/s: {ev / bare:.3f}×")
     if "agreement" not in skip:
-        print(f"bf16 vs fp32 Wanda mask agreement: {mask_agreement(shape, device, calib):.5f}")
+        print(f"bf16 vs fp32 Wanda mask agreement: {bf16_agreement(shape, device, calib):.5f}")
     print(f"peak RSS {peak_rss_mb():.0f} MB")
 
 

@@ -46,6 +46,16 @@ def measure(model: nn.Module, target: float, timings: dict, info: dict | None = 
     return PruneStats(target, zeros / max(total, 1), per, timings, info or {})
 
 
+def mask_agreement(a: nn.Module, b: nn.Module) -> float:
+    """Fraction of identical mask entries (weight == 0) over the block linears of two models of
+    one architecture: how far a precision, device or placement change moves the masks."""
+    same = total = 0
+    for x, y in zip(prunable_linears(a).values(), prunable_linears(b).values(), strict=True):
+        same += int(((x.weight == 0) == (y.weight == 0).to(x.weight.device)).sum())
+        total += x.weight.numel()
+    return same / max(total, 1)
+
+
 class MaskPruner:
     """Remove weights by a score. `sequential=True` (the papers' protocol): block by block, the
     statistics of block i come from inputs computed by the already-pruned blocks < i.
