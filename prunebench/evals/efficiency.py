@@ -23,6 +23,11 @@ from prunebench.placement import compute_device, sync
 from prunebench.results import proc_status_mb, reset_peak_rss
 
 
+def attention_blocks(model: nn.Module) -> int:
+    """Blocks that still attend (a MiniBridgeBERT bridge replaces a block by a low-rank map)."""
+    return sum(any("Attention" in type(m).__name__ for m in b.modules()) for b in find_blocks(model))
+
+
 def flops_per_token(model: nn.Module, context: int, nonzero: bool = False) -> float:
     linear = sum(
         int(torch.count_nonzero(m.weight)) if nonzero else m.weight.numel()
@@ -32,7 +37,7 @@ def flops_per_token(model: nn.Module, context: int, nonzero: bool = False) -> fl
     cfg = model.config
     heads = getattr(cfg, "num_attention_heads", 0)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // max(heads, 1)
-    attention = 4 * len(find_blocks(model)) * context * heads * head_dim
+    attention = 4 * attention_blocks(model) * context * heads * head_dim
     return 2.0 * linear + attention
 
 
@@ -83,7 +88,7 @@ class Efficiency:
         out = {
             "params": params,
             "nonzero_params": nonzero,
-            "layers": len(find_blocks(model)),
+            "layers": attention_blocks(model),
             "gflops_per_token": flops_per_token(model, self.prompt_len) / 1e9,
             "gflops_per_token_nonzero": flops_per_token(model, self.prompt_len, nonzero=True) / 1e9,
         }
