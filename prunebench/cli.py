@@ -211,6 +211,7 @@ def _views(rep, runs: list[dict], folder: Path, metric: str | None) -> dict:
         views["pivot"] = rep.pivot_table(runs, metric)
     if any(r["config"].get("expected") for r in runs):
         views["paper"] = rep.paper_table(runs)
+    views.update(rep.extra_views(runs, folder))  # Minitron's search candidates and rankings, where present
     return views
 
 

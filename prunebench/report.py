@@ -2,7 +2,11 @@
 
 Three views: `runs` (one row per run), `pivot` (one row per method, one column per pattern or
 sparsity, dense on top: the layout of the Wanda and GBLM tables), and `paper` (each experiment row
-beside the paper's number, the difference, and a mark when outside tolerance).
+beside the paper's number, the difference, and a mark when outside tolerance). Runs that searched
+architectures (Minitron's `prune.search`, also inside `prune.stages`) add `search`: one row per
+candidate, its shape, parameters, LM validation loss at each checkpoint of the short KD and its
+rank (`extra_views`). `plot` also draws the recovery loss curves (`recovery.loss_curve`, [step,
+loss] pairs) and the candidates' validation losses into `<stem>_curves.png` (`curves_plot`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,23 @@ def metric_keys(runs: list[dict]) -> list[str]:
     return sorted({k for r in runs for k in r["metrics"] if not k.endswith(_COUNTS)})
 
 
+def _label(run: dict, root: Path | None) -> str:
+    """A run's overrides (without hydra.*), else its directory relative to `root`."""
+    d = Path(run.get("_dir", "."))
+    if root is None:
+        rel = d.name or "."
+    else:
+        rel = "." if d == root else str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
+    return " ".join(o for o in run.get("overrides", []) if not o.startswith("hydra")) or rel
+
+
+def _short(run: dict, width: int = 40) -> str:
+    """A legend label: the experiment cell's name, else the run directory's name, cut to `width`."""
+    cell = next((o.split("=", 1)[1] for o in run.get("overrides", []) if o.startswith("experiment=")), None)
+    text = cell.rsplit("/", 1)[-1] if cell else Path(run.get("_dir", "run")).name
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]]:
     """One row per run: identity columns, then each metric, then the dense baseline's value."""
     keys = metric_keys(runs)
@@ -45,8 +66,7 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
     rows = []
     for r in runs:
         p = r["prune"]
-        rel = str(r["_dir"].relative_to(root)) if r["_dir"] != root else "."
-        label = " ".join(o for o in r.get("overrides", []) if not o.startswith("hydra")) or rel
+        label = _label(r, root)
         rows.append(
             [label, r["config"]["model"]["name"], p["method"], p["pattern"], _fmt(p["target_sparsity"])]
             + [f"{p['achieved_sparsity']:.4f}"]
@@ -135,8 +155,125 @@ def write(header: list[str], rows: list[list[str]], folder: Path, stem: str = "r
     return {**paths, "md_text": md}
 
 
+def _searches(run: dict) -> list[tuple[str, dict]]:
+    """(where, search record) of a run: each stage's search, then the final prune's."""
+    p = run.get("prune") or {}
+    found = [
+        (f"stage {s.get('stage', i)}", s["search"]) for i, s in enumerate(p.get("stages") or []) if s.get("search")
+    ]
+    return found + ([("final", p["search"])] if p.get("search") else [])
+
+
+SHAPE_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
+
+
+def search_table(runs: list[dict], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """Minitron's architecture search: one row per candidate of every run (and stage) that searched,
+    its shape, parameters and deviation from the target, the LM validation loss at each checkpoint
+    of its short distillation (columns `lm@<step>`), its final rank, and the kept one marked."""
+    searches = [(r, where, s) for r in runs for where, s in _searches(r)]
+    steps = sorted({v["step"] for _, _, s in searches for c in s["candidates"] for v in c.get("val", [])})
+    header = ["run", "stage", "candidate", *SHAPE_KEYS, "params", "vs target", *[f"lm@{k}" for k in steps]]
+    header += ["rank", "kept"]
+    rows = []
+    for r, where, s in searches:
+        best = s["best"]["id"]
+        for c in sorted(s["candidates"], key=lambda c: (c["rank"] or 0, c["id"])):
+            lm = {v["step"]: v["lm"] for v in c.get("val", [])}
+            rows.append(
+                [_label(r, root), where, str(c["id"]), *[str(c["shape"][k]) for k in SHAPE_KEYS]]
+                + [f"{c['params']:,}", f"{c['deviation']:+.2%}", *[_fmt(lm.get(k)) for k in steps]]
+                + [_fmt(c["rank"]), "yes" if c["id"] == best else ""]
+            )
+    return header, rows
+
+
+def rankings_table(runs: list[dict], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """How the candidates' order by LM validation loss changes over the short distillation: one row
+    per checkpoint, the order (best first), pairs ordered unlike the final ranking, and whether the
+    ranking is already the final one from there on."""
+    header = ["run", "stage", "step", "tokens", "order (best first)", "pairs unlike final", "stable"]
+    rows = []
+    for run, where, s in ((r, w, s) for r in runs for w, s in _searches(r)):
+        stable = s.get("stable_from_step")
+        for entry in s.get("rankings", []):
+            rows.append(
+                [_label(run, root), where, str(entry["step"]), str(entry["tokens"])]
+                + [" > ".join(str(i) for i in entry["order"]), str(entry.get("discordant_pairs", ""))]
+                + ["yes" if stable is not None and entry["step"] >= stable else ""]
+            )
+    return header, rows
+
+
+def extra_views(runs: list[dict], root: Path | None = None) -> dict:
+    """Views that only some runs have: the architecture search's candidates and rankings."""
+    if not any(_searches(r) for r in runs):
+        return {}
+    views = {"search": search_table(runs, root)}
+    if any(s.get("rankings") for r in runs for _, s in _searches(r)):
+        views["rankings"] = rankings_table(runs, root)
+    return views
+
+
+def _curves(runs: list[dict]) -> list[tuple[str, list]]:
+    out = []
+    for r in runs:
+        curve = (r.get("recovery") or {}).get("loss_curve")
+        if curve:
+            name = (r.get("recovery") or {}).get("name") or (r.get("recovery") or {}).get("loss") or "recovery"
+            out.append((f"{_short(r)} ({name})", curve))
+    return out
+
+
+def curves_plot(runs: list[dict], path: Path) -> Path | None:
+    """The recovery loss curves ([step, loss] per logged step; one line per run) and, for runs that
+    searched architectures, each candidate's LM validation loss at the checkpoints of its short
+    distillation (a second panel). None when no run has either."""
+    curves = _curves(runs)
+    searches = [(r, w, s) for r in runs for w, s in _searches(r) if s.get("rankings")]
+    several = len({id(r) for r, _, _ in searches}) > 1
+    if not curves and not searches:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = int(bool(curves)) + int(bool(searches))
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    axes = list(axes[0])
+    if curves:
+        ax = axes.pop(0)
+        for label, curve in curves:
+            xs, ys = zip(*[(int(step), float(loss)) for step, loss in curve], strict=True)
+            ax.plot(xs, ys, marker="." if len(xs) < 50 else None, label=label)
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("training loss")
+        ax.set_title("recovery loss curve")
+        ax.legend(fontsize=7)
+    if searches:
+        ax = axes.pop(0)
+        for run, where, s in searches:
+            for c in s["candidates"]:
+                pts = [(v["step"], v["lm"]) for v in c.get("val", [])]
+                xs, ys = zip(*pts, strict=True)
+                shape = c["shape"]
+                label = f"#{c['id']} L{shape['layers']} H{shape['heads']} F{shape['ffn']} D{shape['hidden']}"
+                label = f"{_short(run, 24)} {where} {label}" if several else f"{where} {label}"
+                ax.plot(xs, ys, marker="o", linewidth=2.5 if c["id"] == s["best"]["id"] else 1, label=label)
+        ax.set_xlabel("step of the short distillation")
+        ax.set_ylabel("LM validation loss")
+        ax.set_title("architecture search candidates")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: list[dict], metric: str, path: Path) -> Path:
-    """`metric` against target sparsity, one line per (method, pattern); dense as a dashed line."""
+    """`metric` against target sparsity, one line per (method, pattern); dense as a dashed line. Runs
+    with recovery loss curves or an architecture search also get `<stem>_curves.png` beside it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,4 +302,5 @@ def plot(runs: list[dict], metric: str, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    curves_plot(runs, path.with_name(f"{path.stem}_curves.png"))
     return path

@@ -49,3 +49,68 @@ def test_paper_table_marks_outside_tolerance(tmp_path):
     assert by_col["7B 50%"]["ok"] == "yes" and by_col["7B 50%"]["diff"] == "+0.030"
     assert by_col["7B 2:4"]["ok"].startswith("NO")
     assert by_col["x"]["ok"] == "" and by_col["x"]["diff"] == ""  # other model: shown, not judged
+
+
+def fake_search_run(folder: Path) -> None:
+    """A Minitron run that searched two candidates and then distilled (metrics.json's shape)."""
+    shape = {"layers": 30, "heads": 6, "kv_heads": 3, "ffn": 832, "hidden": 576}
+
+    def cand(i, losses, rank):
+        val = [{"step": s, "tokens": 256 * s, "lm": v, "kd": v / 3} for s, v in zip((0, 2, 4), losses, strict=True)]
+        return {"id": i, "shape": {**shape, "ffn": 832 + 128 * i}, "params": 91_384_128 + i, "deviation": 0.014,
+                "val": val, "rank": rank, "seconds": 1.0}  # fmt: skip
+
+    search = {
+        "candidates": [cand(0, [4.0, 3.5, 3.3], 2), cand(1, [3.9, 3.6, 3.2], 1)],
+        "rankings": [
+            {"step": 0, "tokens": 0, "order": [1, 0], "discordant_pairs": 0},
+            {"step": 2, "tokens": 512, "order": [0, 1], "discordant_pairs": 1},
+            {"step": 4, "tokens": 1024, "order": [1, 0], "discordant_pairs": 0},
+        ],
+        "stable_from_step": 4,
+        "best": {"id": 1, "shape": {**shape, "ffn": 960}, "params": 91_384_129, "deviation": 0.014},
+    }
+    folder.mkdir(parents=True)
+    data = {
+        "status": "complete",
+        "overrides": ["pruner=minitron", "pruner.target_params=0.67"],
+        "config": {"model": {"name": "m"}, "expected": None},
+        "metrics": {"wikitext2/ppl": 40.0, "recovery/lm_val_loss": 3.1},
+        "baseline": {"wikitext2/ppl": 20.0},
+        "prune": {
+            "method": "minitron",
+            "pattern": "unstructured",
+            "target_sparsity": 0.0,
+            "achieved_sparsity": 0.0,
+            "layers_kept": list(range(30)),
+            "layers_before": 30,
+            "search": search,
+        },
+        "recovery": {"name": "kd", "loss_curve": [[0, 1.2], [2, 0.9], [4, 0.7]]},
+    }
+    (folder / "metrics.json").write_text(json.dumps(data))
+
+
+def test_search_candidates_table_and_rankings(tmp_path):
+    fake_search_run(tmp_path / "s")
+    fake_run(tmp_path / "w", "wanda", "unstructured", 15.0)  # runs without a search add no rows
+    runs = report.collect(tmp_path)
+    views = report.extra_views(runs, tmp_path)
+    header, rows = views["search"]
+    assert header[-5:] == ["lm@0", "lm@2", "lm@4", "rank", "kept"] and len(rows) == 2
+    first = dict(zip(header, rows[0], strict=True))
+    assert first["candidate"] == "1" and first["kept"] == "yes" and first["ffn"] == "960" and first["lm@4"] == "3.2"
+    assert first["params"] == "91,384,129" and first["vs target"] == "+1.40%" and first["stage"] == "final"
+    header, rows = views["rankings"]
+    assert [r[header.index("order (best first)")] for r in rows] == ["1 > 0", "0 > 1", "1 > 0"]
+    assert [r[header.index("stable")] for r in rows] == ["", "", "yes"]
+    assert "|" in report.markdown(*views["search"])
+    assert report.extra_views([r for r in runs if "search" not in r["prune"]]) == {}
+
+
+def test_plot_draws_the_kd_loss_curve_and_candidates(tmp_path):
+    fake_search_run(tmp_path / "s")
+    runs = report.collect(tmp_path)
+    png = report.plot(runs, "wikitext2/ppl", tmp_path / "report.png")
+    assert png.stat().st_size > 1000 and (tmp_path / "report_curves.png").stat().st_size > 1000
+    assert report.curves_plot([{"recovery": None, "prune": {}}], tmp_path / "none.png") is None

@@ -34,6 +34,19 @@ Order: compute every importance on the dense model (once: `compute_importance` r
 scores, and `plan` + `apply_plan` can trim many candidate shapes from one pass, as a search
 needs), then remove layers, then trim heads, MLP neurons and hidden channels.
 
+Architecture search (`target_params`, minitron_search.py): instead of a fixed `target`, a parameter
+budget (a count, or a fraction in (0, 1) of the loaded model's); every shape over `axes` (depth, mlp,
+att, emb; the other axes stay at `target.*`) within ±`search.tolerance` is pruned from one importance
+pass, the `search.max_candidates` closest are each distilled from the dense model for `search.tokens`
+and ranked by LM validation loss at `search.checkpoints`; the best is applied (from the dense
+weights) and recorded with every candidate in PruneStats.info['search'].
+
+Stages (`stages`, the paper's 15B -> 8B -> 4B in one run): each listed stage prunes (its `target` or
+`target_params` and `axes`), then distils `tokens` from the dense model (`search.kd` knobs), and
+importance is scored afresh on the result; the pruner's own target is the last stage, after which
+the pipeline's recovery runs. The same chain as separate commands: a run with `save_model=true`,
+then `model.path=<run>/model` (fractions are then of the loaded, already pruned model).
+
     pruner:
       _target_: prunebench.pruners.minitron.Minitron
       target: {layers: null, heads: 6, kv_heads: null, ffn: 1024, hidden: null}
@@ -41,11 +54,17 @@ needs), then remove layers, then trim heads, MLP neurons and hidden channels.
       depth: {metric: bi, contiguous: false}
       head_merge: false
       hidden_norm_rescale: false
+      target_params: null   # or e.g. 0.67: search the shape instead (target.* of searched axes unused)
+      axes: [mlp, att, emb]
+      search: {tolerance: 0.05, max_candidates: 8, tokens: 8192, checkpoints: null, kd: {seqlen: 256}}
+      stages: null          # or [{target_params: 0.67, tokens: 16384}]
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -59,12 +78,15 @@ from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
 from prunebench.models.surgery import keep_layers, set_blocks, snapshot
+from prunebench.pruners import minitron_search as msearch
 from prunebench.pruners.base import PruneStats
 
 AGGS = ("mean", "l2", "var")
 DEPTH_METRICS = ("bi", "ppl")
 TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
 WIDTH_AXES = ("heads", "ffn", "hidden")
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Aggregation (pure): over the tokens of a window, then over windows; always of magnitudes, in fp32.
@@ -543,6 +565,10 @@ class Minitron:
         depth: Mapping | None = None,
         head_merge: bool = False,
         hidden_norm_rescale: bool = False,
+        target_params: float | int | None = None,
+        axes: Sequence[str] = ("mlp", "att", "emb"),
+        search: Mapping | None = None,
+        stages: Sequence[Mapping] | None = None,
         sparsity: float = 0.0,
         pattern: str = "unstructured",
     ):
@@ -572,7 +598,10 @@ class Minitron:
         if not isinstance(hidden_norm_rescale, bool):
             raise PrunebenchError(f"pruner.hidden_norm_rescale={hidden_norm_rescale!r} must be true or false")
         self.hidden_norm_rescale = hidden_norm_rescale
-        h, g = self.target["heads"], self.target["kv_heads"]
+        self.target_params = msearch.parse_target_params(target_params)
+        self.axes = msearch.parse_axes(axes)
+        self.search = msearch.SearchKnobs.parse(search)
+        h, g = self._fixed()["heads"], self.target["kv_heads"]
         if h is not None and g is not None and h % g:
             raise PrunebenchError(
                 f"pruner.target.heads={h} is not divisible by pruner.target.kv_heads={g}; heads must be k × kv_heads"
@@ -583,28 +612,89 @@ class Minitron:
             raise PrunebenchError(
                 "pruner.pattern must be unstructured for minitron: it trims shapes (set pruner.target.*)"
             )
+        shared = dict(name=name, agg=agg, depth=depth, head_merge=head_merge, hidden_norm_rescale=hidden_norm_rescale)
+        self.stages = self._parse_stages(stages, shared, search, self.axes)
         self.importance: Importance | None = None  # the last pass, for reuse (e.g. an architecture search)
+        self.tokenizer = None  # set by the pipeline: the search and the stages distil on text
+
+    def _fixed(self) -> dict:
+        """pruner.target without the axes the search varies (those come from the search)."""
+        if self.target_params is None:
+            return dict(self.target)
+        searched = {msearch.AXIS_KEY[a] for a in self.axes}
+        return {k: (None if k in searched else v) for k, v in self.target.items()}
+
+    @staticmethod
+    def _parse_stages(stages, shared: dict, search, axes: Sequence[str]) -> list[tuple[Minitron, int]]:
+        """pruner.stages: the intermediate prunes of a multi-stage run, each then distilled from the
+        dense model for `tokens`; the pruner's own target / target_params is the last stage. A stage
+        without `axes` searches the pruner's."""
+        out = []
+        for k, stage in enumerate(stages or []):
+            stage = dict(stage or {})
+            if unknown := sorted(set(stage) - {"target", "target_params", "axes", "tokens"}):
+                raise PrunebenchError(
+                    f"pruner.stages[{k}].{unknown[0]} is unknown; a stage takes target or target_params, axes, tokens"
+                )
+            tokens = stage.get("tokens", 0)
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise PrunebenchError(f"pruner.stages[{k}].tokens={tokens} must be ≥ 0 (KD tokens after this stage)")
+            if stage.get("target_params") is None and not any((stage.get("target") or {}).values()):
+                raise PrunebenchError(f"pruner.stages[{k}] needs target_params or target.* (the stage's shape)")
+            try:
+                sub = Minitron(
+                    **shared,
+                    target=stage.get("target"),
+                    target_params=stage.get("target_params"),
+                    axes=stage.get("axes") or axes,
+                    search=search,
+                )
+            except PrunebenchError as err:
+                raise PrunebenchError(f"pruner.stages[{k}]: {err}") from None
+            out.append((sub, tokens))
+        return out
 
     def check(self, num_layers: int, dims: Mapping | None = None) -> None:
         """Validate the target against the model's shape known before loading: its layer count, and
         (if given, HF config names) hidden_size, num_attention_heads, num_key_value_heads,
-        intermediate_size."""
-        if (n := self.target["layers"]) is not None and n > num_layers:
+        intermediate_size; with target_params, that some shape lies within the tolerance."""
+        if dims and dims.get("num_hidden_layers"):
+            num_layers = int(dims["num_hidden_layers"])  # a saved, already trimmed model.path
+        t = self._fixed()
+        if (n := t["layers"]) is not None and n > num_layers:
             raise PrunebenchError(f"pruner.target.layers={n} is more than the model's {num_layers} layers")
         if dims and all(dims.get(k) for k in ("hidden_size", "num_attention_heads", "intermediate_size")):
             heads = dims["num_attention_heads"]
-            self._check_dims(
-                Dims(
-                    num_layers,
-                    heads,
-                    dims.get("num_key_value_heads") or heads,
-                    dims["intermediate_size"],
-                    dims["hidden_size"],
-                )
+            d = Dims(
+                num_layers,
+                heads,
+                dims.get("num_key_value_heads") or heads,
+                dims["intermediate_size"],
+                dims["hidden_size"],
             )
+            self._check_dims(d)
+            if dims.get("vocab_size"):
+                self._check_search(d, msearch.Arch.of_config(dims), enumerate_shapes=not self.stages)
+                for k, (sub, _) in enumerate(self.stages):
+                    try:
+                        sub._check_dims(d)
+                        sub._check_search(d, msearch.Arch.of_config(dims), enumerate_shapes=k == 0)
+                    except PrunebenchError as err:
+                        raise PrunebenchError(f"pruner.stages[{k}]: {err}") from None
+
+    def _check_search(self, d: Dims, arch, enumerate_shapes: bool) -> None:
+        if self.target_params is None:
+            return
+        dense = msearch.param_count(d, arch)
+        target = msearch.resolve_target(self.target_params, dense)
+        if enumerate_shapes:
+            cands, _, closest = msearch.enumerate_candidates(d, arch, target, self.axes, self._fixed(), self.search)
+            if not cands:
+                message = msearch.no_candidate_message(target, self.axes, self.search, closest, dense, arch)
+                raise PrunebenchError(message)
 
     def _check_dims(self, d: Dims) -> None:
-        t = self.target
+        t = self._fixed()
         for key, have, what in (
             ("layers", d.layers, "layers"),
             ("heads", d.heads, "attention heads"),
@@ -630,20 +720,26 @@ class Minitron:
 
     def _check_model(self, model: nn.Module) -> Dims:
         blocks = find_blocks(model)
-        wants = {k for k in ("heads", "kv_heads", "ffn", "hidden") if self.target[k] is not None}
+        t = self._fixed()
+        wants = {k for k in ("heads", "kv_heads", "ffn", "hidden") if t[k] is not None}
+        searching = self.target_params is not None
+        if searching:  # the parameter count reads attention and MLP modules whatever the axes
+            wants |= {"heads", "ffn"} | ({"hidden"} if "emb" in self.axes else set())
         needs = {"heads": trim_ops._attn, "kv_heads": trim_ops._attn, "ffn": trim_ops._mlp}
         for key in sorted(wants):
+            knob = f"pruner.target.{key}" if t[key] is not None else "pruner.target_params"
             for check in [needs[key]] if key in needs else [trim_ops._attn, trim_ops._mlp]:
                 try:
                     check(blocks[0])
                 except ValueError as err:
                     raise PrunebenchError(
-                        f"pruner.target.{key}: {err}; minitron trims Llama-family and Nemotron decoders"
-                        f" (set pruner.target.{key}=null)"
+                        f"{knob}: {err}; minitron trims Llama-family and Nemotron decoders (set {knob}=null)"
                     ) from None
-        if self.target["hidden"] is not None and model.get_output_embeddings() is None:
-            raise PrunebenchError("pruner.target.hidden needs a causal LM (embedding and LM head); set it to null")
-        if self.metric == "ppl" and self.target["layers"] is not None and model.get_output_embeddings() is None:
+        if "hidden" in wants and model.get_output_embeddings() is None:
+            knob = "pruner.target.hidden" if t["hidden"] is not None else "pruner.axes with emb"
+            raise PrunebenchError(f"{knob} needs a causal LM (embedding and LM head); drop it")
+        depth = t["layers"] is not None or (searching and "depth" in self.axes)
+        if self.metric == "ppl" and depth and model.get_output_embeddings() is None:
             raise PrunebenchError("pruner.depth.metric=ppl needs a language-model head; use pruner.depth.metric=bi")
         if wants:
             d = Dims.of(model)
@@ -656,33 +752,103 @@ class Minitron:
     def __call__(self, model: nn.Module, calib) -> PruneStats:
         if calib is None:
             raise PrunebenchError(f"{self.name} needs calibration data")
+        params_before = count_params(model)[0]
+        frozen = msearch.frozen_names(model)
+        stages, timings, teacher = [], {}, None
+        try:
+            if self.stages:
+                if self.tokenizer is None and any(tokens for _, tokens in self.stages):
+                    raise PrunebenchError("pruner.stages distil between stages and need the tokenizer (the pipeline)")
+                teacher = copy.deepcopy(model).eval().requires_grad_(False)  # the dense model teaches every stage
+                for k, (sub, tokens) in enumerate(self.stages):
+                    sub.tokenizer = self.tokenizer
+                    t0 = time.perf_counter()
+                    info, _ = sub._prune(model, calib, params_before, teacher, frozen)
+                    entry = {
+                        "stage": k,
+                        "target": info["target"],
+                        "target_params": info.get("search", {}).get("target_params"),
+                        "shape_before": info["shape_before"],
+                        "shape": info["shape_after"],
+                        "params": info["params_after"],
+                        "param_ratio": round(info["params_after"] / params_before, 5),
+                        "layers_kept": info["layers_kept"],
+                    }
+                    if "search" in info:
+                        entry["search"] = info["search"]
+                    if tokens:
+                        entry["kd"] = msearch.distil(model, teacher, self.tokenizer, tokens, self.search.kd)
+                        msearch.thaw(model, frozen)
+                    stages.append(entry)
+                    timings[f"stage_{k}"] = time.perf_counter() - t0
+            info, final = self._prune(model, calib, params_before, teacher, frozen)
+        finally:
+            msearch.thaw(model, frozen)
+            del teacher
+        timings.update(final)
+        if stages:
+            info.update(
+                shape_before=stages[0]["shape_before"],
+                stages=stages,
+                params_before=params_before,
+                param_ratio=info["params_after"] / params_before,
+            )
+        return PruneStats(0.0, 0.0, {}, timings, info)
+
+    def _prune(
+        self, model: nn.Module, calib, dense_params: int, teacher: nn.Module | None, frozen: set[str]
+    ) -> tuple[dict, dict]:
+        """One prune of `model` in place: to `target`, or to the best shape a search finds."""
         t0 = time.perf_counter()
         dims = self._check_model(model)
         params_before = count_params(model)[0]
-        t = self.target
-        axes = [
-            a
-            for a, keys in (("heads", ("heads", "kv_heads")), ("ffn", ("ffn",)), ("hidden", ("hidden",)))
-            if any(t[k] is not None for k in keys)
-        ]
-        remove = dims.layers - t["layers"] if t["layers"] is not None else 0
-        imp = compute_importance(
-            model,
-            calib.input_ids,
-            calib.batch_size,
-            batch=self.batch,
-            seq=self.seq,
-            axes=axes,
-            depth=self.metric if remove else None,
-            run_lengths=[remove] if remove and self.contiguous else (),
-        )
+        search = None
+        if self.target_params is not None:
+            p, imp, search = msearch.run_search(self, model, calib, dims, dense_params, teacher, frozen)
+            t = {k: search["best"]["shape"].get(k) for k in TARGET_KEYS}
+            timings = {"importance": search["importance_seconds"]}
+            timings["search"] = time.perf_counter() - t0 - timings["importance"]
+        else:
+            t = self.target
+            axes = [
+                a
+                for a, keys in (("heads", ("heads", "kv_heads")), ("ffn", ("ffn",)), ("hidden", ("hidden",)))
+                if any(t[k] is not None for k in keys)
+            ]
+            remove = dims.layers - t["layers"] if t["layers"] is not None else 0
+            imp = compute_importance(
+                model,
+                calib.input_ids,
+                calib.batch_size,
+                batch=self.batch,
+                seq=self.seq,
+                axes=axes,
+                depth=self.metric if remove else None,
+                run_lengths=[remove] if remove and self.contiguous else (),
+            )
+            timings = {"importance": time.perf_counter() - t0}
+            p = plan(imp, dims, t, self.contiguous, self.head_merge)
         self.importance = imp
-        timings = {"importance": time.perf_counter() - t0}
         t1 = time.perf_counter()
-        p = plan(imp, dims, t, self.contiguous, self.head_merge)
         apply_plan(model, p, self.hidden_norm_rescale)
         timings["trim"] = time.perf_counter() - t1
         params_after = count_params(model)[0]
+        c = model.config
+        saveable = not (
+            getattr(c, "num_attention_heads", 0)
+            and c.hidden_size % c.num_attention_heads
+            and msearch.heads_must_divide_hidden(c)
+        )
+        if not saveable:
+            log.warning(
+                "the trimmed shape (hidden %d, %d heads) runs but cannot be saved or reloaded: %s requires hidden_size"
+                " to be a multiple of num_attention_heads; choose pruner.target.hidden as a multiple of the heads kept",
+                c.hidden_size, c.num_attention_heads, type(c).__name__,
+            )  # fmt: skip
+        if search is not None and params_after != search["best"]["params"]:
+            raise PrunebenchError(
+                f"the pruned model has {params_after:,} parameters, the search counted {search['best']['params']:,}"
+            )
         info = {
             "target": dict(t),
             "agg": {"batch": self.batch, "seq": self.seq},
@@ -704,8 +870,12 @@ class Minitron:
             "params_after": params_after,
             "param_ratio": params_after / params_before,
             "scores": self._scores(imp, p.layers),
+            "saveable": bool(saveable),
         }
-        return PruneStats(0.0, 0.0, {}, timings, info)
+        if search is not None:
+            info["target_params"] = search["target_params"]
+            info["search"] = search
+        return info, timings
 
     @staticmethod
     def _scores(imp: Importance, kept: list[int]) -> dict:
