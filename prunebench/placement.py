@@ -224,6 +224,9 @@ class Plan:
     notes: list[str] = field(default_factory=list)
 
     def line(self) -> str:
+        if self.notes and not self.weights:
+            free = f"{self.free / GiB:.1f} GiB free"
+            return f"memory plan: {self.notes[0]}; {self.device}, {free}; placement={self.placement}"
         where = f"{self.device}" + (" (weights in CPU memory)" if self.placement == "offload" else "")
         return (
             f"memory plan: weights {self.weights / GiB:.1f} GiB ({str(self.dtype).removeprefix('torch.')})"
