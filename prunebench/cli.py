@@ -215,6 +215,14 @@ def _views(rep, runs: list[dict], folder: Path, metric: str | None) -> dict:
     return views
 
 
+def _force(arg: str) -> str:
+    """`key=value` -> `++key=value` for a config key (not a group choice, a flag or hydra.*)."""
+    key = arg.split("=", 1)[0]
+    if "=" not in arg or arg.startswith(("+", "~", "-", "hydra.", "experiment=")) or key in GROUPS:
+        return arg
+    return "++" + arg
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def reproduce(
     ctx: typer.Context,
@@ -236,6 +244,10 @@ def reproduce(
         check_overrides(split_args(args))
     except PrunebenchError as err:
         _fail(str(err))
+    # Hydra composes a multirun's master config without the sweep (so without any experiment's pruner):
+    # a knob only the experiment brings ("pruner.train_limit") must be force-set there; each point was
+    # checked above with the plain override, so a misspelt key still stops.
+    args = [_force(a) for a in args]
     typer.echo(f"reproduce {paper} at scale {scale}: {len(cells)} runs into {sweep_dir}")
     from prunebench import report as rep
     from prunebench.app import task

@@ -148,6 +148,9 @@ def compose(*overrides: str) -> DictConfig:
     """The config a `prunebench run OVERRIDES` job would get (Compose API; for tests and scripts)."""
     from hydra import compose as _compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    if GlobalHydra.instance().is_initialized():  # inside a running job (a KD teacher's config): reuse its Hydra
+        return _compose("config", overrides=list(overrides))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return _compose("config", overrides=list(overrides))

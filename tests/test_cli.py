@@ -159,3 +159,19 @@ def test_reproduce_paper_scale_fails_cleanly(cli):
     assert "model.path" in r.stderr.splitlines()[-1]
     r = cli("reproduce", "nope")
     assert r.returncode == 2 and "available:" in r.stderr
+
+
+def test_sweep_check_composes_a_kd_teacher():
+    # A KD teacher given by name composes its model config while the sweep check holds Hydra: no re-init error.
+    from prunebench.cli import check_overrides
+
+    assert check_overrides(["experiment=smoke/tiny", "recovery=kd", "recovery.teacher=tiny-llama"]) == 1
+
+
+def test_reproduce_forces_knobs_the_master_config_lacks():
+    # Hydra composes a multirun's master config without the swept experiment: its knobs must be force-set.
+    from prunebench.cli import _force
+
+    assert _force("pruner.train_limit=512") == "++pruner.train_limit=512"
+    for arg in ("model=tiny-llama", "eval=[efficiency]", "+x=1", "~y", "hydra.verbose=true", "--cfg", "-m"):
+        assert _force(arg) == arg
