@@ -55,6 +55,21 @@ def mcc(pred: list[int], gold: list[int], k: int) -> float:
     return 0.0 if denom == 0 else float(correct * n - (p * t).sum()) / denom
 
 
+def batches(tokenizer, texts: list[str], labels: list[int], order: list[int], batch_size: int, max_length: int):
+    """(tokenized batch, labels) in `order`, padded per batch, truncated to max_length tokens."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")  # fmt: skip
+        yield enc, torch.tensor([labels[i] for i in idx])
+
+
+def classifier_logits(encoder: nn.Module, head: nn.Module, enc, pooling: str) -> torch.Tensor:
+    """The head (dropout, linear) on the pooled last hidden state: eval=cola's classifier, MiniBridge's too."""
+    hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
+    return head(pool(hidden, enc["attention_mask"].to(hidden.device), pooling).to(head[1].weight.dtype))
+
+
 class FineTuneClassifier:
     cacheable = True
 
@@ -96,15 +111,10 @@ class FineTuneClassifier:
         self.freeze_word_embeddings = freeze_word_embeddings
 
     def _batches(self, tokenizer, texts: list[str], labels: list[int], order: list[int]):
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
-            enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=self.max_length,
-                            return_tensors="pt")  # fmt: skip
-            yield enc, torch.tensor([labels[i] for i in idx])
+        return batches(tokenizer, texts, labels, order, self.batch_size, self.max_length)
 
     def _logits(self, encoder: nn.Module, head: nn.Module, enc) -> torch.Tensor:
-        hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
-        return head(pool(hidden, enc["attention_mask"].to(hidden.device), self.pooling).to(head[1].weight.dtype))
+        return classifier_logits(encoder, head, enc, self.pooling)
 
     def __call__(self, model: nn.Module, tokenizer) -> dict[str, float]:
         train = classification(self.task, self.train_split).sample(self.train_limit, self.seed)

@@ -71,7 +71,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.config import fingerprint
 from prunebench.data.labelled import classification
-from prunebench.evals.finetune import FineTuneClassifier, mcc
+from prunebench.evals.finetune import batches, classifier_logits, mcc
 from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, bridge_count, replace_block
 from prunebench.models.loading import count_params
@@ -214,11 +214,6 @@ class MiniBridge:
         self.teacher_path = str(Path(str(teacher_path)).expanduser()) if teacher_path else None
         self.teacher_cache, self.cache_dir, self.seed = teacher_cache, cache_dir, seed
         self.tokenizer = None  # set by the pipeline
-        # batching, logits (pool + head) and the metric are eval=cola's; only its helpers are used
-        self._ft = FineTuneClassifier(
-            task="cola", train_split="in_domain_train", test_split="in_domain_dev", epochs=epochs_teacher, lr=lr,
-            batch_size=batch_size, max_length=max_length, pooling=pooling, dropout=dropout, seed=seed,
-        )  # fmt: skip
 
     # ------------------------------------------------------------------ checks
     def check(self, num_layers: int) -> None:
@@ -251,7 +246,10 @@ class MiniBridge:
 
     # ------------------------------------------------------------------ data and scoring
     def _logits(self, clf: Classifier, enc) -> torch.Tensor:
-        return self._ft._logits(clf.encoder, clf.head, enc)
+        return classifier_logits(clf.encoder, clf.head, enc, self.pooling)
+
+    def _batches(self, texts: list[str], labels: list[int], order: list[int]):
+        return batches(self.tokenizer, texts, labels, order, self.batch_size, self.max_length)
 
     def _stream(self, texts: list[str], labels: list[int], seed: int):
         """Batches forever: a fresh seeded shuffle per epoch."""
@@ -259,13 +257,13 @@ class MiniBridge:
         while True:
             order = list(range(len(texts)))
             rng.shuffle(order)
-            yield from self._ft._batches(self.tokenizer, texts, labels, order)
+            yield from self._batches(texts, labels, order)
 
     @torch.no_grad()
     def _score(self, clf: Classifier, dev) -> float:
         clf.eval()
         pred: list[int] = []
-        for enc, _ in self._ft._batches(self.tokenizer, dev.texts, dev.labels, list(range(len(dev.texts)))):
+        for enc, _ in self._batches(dev.texts, dev.labels, list(range(len(dev.texts)))):
             pred += self._logits(clf, enc).argmax(-1).tolist()
         return 100 * mcc(pred, dev.labels, len(dev.classes))
 
@@ -342,7 +340,7 @@ class MiniBridge:
         clf.eval()
         n = min(self.fit_samples, len(train.texts))
         try:
-            for enc, _ in self._ft._batches(self.tokenizer, train.texts[:n], train.labels[:n], list(range(n))):
+            for enc, _ in self._batches(train.texts[:n], train.labels[:n], list(range(n))):
                 current["mask"] = enc["attention_mask"]
                 self._logits(clf, enc)
         finally:
