@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, tracking
 from prunebench.config import CONF_DIR
 
 
@@ -66,16 +70,56 @@ def summary(result: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+@contextmanager
+def interrupts() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM both raise KeyboardInterrupt (SIGTERM would otherwise kill the process
+    before any `finally` ran), so temporary cache files and locks are cleaned up on the way out; a
+    second signal during that cleanup is ignored. Yields the list the signal number lands in."""
+    if threading.current_thread() is not threading.main_thread():  # signals can only be handled there
+        yield []
+        return
+    got: list[int] = []
+
+    def handler(signum, _frame):
+        got.append(signum)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def task(cfg: DictConfig) -> float | None:
-    from prunebench import pipeline  # heavy imports (torch, transformers) only when a job runs
+    stage = "startup"
+    with interrupts() as got:
+        try:
+            from prunebench import pipeline  # heavy imports (torch, transformers) only when a job runs
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    try:
-        result = pipeline.run(cfg, run_dir, list(HydraConfig.get().overrides.task))
-    except PrunebenchError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+            stage = "between stages"
+            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            # Unresolved: iterating the ListConfig would resolve `key=${oc.env:TOKEN}` into the token.
+            overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+            result = pipeline.run(cfg, run_dir, overrides)
+        except PrunebenchError as err:
+            tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)  # never raises
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt as err:
+            # One line, exit 128 + signal (130 SIGINT, 143 SIGTERM); no metrics.json was written.
+            signum = got[0] if got else signal.SIGINT
+            where = getattr(err, "stage", None) or stage
+            print(f"interrupted by {signal.Signals(signum).name} during {where}; no result written", file=sys.stderr)
+            sys.exit(128 + signum)
+        except Exception as err:  # a bug, an out-of-memory: the tracker shows the failed run, then the traceback
+            tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)
+            raise
     print(summary(result, run_dir))
+    tracking.log_run(cfg, result, run_dir)  # logger=...: one warning if the tracker fails, never an error
     # The first metric is the sweep objective (Optuna and friends minimise or maximise it).
     return next(iter(result["metrics"].values()), None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from prunebench import PrunebenchError
-from prunebench.config import CONF_DIR, GROUPS, group_options
+from prunebench.config import GROUPS, group_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -51,48 +51,82 @@ def split_args(args: list[str]) -> list[str]:
     return overrides
 
 
-def _check_group_choice(group: str, value) -> None:
-    options = group_options(group)
+def _check_group_choice(group: str, value, dirs: tuple[Path, ...] = ()) -> None:
+    options = group_options(group, dirs)
     for v in value if isinstance(value, list) else [value]:
         if v is not None and str(v) not in options:
             raise PrunebenchError(f"unknown {group} '{v}'; choose one of: {', '.join(options)} (prunebench ls {group})")
 
 
-def check_overrides(overrides: list[str]) -> int:
+def config_dirs(args: list[str]) -> tuple[Path, ...]:
+    """The extra config folders (--config-dir) among Hydra's arguments, read with Hydra's own argument
+    parser (so abbreviations and `--flag=value` count as Hydra counts them). Flags that would load a
+    config past the checks are refused: another primary config (--config-path, --config-name) and
+    --experimental-rerun (a pickle, which runs code when loaded)."""
+    from hydra._internal.utils import get_args_parser
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        ns, _ = parser.parse_known_args(args)
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - argparse's own message, on one line
+        raise PrunebenchError(f"bad Hydra arguments: {' '.join(str(err).split())}") from None
+    for flag, value in (("--config-path", ns.config_path), ("--config-name", ns.config_name)):
+        if value is not None:
+            raise PrunebenchError(
+                f"{flag} {value}: prunebench runs conf/config.yaml; add your own configs with --config-dir DIR"
+            )
+    if ns.experimental_rerun is not None:
+        raise PrunebenchError("--experimental-rerun loads a pickle (which can run code); rerun with the overrides")
+    if ns.config_dir is None:
+        return ()
+    folder = Path(ns.config_dir)
+    if not folder.is_dir():
+        raise PrunebenchError(f"--config-dir {folder} is not a directory")
+    return (folder,)
+
+
+def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
     """Compose every point of the sweep and run the config checks, before any job starts or any
-    model loads. Returns the number of points checked."""
-    from hydra import compose, initialize_config_dir
+    model loads: registered `_target_`s only, Hydra's own section (callbacks, launcher, sweeper)
+    from its allow-lists, every knob. `dirs` are --config-dir folders, composed and checked like
+    conf/. Returns the number of points checked."""
+    from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
+    from hydra.errors import HydraException, OverrideParseException
+    from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from prunebench.config import validate
+    from prunebench.config import initialize, validate
+    from prunebench.registry import check_hydra
 
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:
-        raise PrunebenchError(" ".join(str(err).split())) from None
-    choices = []
+        where = f"override {err.override!r}: " if isinstance(err, OverrideParseException) else ""
+        raise PrunebenchError(where + " ".join(str(err).split())) from None
+    choices = []  # Hydra's own settings (hydra.*, hydra/launcher=...) too: they are composed and checked
     for o in parsed:
         key = o.key_or_group
-        if key.startswith("hydra"):
-            continue
         try:
             values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [None]
-        except Exception:  # noqa: BLE001 - interval/optuna sweeps: checked by each job instead
-            return 0
+        except Exception:  # noqa: BLE001 - interval/optuna sweeps: each job checks its value; the rest is checked here
+            continue
         if key in GROUPS and o.is_sweep_override():
             for v in values:
-                _check_group_choice(key, v)
+                _check_group_choice(key, v, dirs)
         elif key in GROUPS and not o.is_delete():
-            _check_group_choice(key, o.value())
+            _check_group_choice(key, o.value(), dirs)
         prefix = o.get_key_element()
         choices.append([o.input_line] if values == [None] else [f"{prefix}={v}" for v in values])
     points = list(itertools.islice(itertools.product(*choices), _MAX_CHECKED))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with initialize(dirs):
         for point in points:
             try:
-                cfg = compose("config", overrides=list(point))
+                cfg = compose("config", overrides=list(point), return_hydra_config=True)
+                check_hydra(cfg.get("hydra"))
+                with open_dict(cfg):
+                    del cfg["hydra"]
                 validate(cfg, build=True)
             except (HydraException, OmegaConfBaseException) as err:
                 raise PrunebenchError(" ".join(str(err).split("\n")[0:2])) from None
@@ -123,7 +157,7 @@ def run(ctx: typer.Context) -> None:
     overrides = split_args(args)
     try:
         _check_output_dirs(overrides)
-        check_overrides(overrides)
+        check_overrides(overrides, config_dirs(args))
     except PrunebenchError as err:
         _fail(str(err))
     from prunebench.app import task
@@ -138,12 +172,25 @@ app.add_typer(data_app, name="data")
 
 @data_app.callback(invoke_without_command=True)
 def data(ctx: typer.Context) -> None:
-    """List where each corpus resolves (data roots: $PRUNEBENCH_DATA, ./data, ../shared/data, then the Hub)."""
+    """List where each dataset file resolves (data roots: $PRUNEBENCH_DATA, ./data, ../shared/data, then
+    the Hub) and verify it against its SOURCE.md SHA-256: ok | mismatch | missing | unverified | hub."""
     if ctx.invoked_subcommand is None:
-        from prunebench.data.text import LOCAL, where
+        from prunebench.data.labelled import FILES
+        from prunebench.data.text import LOCAL
+        from prunebench.data.verify import survey
+        from prunebench.evals.opencompass import FILES as TASKS
 
-        for name in LOCAL:
-            typer.echo(f"{name:<16} {where(name)}")
+        tasks = {**TASKS, "piqa_labels": "piqa/valid-labels.lst"}
+        try:
+            rows = survey({**LOCAL, **FILES, **tasks})
+        except PrunebenchError as err:
+            _fail(str(err))
+        for r in rows:
+            note = f"  (expected {r['expected'][:12]}…, found {r['actual'][:12]}…)" if r["status"] == "mismatch" else ""
+            typer.echo(f"{r['name']:<24} {r['status']:<10} {r['where']}{note}")
+        bad = [r["name"] for r in rows if r["status"] in ("mismatch", "missing")]
+        if bad:
+            _fail(f"{len(bad)} data file(s) missing or not matching their SOURCE.md: {', '.join(bad)}", code=1)
 
 
 @data_app.command("fetch")
@@ -187,7 +234,10 @@ def report(
 
     if not folder.is_dir():
         _fail(f"{folder} is not a directory; pass a run or sweep directory (e.g. multirun/2026-01-01/12-00-00)")
-    runs = rep.collect(folder)
+    try:
+        runs = rep.collect(folder)
+    except (ValueError, OSError, AttributeError) as err:  # a truncated, binary or foreign metrics.json
+        _fail(f"a metrics.json under {folder} is unreadable ({type(err).__name__}); delete or restore it")
     if not runs:
         _fail(f"no complete metrics.json under {folder}; run `prunebench run` first")
     out = out or folder
@@ -215,6 +265,15 @@ def _views(rep, runs: list[dict], folder: Path, metric: str | None) -> dict:
     return views
 
 
+def remaining(cells: list[str], folder: Path) -> list[str]:
+    """The experiment cells with no complete metrics.json under `folder` (a reproduce being resumed)."""
+    from prunebench import report as rep
+
+    done = {o.split("=", 1)[1] for r in rep.collect(folder) for o in r.get("overrides", [])
+            if o.startswith("experiment=")}  # fmt: skip
+    return [c for c in cells if c not in done]
+
+
 def _force(arg: str) -> str:
     """`key=value` -> `++key=value` for a config key (not a group choice, a flag or hydra.*)."""
     key = arg.split("=", 1)[0]
@@ -228,20 +287,30 @@ def reproduce(
     ctx: typer.Context,
     paper: str = typer.Argument(..., help="a folder of conf/experiment: gblm, wanda, ..."),
     scale: str = typer.Option("embedded", help="embedded (SmolLM2 on this machine) or paper (the published models)"),
+    resume: Path = typer.Option(None, help="an interrupted reproduce folder: run only its cells without a result"),
 ) -> None:
     """Run every experiment config of PAPER at SCALE as one sweep, then print the reproduced table
     beside the paper's numbers. Extra arguments are Hydra overrides/flags for every job."""
     import datetime
+
+    from prunebench import report as rep
 
     cells = [o for o in group_options("experiment") if o.startswith(f"{paper}/{scale}/")]
     if not cells:
         known = sorted({o.rsplit("/", 1)[0] for o in group_options("experiment") if o.count("/") == 2})
         _fail(f"no experiments for '{paper}' at scale '{scale}'; available: {', '.join(known)}")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
-    sweep_dir = Path("multirun") / f"reproduce-{paper}-{scale}" / stamp
+    root = resume or Path("multirun") / f"reproduce-{paper}-{scale}" / stamp
+    total = len(cells)
+    if resume is not None:  # a long table survives a stopped machine: finished cells are kept, not rerun
+        if not resume.is_dir():
+            _fail(f"--resume {resume} is not a directory; pass the folder an earlier reproduce printed")
+        cells = remaining(cells, resume)
+        typer.echo(f"resume {resume}: {total - len(cells)} of {total} cells complete")
+    sweep_dir = root / f"resume-{stamp}" if resume is not None else root
     args = ["-m", "experiment=" + ",".join(cells), f"hydra.sweep.dir={sweep_dir}", *ctx.args]
     try:
-        check_overrides(split_args(args))
+        check_overrides(split_args(args), config_dirs(args))
     except PrunebenchError as err:
         _fail(str(err))
     # Hydra composes a multirun's master config without the sweep (so without any experiment's pruner):
@@ -249,18 +318,20 @@ def reproduce(
     # checked above with the plain override, so a misspelt key still stops.
     args = [_force(a) for a in args]
     typer.echo(f"reproduce {paper} at scale {scale}: {len(cells)} runs into {sweep_dir}")
-    from prunebench import report as rep
     from prunebench.app import task
 
-    sys.argv = ["prunebench", *args]
-    task()
-    runs = rep.collect(sweep_dir)
+    if cells:
+        sys.argv = ["prunebench", *args]
+        task()
+    runs = rep.collect(root)
     if not runs:
-        _fail(f"no run of {paper}/{scale} completed; see the logs under {sweep_dir}")
-    for stem, (header, rows) in _views(rep, runs, sweep_dir, "wikitext2/ppl").items():
-        rep.write(header, rows, sweep_dir, stem)
+        _fail(f"no run of {paper}/{scale} completed; see the logs under {root}")
+    for stem, (header, rows) in _views(rep, runs, root, "wikitext2/ppl").items():
+        rep.write(header, rows, root, stem)
         typer.echo(f"\n{stem}:\n{rep.markdown(header, rows)}")
-    typer.echo(f"\n{len(runs)}/{len(cells)} runs complete; tables written to {sweep_dir}")
+    typer.echo(f"\n{len(runs)}/{total} runs complete; tables written to {root}")
+    if len(runs) < total:
+        typer.echo(f"finish the rest: prunebench reproduce {paper} --scale {scale} --resume {root}")
 
 
 if __name__ == "__main__":

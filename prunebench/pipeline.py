@@ -4,16 +4,19 @@ evaluate -> write metrics.json. Read it top to bottom."""
 from __future__ import annotations
 
 import copy
+import json
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prunebench import PrunebenchError, models, placement
-from prunebench.config import fingerprint, instantiate, validate
-from prunebench.data import calibration_windows
+from prunebench import PrunebenchError, cache, models, placement
+from prunebench.config import fingerprint, instantiate, selected_evals, validate
+from prunebench.data import calibration_windows, verify
+from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
-from prunebench.results import git_commit, peak_rss_mb, read_json, versions, write_json
+from prunebench.results import git_commit, peak_rss_mb, public_config, versions, write_json
 
 log = logging.getLogger(__name__)
 
@@ -23,52 +26,106 @@ def evaluate(evaluators: dict, model, tokenizer) -> dict[str, float]:
     return {f"{name}/{k}": v for name, ev in evaluators.items() for k, v in ev(model, tokenizer).items()}
 
 
+def data_digests(evaluators: dict) -> dict[str, str]:
+    """{resolved path: SHA-256} of the local data files the evaluators read, for the dense-baseline
+    key: a baseline computed on other (or corrupted) data is never reused. An evaluator names its
+    files with `data_files()`; one with a `dataset` attribute (perplexity) is resolved as
+    prunebench.data does (which also verifies it against its SOURCE.md). Hashed once per file, then
+    remembered by stat (data.verify's digest cache)."""
+    from prunebench.data import text
+
+    files = []
+    for ev in evaluators.values():
+        if hasattr(ev, "data_files"):
+            files += [Path(f) for f in ev.data_files()]
+        elif getattr(ev, "dataset", None) in text.LOCAL and (found := text.find(text.LOCAL[ev.dataset])):
+            files.append(found)
+    return {str(f.resolve()): verify.sha256(f) for f in sorted(set(files))}
+
+
 def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict, dtype) -> tuple[dict, bool]:
-    """Metrics of the unpruned model. Cacheable evaluators (quality metrics) are cached per (model,
-    eval config, seed, resolved dtype) so sweeps compute them once; the others (latency) are
-    measured every run, in the same process as the pruned model."""
+    """Metrics of the unpruned model. Cacheable evaluators (quality metrics) are cached per (model
+    config, weights digest, eval config, data file digests, seed, resolved dtype) so sweeps compute
+    them once, as a verified entry (prunebench.cache: a truncated or corrupted file is recomputed
+    with a warning); the others (latency) are measured every run, beside the pruned model."""
     cacheable = {n: e for n, e in evaluators.items() if getattr(e, "cacheable", True)}
     fresh = {n: e for n, e in evaluators.items() if n not in cacheable}
     metrics, reused = {}, False
     if cacheable:
+        memo = Path(cfg.paths.cache_dir) / "digests"
         evals = OmegaConf.to_container(cfg.eval, resolve=True)
-        key = fingerprint(cfg.model, {n: evals[n] for n in cacheable}, cfg.seed, str(dtype))
+        evals = {n: evals[n] for n in cacheable}
+        weights, data = weights_digest(model, memo), data_digests(cacheable)
+        key = fingerprint(cfg.model, weights, evals, data, cfg.seed, str(dtype))
         path = Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{key}.json"
-        if path.exists():
-            log.info("reusing the dense baseline from %s", path)
-            metrics, reused = read_json(path)["metrics"], True
-        else:
-            metrics = evaluate(cacheable, model, tokenizer)
-            write_json(path, {"model": cfg.model.name, "eval": OmegaConf.to_container(cfg.eval), "metrics": metrics})
+
+        def build(tmp: Path) -> dict:
+            log.info("dense baseline: evaluating %s", ", ".join(cacheable))
+            found = evaluate(cacheable, model, tokenizer)
+            tmp.write_text(json.dumps({"model": cfg.model.name, "weights": weights, "data": data, "metrics": found}))
+            return found
+
+        def load(p: Path) -> dict:
+            log.info("reusing the dense baseline from %s", p)
+            return json.loads(p.read_text())["metrics"]
+
+        metrics, reused = cache.entry(path, key, build, load, "dense baseline")
     return {**metrics, **evaluate(fresh, model, tokenizer)}, reused
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (app.py turns both into KeyboardInterrupt) during the named stage."""
+
+    def __init__(self, stage: str):
+        super().__init__(stage)
+        self.stage = stage
+
+
+@contextmanager
+def step(name: str, timings: dict | None = None, device=None):
+    """A pipeline stage: timed (placement.stage) when `timings` is given; an interrupt inside it
+    becomes Interrupted(name), so the one line printed on SIGINT/SIGTERM names the stage."""
+    try:
+        if timings is None:
+            yield
+        else:
+            with stage(timings, name, device):
+                yield
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(name) from None
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
-    validate(cfg)
-    out = run_dir / "metrics.json"
-    if out.exists():
-        raise PrunebenchError(f"{out} already exists; rerun without hydra.run.dir to get a new run directory")
-    pruner = instantiate(cfg.pruner)
-    recovery = instantiate(cfg.recovery)
-    evaluators = {name: instantiate(ev) for name, ev in (cfg.eval or {}).items()}
-    plan = placement.plan(cfg, pruner, evaluators, recovery)  # before loading: stops here if it cannot fit
+    with step("setup"):
+        # Data files are verified (SHA-256) as they are read, and recorded for metrics.json.
+        verify.configure(verify=OmegaConf.select(cfg, "data.verify", default=True), cache_dir=cfg.paths.cache_dir)
+        validate(cfg)
+        out = run_dir / "metrics.json"
+        if out.exists():
+            raise PrunebenchError(f"{out} already exists; rerun without hydra.run.dir to get a new run directory")
+        pruner = instantiate(cfg.pruner)
+        recovery = instantiate(cfg.recovery)
+        evaluators = {name: instantiate(ev) for name, ev in selected_evals(cfg).items()}
+        plan = placement.plan(cfg, pruner, evaluators, recovery)  # before loading: stops here if it cannot fit
     log.info(plan.line())
     device, timings = plan.device, {}
 
     placement.reset_peak(device)
-    with stage(timings, "load", device):
+    with step("load", timings, device):
         model, tokenizer = models.load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed, plan=plan)
     params_before, nonzero_before = models.count_params(model)
 
     baseline, reused = {}, False
     if cfg.baseline:
-        with stage(timings, "baseline", device):
+        with step("baseline", timings, device):
             baseline, reused = dense_baseline(cfg, model, tokenizer, evaluators, plan.dtype)
 
     teacher = copy.deepcopy(model) if getattr(recovery, "needs_teacher", False) else None
     calib = None
     if pruner.needs_calibration:
-        with stage(timings, "calibration_data", device):
+        with step("calibration_data", timings, device):
             c = cfg.calib
             calib = calibration_windows(tokenizer, c.source, c.nsamples, c.seqlen, cfg.seed, c.batch_size)
             calib.cache_dir = str(Path(cfg.paths.cache_dir) / "stats")
@@ -76,14 +133,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
     for part in (pruner, recovery):  # stages that read their own text (LaCo's D, fine-tuning data)
         if hasattr(part, "tokenizer"):
             part.tokenizer = tokenizer
-    with stage(timings, "prune", device):
+    with step("prune", timings, device):
         stats = pruner(model, calib)
-    with stage(timings, "recover", device):
+    with step("recover", timings, device):
         train = recovery(model, teacher, cfg)
     if getattr(recovery, "reprune", False):
-        with stage(timings, "reprune", device):
+        with step("reprune", timings, device):
             train["reprune"] = pruner(model, calib).to_dict()
-    with stage(timings, "eval", device):
+    with step("eval", timings, device):
         metrics = evaluate(evaluators, model, tokenizer)
     metrics.update({f"recovery/{k}": v for k, v in (train or {}).get("metrics", {}).items()})  # e.g. dev scores
     metrics.update({f"prune/{k}": v for k, v in stats.info.get("metrics", {}).items()})  # e.g. MCC per bridge step
@@ -93,15 +150,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                            for d in (metrics, baseline))  # fmt: skip
             metrics.update({f"{name}/{k}": v for k, v in ev.relative(mine, dense).items()})
     params_after, nonzero_after = models.count_params(model)
+    saved = None
     if cfg.get("save_model"):
-        with stage(timings, "save", device):
-            models.save(model, tokenizer, run_dir / "model", cfg.model)
+        with step("save", timings, device):
+            saved = models.save_checkpoint(model, tokenizer, run_dir / "model", cfg.model, cfg.get("save_format", "hf"))
 
+    config = public_config(cfg)  # ${oc.env:...} values stay unresolved: no tokens or home paths
     result = {
-        "name": cfg.name,
+        "name": config["name"],
         "status": "complete",
         "overrides": list(overrides or []),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": config,
         "metrics": metrics,
         "baseline": baseline,
         "baseline_reused": reused,
@@ -126,6 +185,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
             "shape": list(calib.shape),
             "seed": calib.seed,
         },
+        "data": verify.used(),
         "recovery": train,
         "model_note": cfg.model.get("note"),
         "device": {
@@ -138,6 +198,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "versions": versions(),
         "git_commit": git_commit(),
+        "saved_model": saved,  # {format, layout, weight_bytes} or None
     }
-    write_json(out, result)
+    if saved is not None:  # the model card holds the metrics: written once they are known
+        models.write_model_card(run_dir / "model", result)
+    with step("write"):
+        write_json(out, result)
     return result

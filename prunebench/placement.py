@@ -167,7 +167,7 @@ def model_shape(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | N
 def hf_config(model_cfg: DictConfig, cache_dir: str | None = None) -> dict | None:
     """The model's Hugging Face config as a dict, without loading weights: the YAML's `hf_config`
     (random models) or a local config.json (model.path, a converted cache, the Hub cache)."""
-    if model_cfg.get("hf_config"):
+    if model_cfg.get("hf_config") and not model_cfg.get("path"):  # a saved folder is read as loading reads it
         return OmegaConf.to_container(model_cfg.hf_config, resolve=True)
     for folder in _config_folders(model_cfg, cache_dir):
         path = Path(folder) / "config.json"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 from pathlib import Path
 
 from prunebench.results import read_json
@@ -24,7 +25,13 @@ METHOD_ORDER = ["none", "magnitude", "wanda", "sparsegpt", "gblm"]
 def collect(folder: Path) -> list[dict]:
     runs = []
     for path in sorted(Path(folder).rglob("metrics.json")):
-        data = read_json(path)
+        try:
+            data = read_json(path)
+        except (ValueError, OSError) as err:  # one broken run does not hide a sweep's others
+            print(f"warning: skipping {path}: unreadable ({type(err).__name__})", file=sys.stderr)
+            continue
+        if not isinstance(data, dict):
+            continue
         if data.get("status") == "complete":
             data["_dir"] = path.parent
             runs.append(data)

@@ -3,23 +3,56 @@
 from __future__ import annotations
 
 import json
-import os
+import logging
 import platform
 import resource
 import subprocess
-import tempfile
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 from prunebench.config import CONF_DIR
 
+log = logging.getLogger(__name__)
+
 
 def write_json(path: Path, data: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=str)
-    os.replace(tmp, path)
+    """Write to a temporary file beside `path`, fsync, then rename: readers never see half a file,
+    and an interrupt leaves either no file or the whole one."""
+    from prunebench.cache import write_bytes
+
+    write_bytes(Path(path), json.dumps(data, indent=2, sort_keys=False, default=str).encode())
+
+
+_ENV = "\x00env\x00"  # stands in for every environment variable while the config resolves
+
+
+def public_config(cfg: DictConfig) -> dict:
+    """The resolved config for metrics.json, except values that come from environment variables
+    (`${oc.env:...}`, directly or through other interpolations such as `${paths.cache_dir}`): those
+    keep their unresolved interpolation, so a token or a home path never lands in a results file."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+
+    def mark(node):
+        if isinstance(node, dict):
+            return {k: mark(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [mark(v) for v in node]
+        return _ENV if isinstance(node, str) and "oc.env" in node else node
+
+    def pick(raw_node, value):
+        if isinstance(raw_node, dict):
+            return {k: pick(v, value[k]) for k, v in raw_node.items()}
+        if isinstance(raw_node, list):
+            return [pick(a, b) for a, b in zip(raw_node, value, strict=True)]
+        return raw_node if isinstance(value, str) and _ENV in value else value
+
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(mark(raw)), resolve=True)
+    except Exception as err:  # noqa: BLE001 - a resolver that cannot take the stand-in: write nothing resolved
+        log.warning("metrics.json keeps the config unresolved (%s)", type(err).__name__)
+        return raw
+    return pick(raw, resolved)
 
 
 def read_json(path: Path) -> dict:

@@ -175,3 +175,13 @@ def test_reproduce_forces_knobs_the_master_config_lacks():
     assert _force("pruner.train_limit=512") == "++pruner.train_limit=512"
     for arg in ("model=tiny-llama", "eval=[efficiency]", "+x=1", "~y", "hydra.verbose=true", "--cfg", "-m"):
         assert _force(arg) == arg
+
+
+def test_reproduce_resume_skips_complete_cells(cli, tmp_path):
+    from prunebench.cli import remaining
+
+    r = cli("run", *TINY, f"hydra.run.dir={tmp_path / 'table' / '0'}")
+    assert r.returncode == 0, r.stderr
+    assert remaining(["smoke/tiny", "smoke/other"], tmp_path / "table") == ["smoke/other"]
+    r = cli("reproduce", "gblm", "--resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "--resume" in r.stderr.splitlines()[-1]

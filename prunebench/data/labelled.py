@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prunebench import PrunebenchError
-from prunebench.data import data_roots, find
+from prunebench.data import data_roots, find, verify
 
 NLI_LABELS = {"entailment": 0, "neutral": 1, "contradiction": 2}  # the HF `snli` convention
 
@@ -55,21 +55,24 @@ def _sample(rows, columns: tuple[str, ...], n: int | None, seed: int):
 
 def _stsb_tsv(path: Path) -> Pairs:
     # Tab-separated, literal quotes, sometimes two extra provenance columns (SOURCE.md).
-    rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return Pairs([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) for r in rows])
+    with verify.parsing(path):
+        rows = [line.split("\t") for line in verify.read_text(path).splitlines() if line.strip()]
+        return Pairs([r[5] for r in rows], [r[6] for r in rows], [float(r[4]) for r in rows])
 
 
 def _mahasts_csv(path: Path) -> Pairs:
-    with path.open(encoding="utf-8", newline="") as f:
+    with verify.parsing(path), path.open(encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    return Pairs([r["Sentence1"] for r in rows], [r["Sentence2"] for r in rows], [float(r["Label"]) for r in rows])
+        return Pairs([r["Sentence1"] for r in rows], [r["Sentence2"] for r in rows], [float(r["Label"]) for r in rows])
 
 
-def _snli(root: Path, split: str) -> Pairs:
-    lines = {k: (root / f"{k}.{split}").read_text(encoding="utf-8").splitlines() for k in ("s1", "s2", "labels")}
-    # InferSent-style tokenized text: trailing space, spaces before punctuation (SOURCE.md).
-    return Pairs([s.strip() for s in lines["s1"]], [s.strip() for s in lines["s2"]],
-                 [NLI_LABELS[x.strip()] for x in lines["labels"]])  # fmt: skip
+def _snli(split: str) -> Pairs:
+    paths = {k: find(f"snli/{k}.{split}") for k in ("s1", "s2", "labels")}  # each file verified
+    with verify.parsing(paths["labels"]):
+        lines = {k: verify.read_text(p).splitlines() for k, p in paths.items()}
+        # InferSent-style tokenized text: trailing space, spaces before punctuation (SOURCE.md).
+        return Pairs([s.strip() for s in lines["s1"]], [s.strip() for s in lines["s2"]],
+                     [NLI_LABELS[x.strip()] for x in lines["labels"]])  # fmt: skip
 
 
 # name -> split -> (local path relative to a data root, reader); Hub fallbacks below.
@@ -99,7 +102,7 @@ def sts(name: str, split: str) -> Pairs:
         return reader(path)
     if name in STS_HUB:
         hub, splits = STS_HUB[name]
-        ds = _hub(hub, None, splits[split])
+        ds = _hub(hub, None, splits[split], f"{name}/{split}")
         if ds is not None:  # scores there are 0–1; ours are 0–5 like the release
             return Pairs(list(ds["sentence1"]), list(ds["sentence2"]), [5.0 * float(x) for x in ds["score"]])
     raise _missing(f"STS set {name}/{split}", [str(r / rel) for r in data_roots()], "set PRUNEBENCH_DATA")
@@ -107,12 +110,12 @@ def sts(name: str, split: str) -> Pairs:
 
 def nli(source: str, split: str) -> Pairs:
     """NLI pairs with labels 0 entailment, 1 neutral, 2 contradiction."""
-    if source == "snli" and split in ("dev", "test") and (root := find(f"snli/s1.{split}")) is not None:
-        return _snli(root.parent, split)
+    if source == "snli" and split in ("dev", "test") and find(f"snli/s1.{split}") is not None:
+        return _snli(split)
     if source not in NLI_HUB:
         raise PrunebenchError(f"unknown NLI source {source!r}; known: {', '.join(NLI_HUB)}")
     hub, config = NLI_HUB[source]
-    ds = _hub(hub, config, {"dev": "validation"}.get(split, split))
+    ds = _hub(hub, config, {"dev": "validation"}.get(split, split), f"{source}/{split}")
     if ds is None:
         raise PrunebenchError(
             f"NLI data {source}/{split} needs the Hugging Face Hub ({hub}); offline only SNLI dev and test"
@@ -140,25 +143,27 @@ def classification(name: str, split: str) -> Sentences:
         if path is None:
             tried = [str(r / MAHANEWS[split]) for r in data_roots()]
             raise _missing(f"MahaNews SHC {split}", tried, "set PRUNEBENCH_DATA")
-        with path.open(encoding="utf-8", newline="") as f:
+        with verify.parsing(path), path.open(encoding="utf-8", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["Label"] != "Label"]  # 11 in-body header rows
-        labels = [MAHANEWS_CLASSES.index(r["Label"]) for r in rows]
-        return Sentences([r["Text"] for r in rows], labels, MAHANEWS_CLASSES)
+            labels = [MAHANEWS_CLASSES.index(r["Label"]) for r in rows]
+            return Sentences([r["Text"] for r in rows], labels, MAHANEWS_CLASSES)
     if name == "cola":
         if split not in COLA:
             raise PrunebenchError(f"CoLA has no {split!r} split; available: {', '.join(COLA)}")
         path = find(COLA[split])
         if path is not None:
-            rows = [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return Sentences([r[3] for r in rows], [int(r[1]) for r in rows], ["unacceptable", "acceptable"])
-        ds = _hub("nyu-mll/glue", "cola", {"in_domain_train": "train", "in_domain_dev": "validation"}.get(split, split))
+            with verify.parsing(path):
+                rows = [line.split("\t") for line in verify.read_text(path).splitlines() if line.strip()]
+                return Sentences([r[3] for r in rows], [int(r[1]) for r in rows], ["unacceptable", "acceptable"])
+        hub_split = {"in_domain_train": "train", "in_domain_dev": "validation"}.get(split, split)
+        ds = _hub("nyu-mll/glue", "cola", hub_split, f"cola/{split}")
         if ds is not None:
             return Sentences(list(ds["sentence"]), [int(x) for x in ds["label"]], ["unacceptable", "acceptable"])
         raise _missing(f"CoLA {split}", [str(r / COLA[split]) for r in data_roots()], "set PRUNEBENCH_DATA")
     raise PrunebenchError(f"unknown classification set {name!r}; known: mahanews_shc, cola")
 
 
-def _hub(name: str, config: str | None, split: str):
+def _hub(name: str, config: str | None, split: str, record: str):
     from prunebench.models import hub_reachable
 
     if not hub_reachable():
@@ -166,6 +171,17 @@ def _hub(name: str, config: str | None, split: str):
     try:
         import datasets
 
-        return datasets.load_dataset(name, config, split=split)
+        ds = datasets.load_dataset(name, config, split=split)
     except Exception:  # noqa: BLE001 - every Hub failure ends in the same advice
         return None
+    verify.record_hub(record, name, config, split, ds)  # metrics.json says which Hub data was read
+    return ds
+
+
+# Every local file read here, for `prunebench data`: name -> path relative to a data root.
+FILES = {
+    **{f"{n}/{s}": rel for n, splits in STS.items() for s, (rel, _) in splits.items()},
+    **{f"snli/{k}.{s}": f"snli/{k}.{s}" for s in ("dev", "test") for k in ("s1", "s2", "labels")},
+    **{f"mahanews_shc/{s}": rel for s, rel in MAHANEWS.items()},
+    **{f"cola/{s}": rel for s, rel in COLA.items()},
+}

@@ -1,7 +1,9 @@
 """Datasets, read in place from a local data root first, then from the Hugging Face Hub.
 
-Data roots, in order: $PRUNEBENCH_DATA, ./data, ../shared/data beside the project root. File
-layouts follow ../shared/data/*/SOURCE.md.
+Data roots, in order: $PRUNEBENCH_DATA, ./data, ../shared/data beside the project root; a file is
+read from the first root that holds its folder (never from a later root when it is missing there).
+File layouts and SHA-256 digests follow ../shared/data/*/SOURCE.md; every file is verified against
+them before it is read (`verify`, knob `data.verify`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from prunebench import PrunebenchError
 from prunebench.config import CONF_DIR
+from prunebench.data import verify
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +42,33 @@ def data_roots() -> list[Path]:
     return roots + [Path.cwd() / "data", CONF_DIR.parent.parent / "shared" / "data"]
 
 
-def find(relpath: str | tuple[str, ...]) -> Path | None:
+def locate(relpath: str | tuple[str, ...]) -> tuple[Path, Path | None] | None:
+    """(root, file) from the first data root that holds the file's folder: the first of `relpath`
+    present there, or (root, None) when that folder lacks them all; None when no root holds it.
+    Reads nothing and records nothing (`where`, `prunebench data`)."""
+    rels = (relpath,) if isinstance(relpath, str) else relpath
     for root in data_roots():
-        for rel in (relpath,) if isinstance(relpath, str) else relpath:
-            if (root / rel).exists():
-                return root / rel
+        if any((root / rel).parent.is_dir() for rel in rels):
+            return root, next((root / rel for rel in rels if (root / rel).is_file()), None)
     return None
+
+
+def find(relpath: str | tuple[str, ...]) -> Path | None:
+    """The data file to read, verified against its SOURCE.md digest and recorded for metrics.json
+    (`verify.check`); None when no data root holds its folder (callers then try the Hub). A root
+    whose folder lacks the file is an error naming it: other roots are not tried, so a deleted
+    file never silently reads another copy."""
+    found = locate(relpath)
+    if found is None:
+        return None
+    root, path = found
+    if path is None:
+        rels = (relpath,) if isinstance(relpath, str) else relpath
+        raise PrunebenchError(
+            f"data file {' or '.join(str(root / r) for r in rels)} is missing (data root {root} holds its folder,"
+            " so no other root is tried); restore it (see its SOURCE.md), or set PRUNEBENCH_DATA to a root that has it"
+        )
+    return verify.check(path, root)
 
 
 def load_texts(name: str) -> list[str]:
@@ -53,14 +77,17 @@ def load_texts(name: str) -> list[str]:
         raise PrunebenchError(f"unknown dataset {name!r}; known: {', '.join(sorted(LOCAL))}")
     path = find(LOCAL[name])
     if path is not None:
-        if name.startswith("wikitext2"):
-            return _wikitext_rows(path)
-        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line]
+        with verify.parsing(path):
+            if name.startswith("wikitext2"):
+                return _wikitext_rows(path)
+            return [json.loads(line)["text"] for line in verify.read_text(path).splitlines() if line]
     hub, config, split, files = HUB[name]
     try:
         import datasets
 
-        return list(datasets.load_dataset(hub, config, split=split, data_files=files)["text"])
+        ds = datasets.load_dataset(hub, config, split=split, data_files=files)
+        verify.record_hub(name, hub, config, split, ds)
+        return list(ds["text"])
     except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
         tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
         raise PrunebenchError(
@@ -71,7 +98,7 @@ def load_texts(name: str) -> list[str]:
 
 def _wikitext_rows(path: Path) -> list[str]:
     # The .raw file is the HF rows concatenated, each "" row written as " \n" (SOURCE.md).
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    lines = verify.read_text(path).split("\n")[:-1]
     return ["" if line == " " else line + "\n" for line in lines]
 
 
@@ -169,10 +196,24 @@ def fetch(name: str, root: Path) -> list[Path]:
                 f.write((row or " \n") if part.startswith("wikitext2") else json.dumps({"text": row}) + "\n")
         tmp.replace(target)
         written.append(target)
+    verify.write_sums(root / name, written)  # so the fetched copy verifies like ../shared/data does
     return written
+
+
+def digest(name: str) -> str:
+    """What `load_texts(name)` reads, as a cache-key part: "sha256:<hex>" of the verified local file
+    (hashed once, see `verify`), else "hub:<id>/<config>/<split>"."""
+    path = find(LOCAL[name])
+    if path is not None:
+        return "sha256:" + verify.sha256(path)
+    hub, config, split, _ = HUB[name]
+    return f"hub:{hub}/{config}/{split}"
 
 
 def where(name: str) -> str:
     """Where `load_texts(name)` would read from: a local file, or the Hub."""
-    path = find(LOCAL[name])
-    return str(path) if path else f"Hub {HUB[name][0]} (no local copy)"
+    found = locate(LOCAL[name])
+    if found is None:
+        return f"Hub {HUB[name][0]} (no local copy)"
+    root, path = found
+    return str(path) if path else f"{root / LOCAL[name][-1]} (missing)"

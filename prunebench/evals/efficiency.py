@@ -6,21 +6,35 @@ FLOPs per token (forward, multiply-add = 2 FLOPs), at a context of `prompt_len` 
     2 · Σ_linear (in · out)  +  4 · layers · prompt_len · (heads · head_dim)   [QKᵀ and AV]
 `flops_per_token_nonzero` counts only non-zero linear weights: what sparse kernels could reach.
 
-    eval: {efficiency: {_target_: prunebench.evals.efficiency.Efficiency, prompt_len: 128, gen_len: 32}}
+`sparse_kernels: true` measures what 2:4 sparsity buys on real hardware: every linear whose weight
+is 2:4 (at most 2 non-zeros in each 4 consecutive inputs) is converted with
+`torch.sparse.to_sparse_semi_structured` (cuSPARSELt, else CUTLASS: sparse tensor cores, Ampere and
+later, fp16/bf16), and the latency of those linears and of the whole prefill forward is timed
+against the dense weights (`linear_speedup`, `prefill_speedup` = dense time / sparse time). The
+model is restored afterwards. On a CPU, an older GPU, fp32 weights or a model without 2:4 linears,
+one log line says why the measurement was skipped and only the dense metrics are returned.
+
+    eval: {efficiency: {_target_: prunebench.evals.efficiency.Efficiency, prompt_len: 128, gen_len: 32,
+                        sparse_kernels: false}}
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prunebench.models import count_params
 from prunebench.models.blocks import find_blocks
+from prunebench.models.export import is_24
 from prunebench.placement import compute_device, sync
 from prunebench.results import proc_status_mb, reset_peak_rss
+
+log = logging.getLogger(__name__)
 
 
 def attention_blocks(model: nn.Module) -> int:
@@ -72,11 +86,36 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t
 
 
+def semi_structured_unsupported(model: nn.Module) -> str | None:
+    """Why PyTorch's semi-structured (2:4) kernels cannot run this model here, or None if they can."""
+    device = compute_device(model)
+    if device.type != "cuda":
+        return f"the model runs on {device.type}; 2:4 sparse kernels need a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 0):
+        name = torch.cuda.get_device_name(device)
+        return f"{name} has compute capability {major}.{minor}; 2:4 sparse tensor cores need >= 8.0 (Ampere)"
+    if not all(p.is_cuda for p in model.parameters()):
+        return "the weights stay in CPU memory (placement=offload); use placement=device"
+    dtype = next(model.parameters()).dtype
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"the model is {str(dtype).removeprefix('torch.')}; 2:4 kernels need model.dtype=bfloat16 or float16"
+    return None
+
+
+def to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
+    from torch.sparse import to_sparse_semi_structured
+
+    return to_sparse_semi_structured(weight)
+
+
 class Efficiency:
     cacheable = False  # latency must be measured beside the pruned model, in the same process
 
-    def __init__(self, prompt_len: int = 128, gen_len: int = 32, repeats: int = 5, batch_size: int = 1):
+    def __init__(self, prompt_len: int = 128, gen_len: int = 32, repeats: int = 5, batch_size: int = 1,
+                 sparse_kernels: bool = False):  # fmt: skip
         self.prompt_len, self.gen_len, self.repeats, self.batch_size = prompt_len, gen_len, repeats, batch_size
+        self.sparse_kernels, self._said = sparse_kernels, set()
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, tokenizer=None) -> dict[str, float]:
@@ -106,4 +145,60 @@ class Efficiency:
         peak = _peak_mb(device)
         if peak is not None:
             out["peak_mb"] = peak
+        if self.sparse_kernels:
+            out.update(self.sparse_speedup(model, prompt))
         return out
+
+    def _median_s(self, fn, device: torch.device) -> float:
+        fn()  # warm-up: kernel selection and workspace allocation
+        return statistics.median(timed(fn, device) for _ in range(self.repeats))
+
+    def sparse_speedup(self, model: nn.Module, prompt: torch.Tensor) -> dict[str, float]:
+        """Latency of the 2:4 linears and of the prefill forward with semi-structured sparse weights,
+        against dense; {} (and one log line) where it cannot be measured."""
+        reason = semi_structured_unsupported(model)
+        linears = (
+            {} if reason else {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_24(m.weight)}
+        )
+        if not reason and not linears:
+            reason = "no linear weight has a 2:4 pattern (pruner.pattern=2:4 makes one)"
+        sparse, failed = {}, []
+        for name, m in linears.items():
+            try:
+                sparse[name] = to_semi_structured(m.weight.detach())
+            except (RuntimeError, ValueError) as err:  # a shape the kernels do not take
+                failed.append(f"{name} ({str(err).strip().splitlines()[0][:80]})")
+        if failed:
+            log.warning("efficiency: %d 2:4 linear(s) stay dense: %s", len(failed), "; ".join(failed[:3]))
+        if not reason and not sparse:
+            reason = "no 2:4 linear could be converted to a semi-structured sparse tensor"
+        if reason:
+            if reason not in self._said:  # once, though the dense baseline and the pruned model both ask
+                log.warning("efficiency: sparse_kernels skipped: %s; dense metrics only", reason)
+                self._said.add(reason)
+            return {}
+        device = compute_device(model)
+        dense_s = sparse_s = 0.0
+        for name, w in sparse.items():
+            m = linears[name]
+            x = torch.randn(prompt.numel(), m.in_features, dtype=m.weight.dtype, device=m.weight.device)
+            dense_s += self._median_s(lambda: F.linear(x, m.weight), device)  # noqa: B023 (called here)
+            sparse_s += self._median_s(lambda: F.linear(x, w), device)  # noqa: B023
+        forward = lambda: model(input_ids=prompt, use_cache=False)  # noqa: E731
+        dense_prefill = self._median_s(forward, device)  # again, right beside the sparse timing
+        out = {"sparse_linears": len(sparse), "linear_ms_dense": 1000 * dense_s, "linear_ms_sparse": 1000 * sparse_s,
+               "linear_speedup": dense_s / sparse_s}  # fmt: skip
+        originals = {name: linears[name].weight for name in sparse}
+        try:
+            for name, w in sparse.items():
+                linears[name].weight = nn.Parameter(w, requires_grad=False)
+            sparse_prefill = self._median_s(forward, device)
+        except RuntimeError as err:  # an op of this architecture the sparse tensor subclass does not cover
+            first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+            log.warning("efficiency: the forward with sparse weights failed (%s); linear timings only", first)
+            return out
+        finally:  # the dense weights come back whatever happened: later evaluators and save read them
+            for name, w in originals.items():
+                linears[name].weight = w
+        return {**out, "prefill_ms_dense": 1000 * dense_prefill, "prefill_ms_sparse": 1000 * sparse_prefill,
+                "prefill_speedup": dense_prefill / sparse_prefill}  # fmt: skip

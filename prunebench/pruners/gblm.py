@@ -71,6 +71,8 @@ class GBLM(MaskPruner):
             raise PrunebenchError(f"pruner.terms={terms!r} must be one of {', '.join(TERMS)}")
         if grad_accum not in ("fp32", "fp16_reference"):
             raise PrunebenchError(f"pruner.grad_accum={grad_accum!r} must be 'fp32' or 'fp16_reference'")
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not 0 <= alpha < float("inf"):
+            raise PrunebenchError(f"pruner.alpha={alpha} must be a finite number ≥ 0 (the paper uses 100)")
         self.alpha, self.grad_norm, self.terms, self.grad_accum = float(alpha), grad_norm, terms, grad_accum
         self.grads: dict[str, torch.Tensor] = {}
 

@@ -180,6 +180,9 @@ class LaCo:
             raise PrunebenchError(f"pruner.merge={merge!r} must be one of {', '.join(MERGES)}")
         if H is not None and L >= H:
             raise PrunebenchError(f"pruner.L={L} must be below pruner.H={H}")
+        for knob, value in (("calib_n", calib_n), ("calib_chars", calib_chars)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PrunebenchError(f"pruner.{knob}={value} must be a positive integer (D needs a sentence)")
         self.name, self.C, self.L, self.H, self.I, self.T = name, C, L, H, I, float(T)
         self.merge, self.rule_based = merge, rule_based
         self.calib_source, self.calib_n, self.calib_chars = calib_source, calib_n, calib_chars
@@ -189,6 +192,11 @@ class LaCo:
         H = num_layers - 1 if self.H is None else self.H
         if not 0 <= self.L < H < num_layers:
             raise PrunebenchError(f"pruner.L={self.L}, pruner.H={H} must satisfy 0 ≤ L < H < {num_layers} layers")
+        if H - self.C < self.L:  # Algorithm 1 starts at l = H − C and stops below L: not one merge would be tried
+            raise PrunebenchError(
+                f"pruner.C={self.C} leaves nothing to merge on {num_layers} layers (the first merge starts at"
+                f" H−C={H - self.C}, below L={self.L}); use pruner.C ≤ {H - self.L}"
+            )
 
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:
         if self.tokenizer is None:

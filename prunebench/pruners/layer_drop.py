@@ -66,6 +66,15 @@ class LayerDrop:
             raise PrunebenchError(f"pruner.keep={keep!r} must be one of {', '.join(POSITIONS)} (or set pruner.remove)")
         if self.remove is not None and not self.remove:
             raise PrunebenchError("pruner.remove is an empty list; name the layers to remove, e.g. pruner.remove=[3,4]")
+        # `remove` and `keep` name the same thing twice: one would be silently ignored. keep=top is the
+        # default, so it yields to `remove`; any other keep, or `layers`, beside `remove` is an error.
+        if self.remove is not None and (isinstance(keep, list) or keep in ("middle", "bottom") or layers is not None):
+            raise PrunebenchError(
+                f"pruner.remove={self.remove} and pruner.keep={keep} / pruner.layers={layers} both choose the layers;"
+                " set only one (pruner.keep=null with pruner.remove)"
+            )
+        if isinstance(keep, list) and layers is not None:
+            raise PrunebenchError(f"pruner.layers={layers} is ignored when pruner.keep lists the layers; drop it")
 
     def check(self, num_layers: int) -> None:
         """Validate against a layer count known before loading (model.num_layers)."""

@@ -12,8 +12,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -199,24 +197,28 @@ def model_digest(model: nn.Module) -> str:
 
 def cached_stats(calib, model: nn.Module, kind: str, compute: Callable[[], dict[str, torch.Tensor]]):
     """Load statistics `kind` for (these weights, these calibration windows) from the cache, or
-    compute and store them. `kind` names the protocol (e.g. 'grad-l1-fp32'), so a changed protocol
-    is a different file. Returns (tensors, reused)."""
+    compute and store them. `kind` names the protocol and its knobs (e.g. 'grad-l1-fp32'), so a
+    changed protocol is a different entry; the file is checksummed (prunebench.cache), so a truncated
+    or corrupted one is recomputed with a warning. Returns (tensors, reused)."""
     if not getattr(calib, "cache_dir", None):
         return compute(), False
     from safetensors.torch import load_file, save_file
 
-    path = Path(calib.cache_dir) / f"{kind}-{model_digest(model)}-{calib.key}.safetensors"
-    if path.exists():
+    from prunebench import cache
+
+    key = f"{kind}-{model_digest(model)}-{calib.key}"
+
+    def build(tmp: Path) -> dict[str, torch.Tensor]:
+        tensors = compute()
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
+        log.info("cached %s statistics at %s", kind, Path(calib.cache_dir) / f"{key}.safetensors")
+        return tensors
+
+    def load(path: Path) -> dict[str, torch.Tensor]:
         log.info("reusing cached %s statistics from %s", kind, path)
-        return load_file(path), True
-    tensors = compute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)  # atomic: parallel sweep jobs never read half a file
-    log.info("cached %s statistics at %s", kind, path)
-    return tensors, False
+        return load_file(path)
+
+    return cache.entry(Path(calib.cache_dir) / f"{key}.safetensors", key, build, load, f"{kind} statistics")
 
 
 def dense_input_norms(model: nn.Module, calib) -> tuple[dict[str, torch.Tensor], bool]:

@@ -1,0 +1,237 @@
+"""The catalogue of bad inputs (issue 14): configs, knobs, models, data files and report inputs. Each one
+ends with exit 2 and exactly one `error:` line naming the knob or file, no traceback, no metrics.json
+with status complete, and an earlier run's results untouched.
+
+Most rows go through the real `prunebench` command in-process (typer's CliRunner: the same checks,
+argv bridge and exit codes, without a new interpreter); a few rows run it as a subprocess, where a
+Python traceback would show exactly as a user sees it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from prunebench.cli import app
+from tests.test_cli import prunebench
+
+TINY = ["experiment=smoke/tiny"]  # tiny-llama: 2 layers, hidden 64, FFN 128, context 256
+LACO30 = [*TINY, "pruner=laco", "model.hf_config.num_hidden_layers=30"]
+KD = [*TINY, "recovery=kd"]
+BERT = ["model=tiny-bert", "eval=[]", "calib.seqlen=16", "calib.nsamples=2"]
+
+# (id, arguments of `prunebench run`, what the one error line must contain)
+RUN_ROWS = [
+    # configs and flags
+    ("unknown-pruner", ["pruner=foo"], "unknown pruner 'foo'"),
+    ("unknown-model", ["model=nope"], "unknown model 'nope'"),
+    ("unknown-experiment", ["experiment=nope"], "unknown experiment 'nope'"),
+    ("unknown-eval", ["eval=[nope]"], "unknown eval 'nope'"),
+    ("unknown-key", [*TINY, "pruner.nope=1"], "pruner.nope"),
+    ("unknown-added-key", [*TINY, "+pruner.nope=1"], "nope"),
+    ("bad-syntax", [*TINY, "pruner.sparsity=["], "override 'pruner.sparsity=['"),
+    ("config-path", [*TINY, "-cp", "/tmp"], "--config-path"),
+    ("config-name", [*TINY, "--config-name", "evil"], "--config-name"),
+    ("rerun-pickle", [*TINY, "--experimental-rerun", "/tmp/config.pickle"], "--experimental-rerun"),
+    ("config-dir-missing", [*TINY, "--config-dir", "/nonexistent/conf"], "--config-dir"),
+    ("target-traversal", [*TINY, "+eval.x={_target_: prunebench.config.Path.touch}"], "prunebench.config.Path.touch"),
+    ("target-os", [*TINY, "+eval.x={_target_: prunebench.models.os.system}"], "prunebench.models.os.system"),
+    ("hydra-callback", [*TINY, "+hydra.callbacks.x={_target_: os.getcwd}"], "hydra.callbacks.x"),
+    ("hydra-env", [*TINY, "+hydra.job.env_set.LD_PRELOAD=/tmp/x.so"], "LD_PRELOAD"),
+    # top-level knobs
+    ("seed-str", [*TINY, "seed=x"], "seed='x'"),
+    ("seed-float", [*TINY, "seed=1.5"], "seed=1.5"),
+    ("seed-negative", [*TINY, "seed=-1"], "seed=-1"),
+    ("seed-huge", [*TINY, "seed=99999999999"], "seed=99999999999"),
+    ("seed-bool", [*TINY, "seed=true"], "seed=True"),
+    ("baseline-str", [*TINY, "baseline=maybe"], "baseline='maybe'"),
+    ("device", [*TINY, "device=cuda:7"], "device=cuda:7"),
+    ("placement", [*TINY, "placement=banana"], "placement="),
+    ("dtype", [*TINY, "model.dtype=int3"], "model.dtype"),
+    # calibration
+    ("nsamples-huge", [*TINY, "calib.nsamples=1000000000"], "calib.nsamples=1000000000 is outside [1, 4096]"),
+    ("nsamples-zero", [*TINY, "calib.nsamples=0"], "calib.nsamples=0"),
+    ("nsamples-float", [*TINY, "calib.nsamples=4.5"], "calib.nsamples=4.5"),
+    ("calib-seqlen-zero", [*TINY, "calib.seqlen=0"], "calib.seqlen=0"),
+    ("calib-seqlen-context", [*TINY, "calib.seqlen=100000"], "calib.seqlen=100000 is beyond"),
+    ("calib-batch-zero", [*TINY, "calib.batch_size=0"], "calib.batch_size=0"),
+    # mask pruners
+    ("sparsity-high", [*TINY, "pruner.sparsity=1.5"], "outside [0, 1)"),
+    ("sparsity-negative", [*TINY, "pruner.sparsity=-0.1"], "pruner.sparsity=-0.1"),
+    ("sparsity-nan", [*TINY, "pruner.sparsity=nan"], "pruner.sparsity=nan"),
+    ("pattern-n-ge-m", [*TINY, "pruner.pattern=4:2"], "N < M"),
+    ("pattern-syntax", [*TINY, "pruner.pattern=2x4"], "pruner.pattern='2x4'"),
+    ("pattern-vs-sparsity", [*TINY, "pruner.pattern=2:4", "pruner.sparsity=0.6"], "pruner.sparsity=0.5"),
+    ("pattern-width", [*TINY, "pruner.pattern=2:4", "model.hf_config.intermediate_size=130"], "intermediate_size=130"),
+    ("group", [*TINY, "pruner.group=column"], "pruner.group"),
+    ("sequential-str", [*TINY, "pruner.sequential=maybe"], "pruner.sequential"),
+    ("gblm-alpha-negative", [*TINY, "pruner=gblm", "pruner.alpha=-1"], "pruner.alpha=-1"),
+    ("gblm-alpha-nan", [*TINY, "pruner=gblm", "pruner.alpha=nan"], "pruner.alpha=nan"),
+    ("gblm-alpha-inf", [*TINY, "pruner=gblm", "pruner.alpha=inf"], "pruner.alpha=inf"),
+    ("gblm-alpha-str", [*TINY, "pruner=gblm", "pruner.alpha=big"], "pruner.alpha='big'"),
+    ("gblm-grad-norm", [*TINY, "pruner=gblm", "pruner.grad_norm=l3"], "grad_norm"),
+    ("gblm-terms", [*TINY, "pruner=gblm", "pruner.terms=x"], "pruner.terms"),
+    ("sparsegpt-percdamp", [*TINY, "pruner=sparsegpt", "pruner.percdamp=0"], "pruner.percdamp=0"),
+    ("sparsegpt-blocksize", [*TINY, "pruner=sparsegpt", "pruner.blocksize=0"], "pruner.blocksize=0"),
+    ("sparsegpt-one-shot", [*TINY, "pruner=sparsegpt", "pruner.sequential=false"], "one-shot"),
+    # depth pruners: silent no-ops and ignored knobs
+    ("laco-C-too-large", [*LACO30, "pruner.C=50"], "pruner.C=50"),
+    ("laco-C-one", [*LACO30, "pruner.C=1"], "pruner.C"),
+    ("laco-H", [*LACO30, "pruner.H=40"], "pruner.H"),
+    ("laco-L", [*LACO30, "pruner.L=-1"], "pruner.L=-1"),
+    ("laco-T-zero", [*LACO30, "pruner.T=0"], "pruner.T=0"),
+    ("laco-T-high", [*LACO30, "pruner.T=1.5"], "pruner.T=1.5"),
+    ("laco-I", [*LACO30, "pruner.I=0"], "pruner.I=0"),
+    ("laco-calib-n", [*LACO30, "pruner.calib_n=0"], "pruner.calib_n=0"),
+    ("laco-calib-chars", [*LACO30, "pruner.calib_chars=0"], "pruner.calib_chars=0"),
+    ("laco-merge", [*LACO30, "pruner.merge=x"], "pruner.merge"),
+    ("laco-sparsity-ignored", [*LACO30, "pruner.sparsity=0.3"], "pruner.sparsity=0.3 is ignored"),
+    ("drop-keep-and-remove", [*TINY, "pruner=layer_drop", "pruner.keep=bottom", "pruner.remove=[1]"], "pruner.remove"),
+    ("drop-list-and-layers", [*TINY, "pruner=layer_drop", "pruner.keep=[0]", "pruner.layers=1"], "pruner.layers=1"),
+    ("drop-layers", [*TINY, "pruner=layer_drop", "pruner.layers=31"], "pruner.layers"),
+    ("drop-keep", [*TINY, "pruner=layer_drop", "pruner.keep=side"], "pruner.keep"),
+    ("drop-remove-empty", [*TINY, "pruner=layer_drop", "pruner.keep=null", "pruner.remove=[]"], "pruner.remove"),
+    ("drop-sparsity-ignored", [*TINY, "pruner=layer_drop", "pruner.sparsity=0.5"], "pruner.sparsity=0.5 is ignored"),
+    ("shortgpt-n-zero", [*TINY, "pruner=shortgpt", "pruner.n=0"], "pruner.n"),
+    ("shortgpt-n-all", [*TINY, "pruner=shortgpt", "pruner.n=2"], "pruner.n"),
+    ("none-pattern-ignored", [*TINY, "pruner=none", "pruner.pattern=2:4"], "pruner.pattern=2:4 is ignored"),
+    # evaluation
+    ("eval-windows-zero", [*TINY, "eval.wikitext2.max_windows=0"], "eval.wikitext2.max_windows=0"),
+    ("eval-seqlen-context", [*TINY, "eval.wikitext2.seqlen=100000"], "eval.wikitext2.seqlen=100000 is beyond"),
+    ("eval-seqlen-str", [*TINY, "eval.wikitext2.seqlen=long"], "eval.wikitext2.seqlen"),
+    ("eval-batch-zero", [*TINY, "eval.wikitext2.batch_size=0"], "eval.wikitext2.batch_size=0"),
+    ("eval-max-seqlen", [*TINY, "eval.wikitext2.max_seqlen=0"], "eval.wikitext2.max_seqlen=0"),
+    ("efficiency-repeats", [*TINY, "eval=[efficiency]", "eval.efficiency.repeats=0"], "eval.efficiency.repeats=0"),
+    ("efficiency-context", [*TINY, "eval=[efficiency]", "eval.efficiency.prompt_len=250"], "prompt_len + gen_len"),
+    # recovery
+    ("kd-lr-zero", [*KD, "recovery.lr=0"], "recovery.lr=0"),
+    ("kd-lr-nan", [*KD, "recovery.lr=nan"], "recovery.lr=nan"),
+    ("kd-temperature", [*KD, "recovery.temperature=0"], "recovery.temperature=0"),
+    ("kd-tokens", [*KD, "recovery.tokens=-1"], "recovery.tokens=-1"),
+    ("kd-seqlen-context", [*KD, "recovery.seqlen=1000"], "recovery.seqlen=1000 is beyond"),
+    ("kd-grad-accum", [*KD, "recovery.grad_accum=0"], "recovery.grad_accum=0"),
+    ("kd-clip", [*KD, "recovery.clip=-1"], "recovery.clip=-1"),
+    ("finetune-lr", [*TINY, "recovery=lm_finetune", "recovery.lr=2"], "recovery.lr=2"),
+    # models
+    ("encoder-perplexity", ["model=tiny-bert", "calib.seqlen=16"], "causal language model"),
+    ("encoder-gblm", [*BERT, "pruner=gblm"], "causal language model"),
+    ("bridge-rank", [*BERT, "pruner=minibridge", "pruner.rank=0"], "pruner.rank=0"),
+    ("model-path-missing", [*TINY, "model.path=/nonexistent/model"], "model.path=/nonexistent/model"),
+    ("hub-model-offline", ["model=llama2-7b"], "model.path"),
+]
+
+
+@pytest.fixture(scope="module")
+def earlier(tmp_path_factory):
+    """An earlier run's results, which no bad input may touch."""
+    folder = tmp_path_factory.mktemp("earlier")
+    (folder / "metrics.json").write_text(json.dumps({"status": "complete", "metrics": {"wikitext2/ppl": 1.0}}))
+    return folder, (folder / "metrics.json").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def runner(tmp_path_factory, earlier):
+    # A fresh cache, and an unreachable Hub endpoint so a Hub model fails in one line, never downloads.
+    cache = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PRUNEBENCH_CACHE", str(cache))
+    mp.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    yield CliRunner()
+    mp.undo()
+
+
+def assert_one_line(code: int, stderr: str, needle: str, out, earlier) -> None:
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], stderr[-2000:]
+    assert not any(json.loads(p.read_text()).get("status") == "complete" for p in out.rglob("metrics.json"))
+    folder, before = earlier
+    assert (folder / "metrics.json").read_bytes() == before
+
+
+def test_catalogue_is_large_enough():
+    assert len(RUN_ROWS) + len(DATA_ROWS) + len(REPORT_ROWS) + len(SUBPROCESS_ROWS) >= 60
+
+
+@pytest.mark.parametrize("args,needle", [r[1:] for r in RUN_ROWS], ids=[r[0] for r in RUN_ROWS])
+def test_run_rejects(runner, earlier, tmp_path, args, needle):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", *args, f"hydra.run.dir={out}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+@pytest.mark.parametrize(
+    "config_json", [None, b'{"model_type": "lla', b"\x00\xff" * 16], ids=["empty", "truncated", "binary"]
+)
+def test_bad_model_folder(runner, earlier, tmp_path, config_json):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if config_json is not None:
+        (folder / "config.json").write_bytes(config_json)
+    result = runner.invoke(app, ["run", *TINY, f"model.path={folder}", f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, "config.json", tmp_path, earlier)
+
+
+# Data files: a dataset file that is binary, truncated JSON or a JSON row without text.
+DATA_ROWS = [
+    ("binary-wikitext", "wikitext2/wikitext-2-raw/wiki.test.raw", b"\x00\xff\xfe" * 64, "wiki.test.raw"),
+    ("corrupt-c4", "c4/c4_sample.json", b'{"text": "a"}\n{"text": ', "c4_sample.json"),
+    ("c4-no-text", "c4/c4_sample.json", b'{"url": "x"}\n', "c4_sample.json"),
+]
+
+
+@pytest.mark.parametrize("rel,content,needle", [r[1:] for r in DATA_ROWS], ids=[r[0] for r in DATA_ROWS])
+def test_bad_data_file(runner, earlier, tmp_path, monkeypatch, rel, content, needle):
+    root = tmp_path / "data"
+    (root / rel).parent.mkdir(parents=True)
+    (root / rel).write_bytes(content)
+    monkeypatch.setenv("PRUNEBENCH_DATA", str(root))
+    from prunebench import PrunebenchError
+    from prunebench.data import load_texts
+
+    name = "wikitext2_test" if "wiki" in rel else "c4"
+    with pytest.raises(PrunebenchError) as err:
+        load_texts(name)
+    message = str(err.value)
+    assert "\n" not in message and needle in message
+
+
+# `prunebench report` inputs: (id, the folder's metrics.json content or None for no folder, needle)
+REPORT_ROWS = [
+    ("report-missing-folder", None, "is not a directory"),
+    ("report-corrupt-json", b'{"status": "complete", "metr', "metrics.json"),
+    ("report-binary-json", b"\x00\xff" * 32, "metrics.json"),
+    ("report-not-an-object", b"[1, 2]", "metrics.json"),
+    ("report-nothing-complete", b'{"status": "interrupted"}', "no complete metrics.json"),
+]
+
+
+@pytest.mark.parametrize("content,needle", [r[1:] for r in REPORT_ROWS], ids=[r[0] for r in REPORT_ROWS])
+def test_report_rejects(runner, earlier, tmp_path, content, needle):
+    folder = tmp_path / "runs"
+    if content is not None:
+        (folder / "0").mkdir(parents=True)
+        (folder / "0" / "metrics.json").write_bytes(content)
+    result = runner.invoke(app, ["report", str(folder)])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path / "none", earlier)
+
+
+# The real command line in a new interpreter: what a user sees, traceback or not.
+SUBPROCESS_ROWS = [
+    ("seed-str", ["run", *TINY, "seed=x"], "seed='x'"),
+]
+
+
+@pytest.mark.parametrize("args,needle", [r[1:] for r in SUBPROCESS_ROWS], ids=[r[0] for r in SUBPROCESS_ROWS])
+def test_subprocess_rejects(earlier, tmp_path, args, needle):
+    r = prunebench(*args, f"hydra.run.dir={tmp_path / 'out'}", cache=tmp_path / "cache", cwd=tmp_path)
+    assert_one_line(r.returncode, r.stderr, needle, tmp_path, earlier)
+
+
+def test_report_on_corrupt_metrics_subprocess(earlier, tmp_path):
+    (tmp_path / "runs" / "0").mkdir(parents=True)
+    (tmp_path / "runs" / "0" / "metrics.json").write_text('{"status": "compl')
+    r = prunebench("report", str(tmp_path / "runs"), cache=tmp_path / "cache", cwd=tmp_path)
+    assert_one_line(r.returncode, r.stderr, "metrics.json", tmp_path / "none", earlier)
