@@ -295,7 +295,8 @@ def test_bad_knobs_against_the_model():
         MiniBridge(blocks=[2, 13]).check(12)
     MiniBridge().check(12)
     with pytest.raises(PrunebenchError, match="outside the model's 2 blocks"):  # before loading
-        validate(compose_cfg("model=tiny-bert", "pruner=minibridge", "pruner.blocks=[3]"), build=True)
+        cfg = compose_cfg("model=tiny-bert", "pruner=minibridge", "pruner.blocks=[3]", "eval=[efficiency]")
+        validate(cfg, build=True)
     model, tok = tiny()
     before = model_digest(model)
     with pytest.raises(PrunebenchError, match="hidden size 64"):
