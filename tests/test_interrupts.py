@@ -92,3 +92,41 @@ def test_two_jobs_on_one_cold_cache_and_no_secrets(tmp_path):
         assert secret not in text and str(cache_dir) not in text
         assert r["name"] == "job-${oc.env:PB_SECRET}"
         assert r["config"]["paths"]["cache_dir"].startswith("${oc.env:PRUNEBENCH_CACHE")
+
+
+def _stop(*args, **kwargs):
+    raise KeyboardInterrupt  # what app.py turns SIGINT / SIGTERM into
+
+
+def _stages() -> dict:
+    """Stage name -> (owner, attribute) whose call runs inside that stage of pipeline.run."""
+    from prunebench import models, pipeline
+    from prunebench.pruners.wanda import Wanda
+    from prunebench.recovery.none import NoRecovery
+
+    return {
+        "load": (models, "load"),
+        "baseline": (pipeline, "dense_baseline"),
+        "calibration_data": (pipeline, "calibration_windows"),
+        "prune": (Wanda, "__call__"),
+        "recover": (NoRecovery, "__call__"),
+        "eval": (pipeline, "evaluate"),
+        "save": (models, "save_checkpoint"),
+        "write": (pipeline, "write_json"),
+    }
+
+
+@pytest.mark.parametrize("name", ["load", "baseline", "calibration_data", "prune", "recover", "eval", "save", "write"])
+def test_every_stage_interrupted_leaves_no_result(tmp_path, monkeypatch, name):
+    """An interrupt in any stage surfaces as Interrupted(<that stage>) and leaves no metrics.json and
+    no half-written cache entry (the subprocess tests above check the signal -> one line path)."""
+    from prunebench import pipeline
+    from prunebench.config import compose
+
+    monkeypatch.setattr(*_stages()[name], _stop)
+    knobs = ["baseline=false"] if name == "eval" else []  # the dense baseline calls evaluate() too
+    cfg = compose("experiment=smoke/tiny", "save_model=true", f"paths.cache_dir={tmp_path / 'cache'}", *knobs)
+    with pytest.raises(pipeline.Interrupted) as err:
+        pipeline.run(cfg, tmp_path / "run")
+    assert err.value.stage == name
+    assert not (tmp_path / "run" / "metrics.json").exists() and not leftovers(tmp_path)
