@@ -218,6 +218,7 @@ class Plan:
     weights: int = 0
     activations: int = 0
     statistics: int = 0
+    recovery: int = 0  # the teacher's copy, gradients and optimizer state of the recovery stage
     on_device: int = 0
     free: int = 0
     max_memory: dict | None = None
@@ -231,7 +232,8 @@ class Plan:
         return (
             f"memory plan: weights {self.weights / GiB:.1f} GiB ({str(self.dtype).removeprefix('torch.')})"
             f" + activations {self.activations / GiB:.1f} GiB + statistics {self.statistics / GiB:.1f} GiB"
-            f" = ~{self.on_device / GiB:.1f} GiB on {where}, {self.free / GiB:.1f} GiB free;"
+            + (f" + recovery {self.recovery / GiB:.1f} GiB" if self.recovery else "")
+            + f" = ~{self.on_device / GiB:.1f} GiB on {where}, {self.free / GiB:.1f} GiB free;"
             f" placement={self.placement}"
         )
 
@@ -243,6 +245,7 @@ class Plan:
             "weights_gib": round(self.weights / GiB, 3),
             "activations_gib": round(self.activations / GiB, 3),
             "statistics_gib": round(self.statistics / GiB, 3),
+            "recovery_gib": round(self.recovery / GiB, 3),
             "on_device_gib": round(self.on_device / GiB, 3),
             "free_gib": round(self.free / GiB, 3),
         }
@@ -276,6 +279,15 @@ def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]
     return act, stats, block
 
 
+def _recovery_needs(recovery, shape: dict, elt: int) -> int:
+    """Bytes the recovery stage adds: a copy of the dense model when it asks for one as teacher
+    (a teacher named in its config is not counted: its shape is not known here), plus what training
+    keeps (`training_bytes(shape, elt)` of the recovery: gradients and AdamW's two moments)."""
+    teacher = int(shape["params"]) * elt if getattr(recovery, "needs_teacher", False) else 0
+    training = getattr(recovery, "training_bytes", None)
+    return teacher + (int(training(shape, elt)) if training else 0)
+
+
 def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=None) -> Plan:
     """Resolve device, dtype and placement, estimate the memory the run needs, and stop with one
     line if it cannot fit. Called before any weights load. `pruner`/`evaluators`/`recovery` (the
@@ -305,13 +317,14 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
     elt = torch.finfo(dtype).bits // 8
     p.weights = int(shape["params"]) * elt
     p.activations, p.statistics, block = _stage_needs(cfg, shape, elt)
+    p.recovery = _recovery_needs(recovery, shape, elt)
     headroom = 1.1  # allocator fragmentation, kernels' workspaces
 
     def need(where: str) -> int:
         if where == "offload":  # embeddings + head on the device, one block, its activations and statistics
             embed = 2 * int(shape.get("vocab") or 32000) * int(shape["hidden"]) * elt
             return int(headroom * (embed + 2 * block + p.activations + p.statistics))
-        return int(headroom * (p.weights + p.activations + p.statistics))
+        return int(headroom * (p.weights + p.activations + p.statistics + p.recovery))
 
     if placement == "auto":
         if need("device") <= p.free or device.type == "cpu":

@@ -148,3 +148,20 @@ def test_device_map_placement_loads_through_accelerate(tmp_path):
     ppl = Perplexity(seqlen=64, max_windows=2)
     tok = models.ByteTokenizer()
     assert ppl(mapped, tok)["ppl"] == pytest.approx(ppl(dense, tok)["ppl"], rel=1e-5)
+
+
+def test_plan_counts_what_recovery_keeps():
+    """The teacher copy, gradients and AdamW moments of the recovery stage are in the memory plan."""
+    from prunebench.config import instantiate
+
+    def plan_for(*knobs):
+        cfg = compose_cfg("model=smollm2-135m", "device=cpu", *knobs)
+        return placement.plan(cfg, instantiate(cfg.pruner), None, instantiate(cfg.recovery))
+
+    none, ft, kd = plan_for(), plan_for("recovery=lm_finetune"), plan_for("recovery=kd")
+    lora = plan_for("recovery=lora")
+    weights = none.weights  # fp32: 4 bytes a parameter
+    assert none.recovery == 0 and "recovery" not in none.line()
+    assert ft.recovery == 3 * weights and kd.recovery == 4 * weights  # + the dense teacher's copy
+    assert 0 < lora.recovery < 0.1 * weights and kd.on_device > ft.on_device > lora.on_device > none.on_device
+    assert "recovery" in kd.line() and kd.to_dict()["recovery_gib"] > 0

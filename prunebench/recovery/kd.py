@@ -117,6 +117,10 @@ class KD:
         """The pipeline copies the unpruned model only when no teacher is configured."""
         return self.teacher is None
 
+    def training_bytes(self, shape: dict, elt: int) -> int:
+        """Gradients and AdamW's two moments of every weight (the memory plan; activations apart)."""
+        return 3 * int(shape["params"]) * elt
+
     # -- held-out losses -----------------------------------------------------------------------
     @torch.no_grad()
     def validate(self, student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict[str, float]:

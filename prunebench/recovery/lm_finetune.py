@@ -23,6 +23,10 @@ from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, wind
 class LMFinetune:
     needs_teacher = False
 
+    def training_bytes(self, shape: dict, elt: int) -> int:
+        """Gradients and AdamW's two moments of every weight (the memory plan; activations apart)."""
+        return 3 * int(shape["params"]) * elt
+
     def __init__(
         self,
         name: str = "lm_finetune",

@@ -130,6 +130,13 @@ class LoRA:
         """The pipeline copies the unpruned model only for the kd objective."""
         return self.objective == "kd"
 
+    def training_bytes(self, shape: dict, elt: int) -> int:
+        """fp32 adapters, their gradients and AdamW's two moments: r·(in + out) per adapted linear of
+        every block (q, k, v, o ~ 8·hidden; gate, up, down 3·(hidden + ffn)), all linears assumed."""
+        hidden, layers = int(shape["hidden"]), int(shape["layers"])
+        ffn = int(shape.get("ffn") or 4 * hidden)
+        return 4 * 4 * self.r * layers * (8 * hidden + 3 * (hidden + ffn))
+
     # -- targets -------------------------------------------------------------------------------
     def targets(self, model: nn.Module) -> list[str]:
         """Full module names of the block linears to adapt (PEFT matches them exactly, so the LM head

@@ -37,6 +37,10 @@ STAGE_KEYS = {"epochs", "batch_size", "lr", "warmup", "max_samples", "max_steps"
 class SbertNliSts:
     needs_teacher = False
 
+    def training_bytes(self, shape: dict, elt: int) -> int:
+        """Gradients and AdamW's two moments of every weight (the memory plan; activations apart)."""
+        return 3 * int(shape["params"]) * elt
+
     def __init__(
         self,
         name: str = "sbert_nli_sts",
