@@ -275,9 +275,10 @@ def remaining(cells: list[str], folder: Path) -> list[str]:
 
 
 def _force(arg: str) -> str:
-    """`key=value` -> `++key=value` for a config key (not a group choice, a flag or hydra.*)."""
+    """`key=value` -> `++key=value` for a config key (not a group choice, a flag or hydra's own)."""
     key = arg.split("=", 1)[0]
-    if "=" not in arg or arg.startswith(("+", "~", "-", "hydra.", "experiment=")) or key in GROUPS:
+    group = "/" in key or key.split("@")[0] in GROUPS  # hydra/launcher=joblib, model@x=...: groups
+    if "=" not in arg or arg.startswith(("+", "~", "-", "hydra", "experiment=")) or group:
         return arg
     return "++" + arg
 
@@ -309,10 +310,11 @@ def reproduce(
         typer.echo(f"resume {resume}: {total - len(cells)} of {total} cells complete")
     sweep_dir = root / f"resume-{stamp}" if resume is not None else root
     args = ["-m", "experiment=" + ",".join(cells), f"hydra.sweep.dir={sweep_dir}", *ctx.args]
-    try:
-        check_overrides(split_args(args), config_dirs(args))
-    except PrunebenchError as err:
-        _fail(str(err))
+    if cells:  # a resumed table may have nothing left to run: then only the tables are written
+        try:
+            check_overrides(split_args(args), config_dirs(args))
+        except PrunebenchError as err:
+            _fail(str(err))
     # Hydra composes a multirun's master config without the sweep (so without any experiment's pruner):
     # a knob only the experiment brings ("pruner.train_limit") must be force-set there; each point was
     # checked above with the plain override, so a misspelt key still stops.

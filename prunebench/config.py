@@ -243,6 +243,10 @@ def _pruner_class(cfg: DictConfig) -> type | None:
 
 def _check_cross(cfg: DictConfig) -> None:
     """Knobs against each other (no model needed)."""
+    if cfg.get("save_model"):  # a misspelt format must not cost the whole run before the save stage
+        from prunebench.models.export import check_format
+
+        check_format(cfg.get("save_format", "hf"))
     p = cfg.pruner
     sparsity = p.get("sparsity", 0.0)
     nm = parse_pattern(p.get("pattern", "unstructured"))

@@ -273,6 +273,8 @@ def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]
         else:
             stats = (4 * hidden + 2 * ffn) * 4
     for ev in (cfg.get("eval") or {}).values():
+        if "_target_" not in ev:  # knobs of an evaluator the run did not select (config.selected_evals)
+            continue
         seqlen = ev.get("seqlen") or ev.get("max_seqlen") or 2048
         batch = ev.get("batch_size") or 1
         act = max(act, batch * seqlen * (vocab * 4 + 4 * hidden * elt + 3 * ffn * elt))

@@ -138,8 +138,10 @@ def _where(run_dir: Path) -> tuple[Path, str | None, str | None]:
 def _config(cfg: DictConfig | dict) -> dict:
     if isinstance(cfg, dict):
         return cfg
+    from prunebench.results import public_config
+
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        return public_config(cfg)  # ${oc.env:...} values (tokens, home paths) stay unresolved
     except Exception:  # noqa: BLE001 - a failed job may hold a broken interpolation: log it unresolved
         return OmegaConf.to_container(cfg, resolve=False)
 

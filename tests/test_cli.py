@@ -185,3 +185,13 @@ def test_reproduce_resume_skips_complete_cells(cli, tmp_path):
     assert remaining(["smoke/tiny", "smoke/other"], tmp_path / "table") == ["smoke/other"]
     r = cli("reproduce", "gblm", "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "--resume" in r.stderr.splitlines()[-1]
+
+
+def test_reproduce_passes_group_choices_through_and_checks_save_format():
+    from prunebench import PrunebenchError
+    from prunebench.cli import _force, check_overrides
+
+    for arg in ("hydra/launcher=joblib", "hydra/sweeper=optuna_alpha", "model@teacher=tiny-llama"):
+        assert _force(arg) == arg
+    with pytest.raises(PrunebenchError, match="save_format"):
+        check_overrides(["experiment=smoke/tiny", "save_model=true", "save_format=compresed-tensors"])
