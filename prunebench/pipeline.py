@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,6 +99,16 @@ def step(name: str, timings: dict | None = None, device=None):
         raise Interrupted(name) from None
 
 
+@contextmanager
+def _removed_on_failure(folder: Path):
+    """A staged folder (the saved model before it is renamed into place) never outlives a failure."""
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
     with step("setup"):
         # Data files are verified (SHA-256) as they are read, and recorded for metrics.json.
@@ -150,10 +162,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
                            for d in (metrics, baseline))  # fmt: skip
             metrics.update({f"{name}/{k}": v for k, v in ev.relative(mine, dense).items()})
     params_after, nonzero_after = models.count_params(model)
-    saved = None
+    saved, staged = None, run_dir / ".tmp-model"  # renamed to model/ with metrics.json: never half a checkpoint
     if cfg.get("save_model"):
-        with step("save", timings, device):
-            saved = models.save_checkpoint(model, tokenizer, run_dir / "model", cfg.model, cfg.get("save_format", "hf"))
+        with step("save", timings, device), _removed_on_failure(staged):
+            saved = models.save_checkpoint(model, tokenizer, staged, cfg.model, cfg.get("save_format", "hf"))
 
     config = public_config(cfg)  # ${oc.env:...} values stay unresolved: no tokens or home paths
     result = {
@@ -200,8 +212,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         "git_commit": git_commit(),
         "saved_model": saved,  # {format, layout, weight_bytes} or None
     }
-    if saved is not None:  # the model card holds the metrics: written once they are known
-        models.write_model_card(run_dir / "model", result)
-    with step("write"):
+    with step("write"), _removed_on_failure(staged):
+        if saved is not None:  # the model card holds the metrics: written once they are known
+            models.write_model_card(staged, result)
+            os.replace(staged, run_dir / "model")
         write_json(out, result)
     return result

@@ -130,3 +130,20 @@ def test_every_stage_interrupted_leaves_no_result(tmp_path, monkeypatch, name):
         pipeline.run(cfg, tmp_path / "run")
     assert err.value.stage == name
     assert not (tmp_path / "run" / "metrics.json").exists() and not leftovers(tmp_path)
+
+
+def test_interrupted_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    from prunebench import models, pipeline
+    from prunebench.config import compose
+
+    real = models.save_checkpoint
+
+    def half(model, tokenizer, folder, *args, **kwargs):
+        real(model, tokenizer, folder, *args, **kwargs)  # the files are written, then the signal lands
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "save_checkpoint", half)
+    cfg = compose("experiment=smoke/tiny", "save_model=true", f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(pipeline.Interrupted, match="save"):
+        pipeline.run(cfg, tmp_path / "run")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no model/, no .tmp-model, no metrics
