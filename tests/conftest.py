@@ -29,3 +29,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def cached_calib(folder, seed: int = 0) -> Calibration:
+    """Random windows whose statistics cache under `folder` (the stats-cache tests)."""
+    calib = random_calib(n=2, seqlen=16, seed=seed)
+    calib.cache_dir = str(folder)
+    return calib
+
+
+def counted(value):
+    """(calls, compute): compute() returns `value` and records each call, so a cache hit shows as none."""
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return value
+
+    return calls, compute

@@ -19,7 +19,7 @@ from prunebench.config import compose, instantiate
 from prunebench.models import loading
 from prunebench.pruners.stats import cached_stats
 from prunebench.results import public_config
-from tests.conftest import random_calib
+from tests.conftest import cached_calib, counted
 
 WIKI = "wikitext2/wikitext-2-raw/wiki.test.raw"
 
@@ -133,14 +133,8 @@ def test_converted_model_cache_rebuilds_with_the_same_logits(tmp_path, monkeypat
 
 def test_stats_cache_truncated_is_recomputed(tiny, tmp_path, caplog):
     model, _ = tiny
-    calib = random_calib(n=2, seqlen=16)
-    calib.cache_dir = str(tmp_path)
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"a": torch.arange(1000.0)}
-
+    calib = cached_calib(tmp_path)
+    calls, compute = counted({"a": torch.arange(1000.0)})
     cached_stats(calib, model, "kind", compute)
     (path,) = tmp_path.glob("*.safetensors")
     truncate(path)

@@ -13,7 +13,7 @@ from prunebench.pruners.stats import (
     gradient_norms,
     prunable_linears,
 )
-from tests.conftest import random_calib
+from tests.conftest import cached_calib, counted, random_calib
 
 
 def test_gblm_score_by_hand():
@@ -88,22 +88,15 @@ def test_one_shot_uses_dense_statistics_for_every_layer(tiny, pruner_cls, tmp_pa
 
 def test_cache_hit_miss_and_invalidation(tiny, tmp_path):
     model, _ = tiny
-    calib = random_calib(n=2, seqlen=16)
-    calib.cache_dir = str(tmp_path)
-    calls = []
-
-    def compute():
-        calls.append(1)
-        return {"a": torch.ones(3)}
-
+    calib = cached_calib(tmp_path)
+    calls, compute = counted({"a": torch.ones(3)})
     _, reused = cached_stats(calib, model, "kind", compute)
     assert not reused and len(calls) == 1
     out, reused = cached_stats(calib, model, "kind", compute)
     assert reused and len(calls) == 1 and torch.equal(out["a"], torch.ones(3))
     cached_stats(calib, model, "other-protocol", compute)  # a different protocol: a miss
     assert len(calls) == 2
-    other = random_calib(n=2, seqlen=16, seed=1)  # different windows (data or seed): a miss
-    other.cache_dir = str(tmp_path)
+    other = cached_calib(tmp_path, seed=1)  # different windows (data or seed): a miss
     cached_stats(other, model, "kind", compute)
     assert len(calls) == 3
     with torch.no_grad():  # changed weights: a miss
