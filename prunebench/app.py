@@ -105,7 +105,7 @@ def task(cfg: DictConfig) -> float | None:
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             # Unresolved: iterating the ListConfig would resolve `key=${oc.env:TOKEN}` into the token.
             overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
-            result = pipeline.run(cfg, run_dir, overrides)
+            result = pipeline.run(cfg, run_dir, overrides, signals=got)
         except PrunebenchError as err:
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)  # never raises
             print(f"error: {err}", file=sys.stderr)

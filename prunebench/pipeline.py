@@ -109,7 +109,10 @@ def _removed_on_failure(folder: Path):
         raise
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> dict:
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, signals: list[int] | None = None) -> dict:
+    """prune -> recover -> evaluate, top to bottom; metrics.json last. `signals` is the list app.py's
+    handler appends to: a signal whose KeyboardInterrupt some library caught still ends the run as
+    interrupted (checked before writing), never as a complete result."""
     with step("setup"):
         # Data files are verified (SHA-256) as they are read, and recorded for metrics.json.
         verify.configure(verify=OmegaConf.select(cfg, "data.verify", default=True), cache_dir=cfg.paths.cache_dir)
@@ -213,6 +216,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None) -> d
         "saved_model": saved,  # {format, layout, weight_bytes} or None
     }
     with step("write"), _removed_on_failure(staged):
+        if signals:  # the handler ran, but its KeyboardInterrupt was swallowed on the way up
+            raise Interrupted("a stage that caught the interrupt")
         if saved is not None:  # the model card holds the metrics: written once they are known
             models.write_model_card(staged, result)
             os.replace(staged, run_dir / "model")

@@ -147,3 +147,26 @@ def test_interrupted_save_leaves_no_half_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(pipeline.Interrupted, match="save"):
         pipeline.run(cfg, tmp_path / "run")
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no model/, no .tmp-model, no metrics
+
+
+def test_swallowed_interrupt_still_ends_interrupted(tmp_path, monkeypatch):
+    """A library that catches the KeyboardInterrupt (a finaliser, a broad except) does not turn an
+    interrupted run into a complete one: the handler's record is checked before writing."""
+    from prunebench import pipeline
+    from prunebench.config import compose
+    from prunebench.recovery.none import NoRecovery
+
+    got: list[int] = []
+
+    def swallowed(self, *args, **kwargs):
+        try:
+            got.append(signal.SIGINT)  # what app.interrupts' handler records
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            return {}
+
+    monkeypatch.setattr(NoRecovery, "__call__", swallowed)
+    cfg = compose("experiment=smoke/tiny", "save_model=true", f"paths.cache_dir={tmp_path / 'cache'}")
+    with pytest.raises(pipeline.Interrupted, match="caught the interrupt"):
+        pipeline.run(cfg, tmp_path / "run", signals=got)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no model/, no metrics.json

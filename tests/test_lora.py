@@ -169,5 +169,7 @@ def test_cli_runs_lora(cli, tmp_path):
     r = cli("run", "experiment=smoke/tiny", *TINY, "recovery.merge=separate", "save_model=true", f"hydra.run.dir={sep}")
     assert r.returncode == 0, r.stderr
     assert (sep / "model" / "config.json").exists() and (sep / "adapter" / "adapter_config.json").exists()
+    card = (sep / "model" / "README.md").read_text()
+    assert f"unmerged LoRA adapter saved in `{sep / 'adapter'}`" in card and "PeftModel.from_pretrained" in card
     r = cli("run", "experiment=smoke/tiny", *TINY, "recovery.merge=both", f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.returncode == 2 and "recovery.merge" in r.stderr and "Traceback" not in r.stderr

@@ -277,6 +277,7 @@ def write_model_card(folder: str | Path, result: dict) -> Path:
         "",
         f"## Recovery: {recovery.get('name', 'none')}",
         knobs(recovery) if recovery.get("name", "none") != "none" else "none",
+        *_adapter_note(result.get("recovery") or {}),
         "",
         "## Metrics (dense baseline beside the pruned model)",
         "\n".join(["| metric | dense | pruned |", "|---|---|---|", *rows]) if rows else "(no metrics)",
@@ -293,6 +294,21 @@ def write_model_card(folder: str | Path, result: dict) -> Path:
     path = folder / "README.md"
     path.write_text(card, encoding="utf-8")
     return path
+
+
+def _adapter_note(train: dict) -> list[str]:
+    """recovery=lora with merge=separate: the metrics are base + adapter, and this folder holds only
+    the base, so the card says where the adapter is and how to load the two together."""
+    if train.get("merge") != "separate":
+        return []
+    where = train.get("adapter_dir")
+    if where is None:
+        return ["", "The metrics below are this pruned base plus a LoRA adapter that was not saved: this folder alone"
+                " does not reproduce them."]  # fmt: skip
+    return ["", f"The metrics below are this pruned base plus the unmerged LoRA adapter saved in `{where}`"
+            " (`../adapter` beside this folder in a run directory). Load both:"
+            " `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), adapter_folder)`;"
+            " this folder alone is the base without the adapter."]  # fmt: skip
 
 
 def _loading_note(layout: str | None) -> str:

@@ -134,14 +134,31 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
 
     if sparsity_layout(path):  # compressed-tensors sparse layout: transformers no longer decompresses it
         model, tokenizer = load_compressed(path)
-        return model.to(dtype).eval(), tokenizer
+        return _dispatch(model.to(dtype).eval(), kw), tokenizer
     if (path / "prunebench_bridges.json").exists():  # blocks replaced by low-rank bridges (MiniBridgeBERT)
         from prunebench.models.bridges import load_bridged
 
-        return load_bridged(path, dtype)
+        model, tokenizer = load_bridged(path, dtype)
+        return _dispatch(model, kw), tokenizer
     model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model.eval(), tokenizer
+
+
+def _dispatch(model: torch.nn.Module, kw: dict) -> torch.nn.Module:
+    """Honour `from_pretrained`'s placement keywords for the folders prunebench reads itself
+    (compressed-tensors, bridged): built on the CPU, then spread by accelerate (device_map="auto",
+    within max_memory) or moved whole, as from_pretrained would have placed them."""
+    device_map = kw.get("device_map")
+    if device_map == "auto":
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        no_split = getattr(model, "_no_split_modules", None) or []
+        mapping = infer_auto_device_map(model, max_memory=kw.get("max_memory"), no_split_module_classes=no_split)
+        return dispatch_model(model, mapping)
+    if isinstance(device_map, dict):
+        return model.to(device_map[""])
+    return model
 
 
 def check_available(cfg: DictConfig) -> None:
