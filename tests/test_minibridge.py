@@ -199,6 +199,7 @@ def test_parameter_counts_per_step_are_exact():
     assert models.count_params(model)[0] == rows[-1]["params"]  # the caller's model is the bridged encoder
     assert [type(b).__name__ for b in find_blocks(model)] == ["BertLayer", "BridgeBlock", "BertLayer", "BridgeBlock"]
     assert info["metrics"]["cola_mcc"] == rows[-1]["dev_mcc"] and info["teacher_mcc"] == rows[0]["dev_mcc"]
+    assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in rows)  # each step's own time and peak
 
     dropped, tok = tiny()
     rows = run_pruner(dropped, tok, blocks=[4, 2], drop_instead=True)["steps"]

@@ -68,7 +68,7 @@ import torch
 from omegaconf import ListConfig
 from torch import nn
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, placement
 from prunebench.config import fingerprint
 from prunebench.data.labelled import classification
 from prunebench.evals.finetune import batches, classifier_logits, mcc
@@ -81,6 +81,7 @@ from prunebench.pruners.base import PruneStats
 from prunebench.pruners.stats import model_digest
 from prunebench.recovery.distill import DistillLoss, clm_loss, state_loss
 from prunebench.recovery.train import adamw, fit
+from prunebench.results import proc_status_mb, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -427,12 +428,22 @@ class MiniBridge:
                 "dev_mcc": round(self._score(student, dev), 4),
                 "teacher_step": teacher_step,
                 "seconds": round(time.perf_counter() - t0, 1),
+                # this step's peak (reset when it began): RSS on the CPU, allocator peaks on a GPU
+                "peak_rss_mb": proc_status_mb("VmHWM"),
+                **placement.peak_memory(device),
                 **extra,
             }
             log.info("minibridge %s: %s", name, {k: v for k, v in r.items() if k != "curve"})
             return r
 
-        t0 = time.perf_counter()
+        device = compute_device(model)
+
+        def begin() -> float:
+            reset_peak_rss()
+            placement.reset_peak(device)
+            return time.perf_counter()
+
+        t0 = begin()
         source = self._teacher(student, train)
         rows = [row("teacher", 0, "fine-tuned", None, t0, teacher=source.pop("source"), **source)]
         plan = plan_steps(self.blocks, self.order, self.progressive, self.one_shot)
@@ -442,7 +453,7 @@ class MiniBridge:
         if len(plan) == 1 and len(plan[0]) > 1:  # all at once: the stepwise run's training budget by default
             epochs = self.epochs_one_shot or self.epochs_step * len(plan[0])
         for k, group in enumerate(plan, 1):
-            t0 = time.perf_counter()
+            t0 = begin()
             if not self.kd:
                 teacher, teacher_step = None, None
             elif self.progressive:
