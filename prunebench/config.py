@@ -220,6 +220,7 @@ NEEDS_LM = {
     "prunebench.evals.lm_eval.LMEval": "lm-eval's log-likelihoods",
     "prunebench.pruners.gblm.GBLM": "GBLM's language-model loss",
 }
+NEEDS_ENCODER = {"prunebench.pruners.minibridge.MiniBridge": "minibridge compresses an encoder classifier"}
 
 
 def _check_knobs(cfg: DictConfig) -> None:
@@ -331,6 +332,12 @@ def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, recovery: A
                 f"{where} ({what}) needs a causal language model; model={cfg.model.name} is an encoder"
                 " (model.kind=encoder)"
             )
+    what = NEEDS_ENCODER.get(str(cfg.pruner.get("_target_")))
+    if what and kind != "encoder":
+        raise PrunebenchError(
+            f"pruner.{cfg.pruner.name} ({what}) needs an encoder; model={cfg.model.name} is model.kind={kind}:"
+            " use model=tiny-bert, mpnet-base, bert-base-uncased, ..."
+        )
     ctx = context_of(dims)
     if ctx:
         knobs = [(f"eval.{n}.{k}", e.get(k)) for n, e in evals.items() for k in ("seqlen", "max_length")]

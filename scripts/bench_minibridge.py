@@ -58,13 +58,13 @@ def latency(dense, args) -> None:
 
 def step_cost(args) -> None:
     with tempfile.TemporaryDirectory() as cache:
-        model, _, cfg = benchlib.load_model(EXPERIMENT, device=args.device)
+        model, tok, _ = benchlib.load_model(EXPERIMENT, device=args.device)
         knobs = [EXPERIMENT, "pruner.blocks=[2]", f"pruner.train_limit={args.train_limit}",
                  f"pruner.dev_limit={args.dev_limit}", f"pruner.epochs_teacher={args.teacher_epochs}",
                  f"pruner.batch_size={args.batch}", f"paths.cache_dir={cache}"]  # fmt: skip
         cfg = compose(*knobs)
         pruner = instantiate(cfg.pruner)
-        pruner.cache_dir = cache
+        pruner.tokenizer = tok  # as the pipeline gives it: the pruner reads CoLA text itself
         rows = pruner(model).info["steps"]
     per_epoch = -(-args.train_limit // args.batch)  # optimiser steps in one epoch
     gpu = ["peak_allocated_mb", "peak_reserved_mb"] if args.device.type == "cuda" else []

@@ -118,6 +118,10 @@ RUN_ROWS = [
     ("encoder-perplexity", ["model=tiny-bert", "calib.seqlen=16"], "causal language model"),
     ("encoder-gblm", [*BERT, "pruner=gblm"], "causal language model"),
     ("bridge-rank", [*BERT, "pruner=minibridge", "pruner.rank=0"], "pruner.rank=0"),
+    ("bridge-rank-hidden", [*BERT, "pruner=minibridge", "pruner.blocks=[2]", "pruner.rank=65"], "hidden size 64"),
+    ("bridge-block-0", [*BERT, "pruner=minibridge", "pruner.blocks=[0,2]"], "count from 1"),
+    ("bridge-duplicates", [*BERT, "pruner=minibridge", "pruner.blocks=[2,2]"], "twice"),
+    ("bridge-decoder", [*TINY, "pruner=minibridge", "eval=[]"], "needs an encoder"),
     ("model-path-missing", [*TINY, "model.path=/nonexistent/model"], "model.path=/nonexistent/model"),
     ("hub-model-offline", ["model=llama2-7b"], "model.path"),
 ]

@@ -217,14 +217,17 @@ class MiniBridge:
         self.tokenizer = None  # set by the pipeline
 
     # ------------------------------------------------------------------ checks
-    def check(self, num_layers: int) -> None:
-        """Validate the blocks against a layer count known before loading (model.num_layers)."""
+    def check(self, num_layers: int, dims: dict | None = None) -> None:
+        """Validate the blocks (and the rank, when the model's config is known) before loading."""
         if bad := [b for b in self.blocks if not 1 <= b <= num_layers]:
             raise PrunebenchError(
                 f"pruner.blocks={self.blocks}: block {bad[0]} is outside the model's {num_layers} blocks (1-based)"
             )
         if self.drop_instead and len(self.blocks) >= num_layers:
             raise PrunebenchError(f"pruner.drop_instead=true with {len(self.blocks)} blocks would leave no block")
+        hidden = (dims or {}).get("hidden_size")
+        if hidden and not self.drop_instead and self.rank > hidden:
+            raise PrunebenchError(f"pruner.rank={self.rank} is larger than the model's hidden size {hidden}")
 
     def _check_model(self, model: nn.Module) -> None:
         decoder = getattr(model.config, "is_decoder", False) or model.can_generate()
