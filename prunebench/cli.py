@@ -328,9 +328,14 @@ def reproduce(
     runs = rep.collect(root)
     if not runs:
         _fail(f"no run of {paper}/{scale} completed; see the logs under {root}")
-    for stem, (header, rows) in _views(rep, runs, root, "wikitext2/ppl").items():
+    pivot = "wikitext2/ppl" if "wikitext2/ppl" in rep.metric_keys(runs) else None  # the GBLM/Wanda layout
+    for stem, (header, rows) in _views(rep, runs, root, pivot).items():
         rep.write(header, rows, root, stem)
         typer.echo(f"\n{stem}:\n{rep.markdown(header, rows)}")
+    # MiniBridgeBERT's MCC against parameters; recovery loss curves and search candidates (Minitron)
+    plots = [rep.steps_plot(runs, root / "steps.png"), rep.curves_plot(runs, root / "curves.png")]
+    if drawn := [str(p) for p in plots if p is not None]:
+        typer.echo("plots: " + ", ".join(drawn))
     typer.echo(f"\n{len(runs)}/{total} runs complete; tables written to {root}")
     if len(runs) < total:
         typer.echo(f"finish the rest: prunebench reproduce {paper} --scale {scale} --resume {root}")

@@ -5,8 +5,10 @@ sparsity, dense on top: the layout of the Wanda and GBLM tables), and `paper` (e
 beside the paper's number, the difference, and a mark when outside tolerance). Runs that searched
 architectures (Minitron's `prune.search`, also inside `prune.stages`) add `search`: one row per
 candidate, its shape, parameters, LM validation loss at each checkpoint of the short KD and its
-rank (`extra_views`). `plot` also draws the recovery loss curves (`recovery.loss_curve`, [step,
-loss] pairs) and the candidates' validation losses into `<stem>_curves.png` (`curves_plot`).
+rank (`extra_views`); stepwise runs (MiniBridgeBERT's `prune.steps`) add `steps`. `plot` also
+draws the recovery loss curves (`recovery.loss_curve`, [step, loss] pairs) and the candidates'
+validation losses into `<stem>_curves.png` (`curves_plot`); for stepwise runs it draws the dev
+score against parameters (`steps_plot`).
 """
 
 from __future__ import annotations
@@ -212,11 +214,82 @@ def rankings_table(runs: list[dict], root: Path | None = None) -> tuple[list[str
     return header, rows
 
 
+def _step_metric(step: int, last: bool) -> str:
+    """The metrics.json name of a stepwise row's score (MiniBridgeBERT: prune.metrics)."""
+    return "prune/teacher_cola_mcc" if step == 0 else "prune/cola_mcc" if last else f"prune/step{step}_cola_mcc"
+
+
+def _paper_values(run: dict) -> dict[str, float]:
+    return {e["metric"]: e["value"] for e in _as_list(run["config"].get("expected")) if e.get("value") is not None}
+
+
+def steps_table(runs: list[dict], root: Path | None = None) -> tuple[list[str], list[list[str]]]:
+    """Stepwise compression (MiniBridgeBERT's `prune.steps`): one row per step of every run, the
+    parameters, bridges and real encoder blocks after it, its dev score beside the paper's row
+    (from the cell's `expected`), which model taught it, and its time and peak memory."""
+    header = ["run", "row", "change", "params", "bridges", "blocks", "dev MCC", "paper", "teacher", "seconds",
+              "peak MB"]  # fmt: skip
+    rows = []
+    for r in (r for r in runs if (r.get("prune") or {}).get("steps")):
+        steps, paper = r["prune"]["steps"], _paper_values(r)
+        for i, st in enumerate(steps):
+            teacher = "" if st["step"] == 0 else "none (CE only)" if st["teacher_step"] is None else st["teacher_step"]
+            teacher = "fine-tuned" if teacher == 0 else f"step {teacher}" if isinstance(teacher, int) else teacher
+            peak = st.get("peak_allocated_mb") or st.get("peak_rss_mb")
+            rows.append(
+                [_label(r, root), st["name"], st["change"], f"{st['params']:,}", str(st["bridges"]), str(st["blocks"])]
+                + [_fmt(st["dev_mcc"]), _fmt(paper.get(_step_metric(st["step"], i == len(steps) - 1)))]
+                + [teacher, _fmt(st["seconds"]), _fmt(peak)]
+            )
+    return header, rows
+
+
+def steps_plot(runs: list[dict], path: Path) -> Path | None:
+    """Dev score against parameters, one line per stepwise run (MiniBridgeBERT's table as a curve),
+    the paper's rows as a dashed line at the same parameter counts; None without stepwise runs."""
+    stepwise = [r for r in runs if (r.get("prune") or {}).get("steps")]
+    if not stepwise:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    paper_drawn = False
+    for r in stepwise:
+        steps = r["prune"]["steps"]
+        xs = [st["params"] / 1e6 for st in steps]
+        ax.plot(xs, [st["dev_mcc"] for st in steps], marker="o", label=_short(r))
+        paper = _paper_values(r)
+        last = len(steps) - 1
+        pts = [
+            (x, paper.get(_step_metric(st["step"], i == last))) for i, (x, st) in enumerate(zip(xs, steps, strict=True))
+        ]
+        pts = [(x, v) for x, v in pts if v is not None]
+        if len(pts) > 1 and not paper_drawn:  # the paper's table once (every cell carries the same rows)
+            ax.plot(*zip(*pts, strict=True), color="gray", linestyle="--", marker="x", label="paper")
+            paper_drawn = True
+    ax.set_xlabel("parameters (M)")
+    ax.set_ylabel("dev MCC")
+    ax.invert_xaxis()  # compression proceeds left to right
+    ax.set_title(", ".join(sorted({r["config"]["model"]["name"] for r in stepwise})))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def extra_views(runs: list[dict], root: Path | None = None) -> dict:
-    """Views that only some runs have: the architecture search's candidates and rankings."""
+    """Views that only some runs have: the architecture search's candidates and rankings, and the
+    rows of stepwise compression."""
+    views = {}
+    if any((r.get("prune") or {}).get("steps") for r in runs):
+        views["steps"] = steps_table(runs, root)
     if not any(_searches(r) for r in runs):
-        return {}
-    views = {"search": search_table(runs, root)}
+        return views
+    views["search"] = search_table(runs, root)
     if any(s.get("rankings") for r in runs for _, s in _searches(r)):
         views["rankings"] = rankings_table(runs, root)
     return views
@@ -280,7 +353,11 @@ def curves_plot(runs: list[dict], path: Path) -> Path | None:
 
 def plot(runs: list[dict], metric: str, path: Path) -> Path:
     """`metric` against target sparsity, one line per (method, pattern); dense as a dashed line. Runs
-    with recovery loss curves or an architecture search also get `<stem>_curves.png` beside it."""
+    with recovery loss curves or an architecture search also get `<stem>_curves.png` beside it.
+    Stepwise runs (MiniBridgeBERT), whose sparsity is always 0, get the score against parameters
+    (`steps_plot`) instead."""
+    if all((r.get("prune") or {}).get("steps") for r in runs):
+        return steps_plot(runs, path)
     import matplotlib
 
     matplotlib.use("Agg")

@@ -114,3 +114,42 @@ def test_plot_draws_the_kd_loss_curve_and_candidates(tmp_path):
     png = report.plot(runs, "wikitext2/ppl", tmp_path / "report.png")
     assert png.stat().st_size > 1000 and (tmp_path / "report_curves.png").stat().st_size > 1000
     assert report.curves_plot([{"recovery": None, "prune": {}}], tmp_path / "none.png") is None
+
+
+def fake_steps_run(folder: Path) -> None:
+    """A MiniBridgeBERT-shaped metrics.json: the teacher row, then two bridge steps."""
+    folder.mkdir(parents=True)
+    steps = [
+        {"name": "teacher", "step": 0, "change": "fine-tuned", "params": 1000, "bridges": 0, "blocks": 4,
+         "dev_mcc": 40.0, "teacher_step": None, "seconds": 5.0, "peak_rss_mb": 900.0},
+        {"name": "(a)", "step": 1, "change": "bridge block 2", "params": 800, "bridges": 1, "blocks": 3,
+         "dev_mcc": 38.5, "teacher_step": 0, "seconds": 3.0, "peak_rss_mb": 950.0},
+        {"name": "(b)", "step": 2, "change": "bridge block 4", "params": 600, "bridges": 2, "blocks": 2,
+         "dev_mcc": 35.25, "teacher_step": 1, "seconds": 3.5, "peak_rss_mb": 940.0},
+    ]  # fmt: skip
+    expected = [{"metric": "prune/teacher_cola_mcc", "value": 56.6}, {"metric": "prune/step1_cola_mcc", "value": 56.7},
+                {"metric": "prune/cola_mcc", "value": 56.0}]  # fmt: skip
+    data = {
+        "status": "complete",
+        "overrides": ["experiment=minibridgebert/embedded/mpnet_stepwise"],
+        "config": {"model": {"name": "mpnet-base"}, "expected": expected},
+        "metrics": {"prune/cola_mcc": 35.25, "prune/teacher_cola_mcc": 40.0},
+        "baseline": {},
+        "prune": {"method": "minibridge", "pattern": "unstructured", "target_sparsity": 0.0,
+                  "achieved_sparsity": 0.0, "steps": steps},
+    }  # fmt: skip
+    (folder / "metrics.json").write_text(json.dumps(data))
+
+
+def test_stepwise_runs_get_the_steps_table_and_score_against_parameters(tmp_path):
+    fake_steps_run(tmp_path / "b")
+    runs = report.collect(tmp_path)
+    header, rows = report.extra_views(runs, tmp_path)["steps"]
+    col = {h: [r[i] for r in rows] for i, h in enumerate(header)}
+    assert col["row"] == ["teacher", "(a)", "(b)"] and col["params"] == ["1,000", "800", "600"]
+    assert col["dev MCC"] == ["40", "38.5", "35.25"] and col["paper"] == ["56.6", "56.7", "56"]  # last row: cola_mcc
+    assert col["teacher"] == ["", "fine-tuned", "step 1"] and col["peak MB"] == ["900", "950", "940"]
+    png = report.plot(runs, "prune/cola_mcc", tmp_path / "report.png")  # sparsity is 0: MCC vs parameters
+    assert png.stat().st_size > 1000
+    fake_run(tmp_path / "w", "wanda", "unstructured", 20.0)
+    assert report.steps_plot([r for r in report.collect(tmp_path) if r["prune"]["method"] == "wanda"], png) is None
