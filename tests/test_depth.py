@@ -210,3 +210,53 @@ def test_laco_padded_batch_equals_one_sentence_at_a_time(name):
         for x, ref in zip(inputs, final.reference, strict=True):
             alone = model(input_ids=x, output_hidden_states=True).hidden_states[-1][0].flatten()
             torch.testing.assert_close(ref, alone, rtol=1e-4, atol=1e-5)
+
+
+def bert_out(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).last_hidden_state
+
+
+def test_layer_drop_with_identity_bridges_is_the_dropped_model():
+    """bridge_rank with init=identity: a residual bridge that starts as the identity computes exactly
+    what dropping the block computes; the parameter count is the dropped model's plus the bridges."""
+    from prunebench.models.bridges import LowRankBridge, bridge_count
+
+    bridged, dropped = tiny_model("tiny-bert", 4), tiny_model("tiny-bert", 4)
+    dropped.load_state_dict(bridged.state_dict())
+    info = layer_drop.LayerDrop(keep=None, remove=[1, 3], bridge_rank=8, bridge_init="identity")(bridged).info
+    layer_drop.LayerDrop(keep=None, remove=[1, 3])(dropped)
+    assert info["layers_kept"] == [0, 2] and info["bridges"] == {"rank": 8, "init": "identity",
+                                                                 "fit_error": {1: None, 3: None}}  # fmt: skip
+    assert bridge_count(bridged) == 2 and len(find_blocks(dropped)) == 2
+    assert models.count_params(bridged)[0] == models.count_params(dropped)[0] + 2 * LowRankBridge.cost(64, 8)
+    ids = random_calib().input_ids
+    assert torch.allclose(bert_out(bridged, ids), bert_out(dropped, ids), atol=1e-6)
+
+
+def test_layer_drop_with_fitted_bridges_beats_dropping():
+    """init=fit: the least-squares bridge of the last block reproduces that block's output on the
+    calibration windows better than dropping it (identity is a feasible rank-0 fit)."""
+    calib = random_calib(n=8)
+    dense = tiny_model("tiny-bert", 4)
+    fitted, dropped = tiny_model("tiny-bert", 4), tiny_model("tiny-bert", 4)
+    fitted.load_state_dict(dense.state_dict())
+    dropped.load_state_dict(dense.state_dict())
+    pruner = layer_drop.LayerDrop(keep=None, remove=[3], bridge_rank=32)
+    assert pruner.needs_calibration and not layer_drop.LayerDrop(keep=None, remove=[3]).needs_calibration
+    err = pruner(fitted, calib).info["bridges"]["fit_error"][3]
+    layer_drop.LayerDrop(keep=None, remove=[3])(dropped)
+    ref = bert_out(dense, calib.input_ids)
+    gap = lambda m: float(((bert_out(m, calib.input_ids) - ref) ** 2).sum())  # noqa: E731
+    assert 0 <= err < 1 and gap(fitted) < gap(dropped)
+
+
+def test_layer_drop_bridges_refuse_decoders_and_wide_ranks():
+    with pytest.raises(PrunebenchError, match="decoder"):
+        layer_drop.LayerDrop(keep="top", layers=1, bridge_rank=8, bridge_init="identity")(tiny_model("tiny-llama", 2))
+    with pytest.raises(PrunebenchError, match="hidden size 64"):
+        layer_drop.LayerDrop(keep="top", layers=1, bridge_rank=65).check(2, dims={"hidden_size": 64})
+    with pytest.raises(PrunebenchError, match="bridge_rank=0"):
+        layer_drop.LayerDrop(bridge_rank=0)
+    with pytest.raises(PrunebenchError, match="bridge_init"):
+        layer_drop.LayerDrop(bridge_rank=4, bridge_init="zeros")

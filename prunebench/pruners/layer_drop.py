@@ -5,22 +5,35 @@ Sentence BERT Models using Layer Pruning" (arXiv 2409.14168): 'top' keeps the fi
 blocks (nearest the embeddings), 'bottom' the last, 'middle' the centred run (12 → 6 keeps 4–9,
 1-based). Real surgery: the blocks are removed and the config updated.
 
-    pruner: {_target_: prunebench.pruners.layer_drop.LayerDrop, keep: top, layers: 6, remove: null}
+`bridge_rank: r` (encoders) keeps the depth bookkeeping but puts a MiniBridgeBERT Low Rank Bridge
+(prunebench.models.bridges: x + U·V·x + c) in each removed block's slot instead of nothing: the
+drop-vs-bridge ablation at equal depth, for any encoder recipe (SBERT's layer pruning included).
+`bridge_init: fit` fits every bridge by reduced-rank least squares to its block's input -> output
+on the calibration windows, all from the dense model in one pass (a one-shot fit: later bridges
+see dense inputs, not their predecessors' outputs); `identity` starts each bridge as the identity
+(at first the same function as dropping the block, then trainable by the recovery stage).
+
+    pruner: {_target_: prunebench.pruners.layer_drop.LayerDrop, keep: top, layers: 6, remove: null,
+             bridge_rank: null, bridge_init: fit}
 """
 
 from __future__ import annotations
 
 import time
 
+import torch
 from omegaconf import ListConfig
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
+from prunebench.models.bridges import BridgeFit, LowRankBridge, replace_block
 from prunebench.models.surgery import keep_layers
+from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats
 
 POSITIONS = ("top", "middle", "bottom")
+BRIDGE_INITS = ("fit", "identity")
 
 
 def select_layers(n: int, keep: str | list[int] | None, layers: int | None, remove: list[int] | None) -> list[int]:
@@ -56,7 +69,16 @@ class LayerDrop:
         remove: list[int] | None = None,
         sparsity: float = 0.0,
         pattern: str = "unstructured",
+        bridge_rank: int | None = None,
+        bridge_init: str = "fit",
     ):
+        if bridge_rank is not None and (not isinstance(bridge_rank, int) or bridge_rank <= 0):
+            raise PrunebenchError(f"pruner.bridge_rank={bridge_rank} must be a positive integer (or null: drop)")
+        if bridge_init not in BRIDGE_INITS:
+            raise PrunebenchError(f"pruner.bridge_init={bridge_init!r} must be one of {', '.join(BRIDGE_INITS)}")
+        self.bridge_rank, self.bridge_init = bridge_rank, bridge_init
+        self.needs_calibration = bridge_rank is not None and bridge_init == "fit"
+        self.supports_offload = bridge_rank is None  # the fit runs whole-model forwards
         keep = list(keep) if isinstance(keep, list | tuple | ListConfig) else keep
         self.name, self.keep, self.layers = name, keep, layers
         self.remove = list(remove) if remove is not None else None
@@ -76,14 +98,76 @@ class LayerDrop:
         if isinstance(keep, list) and layers is not None:
             raise PrunebenchError(f"pruner.layers={layers} is ignored when pruner.keep lists the layers; drop it")
 
-    def check(self, num_layers: int) -> None:
-        """Validate against a layer count known before loading (model.num_layers)."""
+    def check(self, num_layers: int, dims: dict | None = None) -> None:
+        """Validate against a layer count (and hidden size) known before loading."""
         select_layers(num_layers, self.keep, self.layers, self.remove)
+        hidden = (dims or {}).get("hidden_size")
+        if self.bridge_rank and hidden and self.bridge_rank > hidden:
+            raise PrunebenchError(
+                f"pruner.bridge_rank={self.bridge_rank} is larger than the model's hidden size {hidden}"
+            )
 
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:
         t = time.perf_counter()
         n = len(find_blocks(model))
         kept = select_layers(n, self.keep, self.layers, self.remove)
-        keep_layers(model, kept)
         info = {"layers_before": n, "layers_kept": kept, "layer_ratio": 1 - len(kept) / n}
+        if self.bridge_rank is None:
+            keep_layers(model, kept)
+        else:
+            info["bridges"] = self._bridge(model, [i for i in range(n) if i not in kept], calib)
         return PruneStats(0.0, 0.0, {}, {"surgery": time.perf_counter() - t}, info)
+
+    def _bridge(self, model: nn.Module, removed: list[int], calib) -> dict:
+        """Replace blocks `removed` by bridges (fitted from one pass over `calib`, or the identity);
+        {block (0-based): relative fit error or None}."""
+        if getattr(model.config, "is_decoder", False) or model.get_output_embeddings() is not None:
+            raise PrunebenchError(
+                f"pruner.bridge_rank bridges encoder blocks; {type(model).__name__} is a decoder / language model:"
+                " drop its layers (pruner.bridge_rank=null) or use an encoder"
+            )
+        hidden = model.config.hidden_size
+        if self.bridge_rank > hidden:
+            raise PrunebenchError(
+                f"pruner.bridge_rank={self.bridge_rank} is larger than the model's hidden size {hidden}"
+            )
+        stats = self._fit_stats(model, removed, calib) if self.bridge_init == "fit" else {}
+        errors = {}
+        for i in removed:
+            bridge = LowRankBridge(hidden, self.bridge_rank)
+            if i in stats:
+                A, b, err = stats[i].solve(self.bridge_rank)
+                bridge.set_map(A, b)
+                errors[i] = round(err, 6)
+            else:
+                bridge.set_identity()
+                errors[i] = None
+            replace_block(model, i, bridge)
+        return {"rank": self.bridge_rank, "init": self.bridge_init, "fit_error": errors}
+
+    @torch.no_grad()
+    def _fit_stats(self, model: nn.Module, indices: list[int], calib) -> dict[int, BridgeFit]:
+        """Each block's input and output token rows over the calibration windows, dense model."""
+        if calib is None:
+            raise PrunebenchError("pruner.bridge_init=fit needs calibration data (calib.*)")
+        device, blocks = compute_device(model), find_blocks(model)
+        stats = {i: BridgeFit(model.config.hidden_size, "residual", device) for i in indices}
+
+        def hook(i):
+            def grab(_module, args, kwargs, out):
+                x = args[0] if args else kwargs["hidden_states"]
+                stats[i].add(x, out[0] if isinstance(out, tuple | list) else out)
+
+            return grab
+
+        handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in indices]
+        was_training = model.training
+        model.eval()
+        try:
+            for batch in calib.input_ids.split(calib.batch_size):
+                model(input_ids=batch.to(device))
+        finally:
+            for h in handles:
+                h.remove()
+            model.train(was_training)
+        return stats
