@@ -219,6 +219,7 @@ NEEDS_LM = {
     "prunebench.evals.opencompass.OpenCompass": "lm-eval's log-likelihoods",
     "prunebench.evals.lm_eval.LMEval": "lm-eval's log-likelihoods",
     "prunebench.pruners.gblm.GBLM": "GBLM's language-model loss",
+    "prunebench.pruners.minitron.Minitron": "Minitron trims Llama-family and Nemotron decoders",
 }
 NEEDS_ENCODER = {"prunebench.pruners.minibridge.MiniBridge": "minibridge compresses an encoder classifier"}
 

@@ -21,6 +21,7 @@ TINY = ["experiment=smoke/tiny"]  # tiny-llama: 2 layers, hidden 64, FFN 128, co
 LACO30 = [*TINY, "pruner=laco", "model.hf_config.num_hidden_layers=30"]
 KD = [*TINY, "recovery=kd"]
 BERT = ["model=tiny-bert", "eval=[]", "calib.seqlen=16", "calib.nsamples=2"]
+MINITRON = [*TINY, "pruner=minitron", "pruner.target.heads=null", "pruner.target.ffn=null"]  # no default shape
 
 # (id, arguments of `prunebench run`, what the one error line must contain)
 RUN_ROWS = [
@@ -114,6 +115,12 @@ RUN_ROWS = [
     ("kd-grad-accum", [*KD, "recovery.grad_accum=0"], "recovery.grad_accum=0"),
     ("kd-clip", [*KD, "recovery.clip=-1"], "recovery.clip=-1"),
     ("finetune-lr", [*TINY, "recovery=lm_finetune", "recovery.lr=2"], "recovery.lr=2"),
+    # minitron (tiny-llama: 2 layers, hidden 64, 4 heads / 2 KV heads, FFN 128)
+    ("minitron-too-big", [*MINITRON, "pruner.target.ffn=256"], "pruner.target.ffn=256 is more than"),
+    ("minitron-layers", [*MINITRON, "pruner.target.layers=3"], "pruner.target.layers=3 is more than"),
+    ("minitron-gqa", [*MINITRON, "pruner.target.heads=3", "pruner.target.kv_heads=2"], "not divisible by"),
+    ("minitron-agg", [*MINITRON, "pruner.target.ffn=64", "pruner.agg.batch=max"], "pruner.agg.batch='max'"),
+    ("minitron-encoder", [*BERT, "pruner=minitron", "pruner.target.heads=2"], "causal language model"),
     # models
     ("encoder-perplexity", ["model=tiny-bert", "calib.seqlen=16"], "causal language model"),
     ("encoder-gblm", [*BERT, "pruner=gblm"], "causal language model"),

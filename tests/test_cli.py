@@ -153,10 +153,16 @@ def test_report_pivot_plot_and_bad_metric(cli, tmp_path):
     assert r.returncode == 2 and "wikitext2/ppl" in r.stderr
 
 
-def test_reproduce_paper_scale_fails_cleanly(cli):
-    r = cli("reproduce", "gblm", "--scale", "paper")
+@pytest.mark.parametrize("paper", ["gblm", "minitron", "minibridgebert"])
+def test_reproduce_paper_scale_fails_cleanly(cli, tmp_path, paper):
+    """No Hub here: the paper-scale models (Llama, Minitron-8B, bert-base-uncased) end in one line."""
+    r = cli("reproduce", paper, "--scale", "paper")  # cwd is tmp_path
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "model.path" in r.stderr.splitlines()[-1]
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_reproduce_unknown_paper(cli):
     r = cli("reproduce", "nope")
     assert r.returncode == 2 and "available:" in r.stderr
 
