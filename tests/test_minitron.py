@@ -161,6 +161,25 @@ def test_dead_neuron_ranks_last_and_is_trimmed(name):
 
 
 @pytest.mark.parametrize("name", ARCHS)
+def test_pre_activation_neuron_score(name):
+    """neuron_score=pre_act scores |X·W1_i| (the paper's wording): a neuron whose first-linear row is
+    zero scores 0 and is trimmed; it is not the default down_proj-input score."""
+    model = tiny(name)
+    mlp = find_blocks(model)[0].mlp
+    first = getattr(mlp, "gate_proj", None) or mlp.up_proj  # gated: the gate; Nemotron: up (relu²)
+    with torch.no_grad():
+        first.weight[5] = 0
+    pre = importance(model, axes=["ffn"], depth=None, neuron="pre_act")
+    post = importance(model, axes=["ffn"], depth=None)
+    assert pre.neurons[0][5] == 0 and minitron.ranking(pre.neurons[0])[-1] == 5
+    assert not torch.allclose(pre.neurons[1], post.neurons[1])
+    stats = Minitron(target={"ffn": 127}, neuron_score="pre_act")(model, random_calib(n=4, seqlen=16))
+    assert 5 not in stats.info["neurons_kept"]["0"] and stats.info["neuron_score"] == "pre_act"
+    with pytest.raises(PrunebenchError, match="neuron_score"):
+        Minitron(neuron_score="gate")
+
+
+@pytest.mark.parametrize("name", ARCHS)
 def test_dead_hidden_channel_ranks_last_and_is_trimmed(name):
     model = tiny(name)
     one_p = name == "tiny-nemotron"  # LayerNorm1P scales by (weight + 1)

@@ -6,6 +6,8 @@ Importance (per layer; X the calibration batch, B windows × S tokens):
     heads    F_head(i)   = agg_B agg_S ‖Attn(X W_Q,i, X W_K,i, X W_V,i)‖₂     (o_proj input, per head)
     neurons  F_neuron(i) = agg_B agg_S |act(X W_gate,i) · X W_up,i|          (down_proj input; relu²(X W_up,i)
                                                                              for Nemotron's non-gated MLP)
+             or, `neuron_score: pre_act`, agg_B agg_S |X W1,i|             (the activation's input: gate_proj
+                                                                             output, up_proj when not gated)
     channels F_emb(i)    = Σ_norms agg_B agg_S |LN(X)_i|                     (every residual norm's output:
                                                                              input/post-attention norms of the
                                                                              kept layers + the final norm)
@@ -18,6 +20,11 @@ GQA: heads are ranked within their KV group and every kept group keeps the same 
 `target.kv_heads` also removes whole KV groups, ranked by the sum of their heads' scores (an MHA
 model, KV heads = heads, prunes KV heads with its query heads). `depth.contiguous` removes the
 best contiguous run instead (its BI is 1 − cos(input of the first, output of the last layer)).
+
+Neuron scores: the paper writes the pre-activation X·W1_i (minitron.md, settings); the reference
+code (NVIDIA ModelOpt's Megatron pruning) hooks the input of the second linear, i.e. after the
+activation, as the issue asks. Both are here; the default is `down_input` (the reference code),
+which also sees the gate·up product a gated MLP actually passes on.
 
 Head merge (`head_merge: true`, off by default): the paper adds the residual of pruned heads into
 the kept ones, head_i ← head_i + (head_i − head_{2K−i+1}) with heads ranked 1..2K by importance
@@ -82,6 +89,7 @@ from prunebench.pruners import minitron_search as msearch
 from prunebench.pruners.base import PruneStats
 
 AGGS = ("mean", "l2", "var")
+NEURON_SCORES = ("down_input", "pre_act")  # reference code (after the activation) | paper (X·W1)
 DEPTH_METRICS = ("bi", "ppl")
 TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
 WIDTH_AXES = ("heads", "ffn", "hidden")
@@ -304,15 +312,19 @@ def compute_importance(
     axes: Sequence[str] = WIDTH_AXES,
     depth: str | None = "bi",
     run_lengths: Sequence[int] = (),
+    neuron: str = "down_input",
 ) -> Importance:
     """All importance scores of the dense model over the calibration windows, from forward hooks
     (no gradients): per-head attention-output norms (o_proj input), per-neuron down_proj inputs,
     per-channel residual-norm outputs and per-layer Block Importance in one pass, which stops at
     the final norm (the LM head is not needed); depth='ppl' adds one forward per removed layer or
-    run. `run_lengths` also scores contiguous runs of those lengths."""
+    run. `run_lengths` also scores contiguous runs of those lengths. `neuron`: down_input (the
+    down_proj input, after the activation) or pre_act (the activation's input, X·W1)."""
     for how in (batch, seq):
         if how not in AGGS:
             raise ValueError(f"unknown aggregation {how!r}; one of {AGGS}")
+    if neuron not in NEURON_SCORES:
+        raise ValueError(f"unknown neuron score {neuron!r}; one of {NEURON_SCORES}")
     blocks = find_blocks(model)
     n_layers = len(blocks)
     imp = Importance(num_layers=n_layers, depth_metric=depth, agg=(batch, seq))
@@ -334,8 +346,14 @@ def compute_importance(
         for block in blocks:
             acc = BatchAgg(batch)
             neuron_acc.append(acc)
-            down = trim_ops._mlp(block).down_proj
-            handles.append(down.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(reduce_seq(a[0], seq))))
+            mlp = trim_ops._mlp(block)
+            if neuron == "down_input":
+                hook = lambda _m, a, acc=acc: acc.add(reduce_seq(a[0], seq))  # noqa: E731
+                handles.append(mlp.down_proj.register_forward_pre_hook(hook))
+            else:  # X·W1: the gate's output in a gated MLP, else the up projection's
+                first = getattr(mlp, "gate_proj", None) or mlp.up_proj
+                hook = lambda _m, _a, out, acc=acc: acc.add(reduce_seq(out, seq))  # noqa: E731
+                handles.append(first.register_forward_hook(hook))
     norms = trim_ops.residual_norms(model)
     if "hidden" in axes:
         if not norms:
@@ -565,6 +583,7 @@ class Minitron:
         depth: Mapping | None = None,
         head_merge: bool = False,
         hidden_norm_rescale: bool = False,
+        neuron_score: str = "down_input",
         target_params: float | int | None = None,
         axes: Sequence[str] = ("mlp", "att", "emb"),
         search: Mapping | None = None,
@@ -598,6 +617,11 @@ class Minitron:
         if not isinstance(hidden_norm_rescale, bool):
             raise PrunebenchError(f"pruner.hidden_norm_rescale={hidden_norm_rescale!r} must be true or false")
         self.hidden_norm_rescale = hidden_norm_rescale
+        if neuron_score not in NEURON_SCORES:
+            raise PrunebenchError(
+                f"pruner.neuron_score={neuron_score!r} must be down_input (reference code, default) or pre_act (paper)"
+            )
+        self.neuron_score = neuron_score
         self.target_params = msearch.parse_target_params(target_params)
         self.axes = msearch.parse_axes(axes)
         self.search = msearch.SearchKnobs.parse(search)
@@ -612,7 +636,8 @@ class Minitron:
             raise PrunebenchError(
                 "pruner.pattern must be unstructured for minitron: it trims shapes (set pruner.target.*)"
             )
-        shared = dict(name=name, agg=agg, depth=depth, head_merge=head_merge, hidden_norm_rescale=hidden_norm_rescale)
+        shared = dict(name=name, agg=agg, depth=depth, head_merge=head_merge, hidden_norm_rescale=hidden_norm_rescale,
+                      neuron_score=neuron_score)  # fmt: skip
         self.stages = self._parse_stages(stages, shared, search, self.axes)
         self.importance: Importance | None = None  # the last pass, for reuse (e.g. an architecture search)
         self.tokenizer = None  # set by the pipeline: the search and the stages distil on text
@@ -825,6 +850,7 @@ class Minitron:
                 axes=axes,
                 depth=self.metric if remove else None,
                 run_lengths=[remove] if remove and self.contiguous else (),
+                neuron=self.neuron_score,
             )
             timings = {"importance": time.perf_counter() - t0}
             p = plan(imp, dims, t, self.contiguous, self.head_merge)
@@ -855,6 +881,7 @@ class Minitron:
             "depth": {"metric": self.metric, "contiguous": self.contiguous},
             "head_merge": self.head_merge,
             "hidden_norm_rescale": self.hidden_norm_rescale,
+            "neuron_score": self.neuron_score,
             "shape_before": vars(dims),
             "shape_after": vars(Dims.of(model)),
             "layers_before": dims.layers,

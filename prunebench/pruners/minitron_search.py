@@ -524,6 +524,7 @@ def run_search(
         axes=sorted(set(width)),
         depth=pruner.metric if removes else None,
         run_lengths=removes if pruner.contiguous else (),
+        neuron=pruner.neuron_score,
     )
     importance_s = time.perf_counter() - t0
     plans = {c.id: mt.plan(imp, dims, c.target(), pruner.contiguous, pruner.head_merge) for c in cands}
