@@ -146,6 +146,28 @@ def test_one_kd_step_lowers_the_loss():
     assert second["logit"] < first["logit"]
 
 
+def test_loss_none_is_conventional_training_without_the_teacher():
+    """loss=none: L = clm_weight · next-token CE, the teacher is never called while training (only
+    the held-out distillation loss reads it); it needs clm_weight > 0."""
+    student = tiny(seed=1)
+    x = batch(2, 16)
+
+    class Untouchable(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise AssertionError("loss=none ran the teacher")
+
+    parts = distill_step(student, Untouchable(), {"input_ids": x}, DistillLoss("none", clm_weight=1.0))
+    expected = float(student(input_ids=x, labels=x).loss)
+    assert float(parts["loss"]) == pytest.approx(expected, rel=1e-5) and "logit" not in parts
+    for bad in (dict(loss="none"), dict(loss="none", clm_weight=1.0, intermediate={"layers": 1})):
+        with pytest.raises(PrunebenchError, match="loss=none"):
+            KD(**bad)
+    kd = KD(loss="none", clm_weight=1.0, **TINY_KD)
+    kd.tokenizer = ByteTokenizer()
+    out = kd(student, tiny())
+    assert out["lm_val_loss"]["after"] < out["lm_val_loss"]["before"] and out["loss"] == "none"
+
+
 def test_needs_teacher_only_without_a_configured_teacher(tmp_path):
     assert KD().needs_teacher
     assert not KD(teacher="tiny-llama").needs_teacher

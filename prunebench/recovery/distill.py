@@ -10,7 +10,10 @@ logits / τ, z = teacher logits / τ, p = softmax(z), q = softmax(s):
                  Minitron's choice (τ = 1, no truncation);
 - `reverse_kld`  KL(q_student ‖ p_teacher) = Σ_v q_v (log q_v − log p_v), × τ² likewise;
 - `mse`          mean_v (s_v − z_v)² on the raw logits (τ not applied);
-- `cosine`       1 − cos(s, z) on the raw logits (τ not applied).
+- `cosine`       1 − cos(s, z) on the raw logits (τ not applied);
+- `none`         no teacher term (and no teacher forward while training): L = clm_weight · L_CLM, the
+                 conventional-training baseline of Minitron's Table 11 in the same loop, optimiser
+                 and schedule as the distillation it is compared with.
 Top-K truncation (`topk=K`, off by default): both distributions are restricted to the teacher's K
 largest logits of that token and renormalised there. Every loss is computed in fp32 whatever the
 model dtype, averaged over the non-padding tokens (`mask`), and can be chunked over tokens
@@ -208,10 +211,14 @@ class DistillLoss:
     def __call__(
         self, student_out, teacher_out, labels: torch.Tensor | None = None, mask: torch.Tensor | None = None
     ) -> dict:
-        s_logits, t_logits = _get(student_out, "logits"), _get(teacher_out, "logits")
+        s_logits = _get(student_out, "logits")
         token_mask = mask if s_logits.dim() == 3 else None
-        l_logit = logit_loss(s_logits, t_logits, self.kind, self.temperature, self.topk, token_mask, self.chunk)
-        total, out = l_logit, {"logit": float(l_logit.detach())}
+        if self.kind == "none":  # no teacher term: L = clm_weight · L_CLM (check_knobs: no intermediate)
+            total, out = 0.0, {}
+        else:
+            t_logits = _get(teacher_out, "logits")
+            l_logit = logit_loss(s_logits, t_logits, self.kind, self.temperature, self.topk, token_mask, self.chunk)
+            total, out = l_logit, {"logit": float(l_logit.detach())}
         if self.intermediate is not None:
             hs, ht = _get(student_out, "hidden_states"), _get(teacher_out, "hidden_states")
             if hs is None or ht is None:
@@ -246,8 +253,16 @@ def check_knobs(
     prefix: str = "recovery.",
 ) -> None:
     """One clear PrunebenchError per bad knob (called by DistillLoss and by every KD recovery's __init__)."""
-    if loss not in LOGIT_LOSSES:
-        raise PrunebenchError(f"{prefix}loss={loss!r} is unknown; use one of {', '.join(LOGIT_LOSSES)} (kld: Minitron)")
+    if loss == "none":  # conventional training through the same loop (Minitron's Table 11 baseline)
+        if not isinstance(clm_weight, (int, float)) or clm_weight <= 0 or intermediate:
+            raise PrunebenchError(
+                f"{prefix}loss=none trains on the next-token loss alone: set {prefix}clm_weight > 0 (e.g. 1.0)"
+                f" and no {prefix}intermediate"
+            )
+    elif loss not in LOGIT_LOSSES:
+        raise PrunebenchError(
+            f"{prefix}loss={loss!r} is unknown; use one of {', '.join(LOGIT_LOSSES)} (kld: Minitron) or none"
+        )
     if not isinstance(temperature, (int, float)) or temperature <= 0:
         raise PrunebenchError(f"{prefix}temperature={temperature} must be > 0 (Minitron uses 1.0)")
     if topk is not None and (not isinstance(topk, int) or topk < 1):
@@ -276,8 +291,10 @@ def distill_step(student: nn.Module, teacher: nn.Module, batch: dict, loss: Dist
     hidden = {"output_hidden_states": True} if loss.wants_hidden_states else {}
     extra = {"use_cache": False} if student.can_generate() else {}
     with ctx:
-        with torch.no_grad():
-            t_out = teacher(**inputs, **hidden, **extra)
+        t_out = None
+        if loss.kind != "none":  # loss=none (conventional training) never runs the teacher
+            with torch.no_grad():
+                t_out = teacher(**inputs, **hidden, **extra)
         s_out = student(**inputs, **hidden, **extra)
     labels = batch.get("labels", batch.get("input_ids") if s_out.logits.dim() == 3 else None)
     return loss(s_out, t_out, labels, batch.get("attention_mask"))
