@@ -71,8 +71,7 @@ def main() -> None:
             if label not in best or m.seconds < best[label].seconds:
                 best[label] = m
     device = benchlib.device_of(model)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {device} ({card}), threads {torch.get_num_threads()}, {args.model}, {args.nsamples} x"
+    print(f"{benchlib.device_line(device)}, {args.model}, {args.nsamples} x"
           f" {args.seqlen} tokens, batch {args.batch}, fastest of {args.rounds} rounds")  # fmt: skip
     ref = best["bare forward (with LM head)"].seconds
     rows = [[label, f"{m.seconds:.2f}", f"{m.seconds / ref:.2f}x", f"{m.rss_growth_mb:.0f}", *m.cuda_cells()]

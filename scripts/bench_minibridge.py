@@ -19,7 +19,6 @@ import copy
 import tempfile
 
 import benchlib
-import torch
 
 from prunebench.config import compose, instantiate
 from prunebench.evals.efficiency import Efficiency, flops_per_token
@@ -91,8 +90,7 @@ def main() -> None:
     ap.add_argument("--teacher-epochs", type=int, default=1)
     ap.add_argument("--skip-step", action="store_true", help="latency only")
     args = ap.parse_args()
-    card = torch.cuda.get_device_name(args.device) if args.device.type == "cuda" else "CPU"
-    print(f"device {args.device} ({card}), threads {torch.get_num_threads()}, batch {args.batch} x {args.seqlen}"
+    print(f"{benchlib.device_line(args.device)}, batch {args.batch} x {args.seqlen}"
           f" tokens, rank {args.rank}")  # fmt: skip
     dense, _, _ = benchlib.load_model(EXPERIMENT, device=args.device)
     latency(dense.eval(), args)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 
 import benchlib
-import torch
 
 from prunebench.data import calibration_windows
 from prunebench.evals.efficiency import Efficiency, flops_per_token
@@ -64,8 +63,7 @@ def main() -> None:
             f"{decode[label]:.1f}", f"{decode[label] / decode['dense']:.2f}x",
         ])  # fmt: skip
     device = benchlib.device_of(dense)
-    print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}), "
-          f"threads {torch.get_num_threads()}, batch {args.batch} x {args.prompt_len}-token prompt, "
+    print(f"{benchlib.device_line(device)}, batch {args.batch} x {args.prompt_len}-token prompt, "
           f"{args.gen_len} generated tokens, fastest of {args.rounds} rounds x {args.repeats} repeats")  # fmt: skip
     benchlib.table(rows, ["shape", "params (M)", "MFLOPs/token", "FLOP ratio", "prefill ms", "prefill speed-up",
                           "speed-up / FLOP ratio", "decode tok/s", "decode speed-up"], "lrrrrrrrr")  # fmt: skip

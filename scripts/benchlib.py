@@ -59,6 +59,13 @@ def device_of(where: nn.Module | torch.Tensor | str | torch.device) -> torch.dev
     return resolve_device(where)
 
 
+def device_line(where: nn.Module | torch.Tensor | str | torch.device) -> str:
+    """'device cuda:0 (NVIDIA H100 ...), threads N': the card named, as every benchmark's figures must be."""
+    device = device_of(where)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    return f"device {device} ({card}), threads {torch.get_num_threads()}"
+
+
 def synchronize(device: torch.device) -> None:
     """Wait for the work queued on `device` (CUDA, or another accelerator where torch has the API)."""
     if device.type == "cuda":
