@@ -18,7 +18,7 @@ import torch
 
 from prunebench.data import calibration_windows
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners.minitron import compute_importance
+from prunebench.pruners.minitron_importance import compute_importance
 
 
 class _Stop(Exception):

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from prunebench import PrunebenchError, models
 from prunebench.models import trim
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners import minitron, shortgpt
+from prunebench.pruners import minitron_importance as mimp
+from prunebench.pruners import minitron_plan as mplan
+from prunebench.pruners import shortgpt
 from prunebench.pruners.minitron import Minitron
 from tests.conftest import compose_cfg, random_calib
 
@@ -41,7 +43,7 @@ def logits(model, x=X):
 
 def importance(model, **kw):
     calib = random_calib(n=4, seqlen=16)
-    return minitron.compute_importance(model, calib.input_ids, 2, **kw)
+    return mimp.compute_importance(model, calib.input_ids, 2, **kw)
 
 
 # ---------------------------------------------------------------- aggregation on known tensors
@@ -49,37 +51,37 @@ def importance(model, **kw):
 
 def test_reduce_seq_and_batch_on_known_values():
     x = torch.tensor([[[1.0, -2.0], [3.0, 2.0]], [[-1.0, 0.0], [1.0, 0.0]]])  # (B=2, S=2, C=2)
-    torch.testing.assert_close(minitron.reduce_seq(x, "mean"), torch.tensor([[2.0, 2.0], [1.0, 0.0]]))
-    torch.testing.assert_close(minitron.reduce_seq(x, "l2"), torch.tensor([[10**0.5, 8**0.5], [2**0.5, 0.0]]))
-    torch.testing.assert_close(minitron.reduce_seq(x, "var"), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    torch.testing.assert_close(mimp.reduce_seq(x, "mean"), torch.tensor([[2.0, 2.0], [1.0, 0.0]]))
+    torch.testing.assert_close(mimp.reduce_seq(x, "l2"), torch.tensor([[10**0.5, 8**0.5], [2**0.5, 0.0]]))
+    torch.testing.assert_close(mimp.reduce_seq(x, "var"), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     v = torch.tensor([[3.0, 1.0], [4.0, 3.0]])
-    torch.testing.assert_close(minitron.reduce_batch(v, "l2"), torch.tensor([5.0, 10**0.5]))
-    torch.testing.assert_close(minitron.reduce_batch(v, "mean"), torch.tensor([3.5, 2.0]))
-    torch.testing.assert_close(minitron.reduce_batch(v, "var"), torch.tensor([0.25, 1.0]))
+    torch.testing.assert_close(mimp.reduce_batch(v, "l2"), torch.tensor([5.0, 10**0.5]))
+    torch.testing.assert_close(mimp.reduce_batch(v, "mean"), torch.tensor([3.5, 2.0]))
+    torch.testing.assert_close(mimp.reduce_batch(v, "var"), torch.tensor([0.25, 1.0]))
     # the paper's default: batch l2 of the per-window mean |x|
-    torch.testing.assert_close(minitron.aggregate(x), torch.tensor([5**0.5, 2.0]))
+    torch.testing.assert_close(mimp.aggregate(x), torch.tensor([5**0.5, 2.0]))
 
 
-@pytest.mark.parametrize("how", minitron.AGGS)
+@pytest.mark.parametrize("how", mimp.AGGS)
 def test_streaming_batch_aggregation_equals_whole_tensor(how):
     v = torch.randn(13, 7, generator=torch.Generator().manual_seed(0)).abs() * 3 + 1
-    acc = minitron.BatchAgg(how)
+    acc = mimp.BatchAgg(how)
     for chunk in v.split([1, 5, 4, 3]):
         acc.add(chunk)
-    torch.testing.assert_close(acc.value(), minitron.reduce_batch(v, how), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(acc.value(), mimp.reduce_batch(v, how), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_aggregation_names():
     with pytest.raises(ValueError):
-        minitron.reduce_seq(torch.ones(1, 2, 3), "max")
+        mimp.reduce_seq(torch.ones(1, 2, 3), "max")
     with pytest.raises(ValueError):
-        minitron.BatchAgg("median")
+        mimp.BatchAgg("median")
 
 
 def test_head_norms_reshape_heads():
     o_in = torch.zeros(1, 1, 3 * 2)
     o_in[0, 0, 2:4] = torch.tensor([3.0, 4.0])  # head 1
-    torch.testing.assert_close(minitron.head_norms(o_in, 2), torch.tensor([[[0.0, 5.0, 0.0]]]))
+    torch.testing.assert_close(mimp.head_norms(o_in, 2), torch.tensor([[[0.0, 5.0, 0.0]]]))
 
 
 # ---------------------------------------------------------------- selection (pure)
@@ -88,22 +90,22 @@ def test_head_norms_reshape_heads():
 def test_select_heads_is_gqa_aware():
     # 6 heads, 3 KV groups of 2; group sums: g0 = 1.1, g1 = 9.0, g2 = 5.5
     s = torch.tensor([1.0, 0.1, 4.0, 5.0, 5.0, 0.5])
-    kept, groups, ranked = minitron.select_heads(s, 3, heads=3, groups=3)
+    kept, groups, ranked = mplan.select_heads(s, 3, heads=3, groups=3)
     assert kept == [0, 3, 4] and groups == [0, 1, 2]  # the best head of every group, not the global top 3
-    kept, groups, _ = minitron.select_heads(s, 3, heads=2, groups=1)
+    kept, groups, _ = mplan.select_heads(s, 3, heads=2, groups=1)
     assert groups == [1] and kept == [2, 3]
-    kept, groups, _ = minitron.select_heads(s, 3, heads=2, groups=2)
+    kept, groups, _ = mplan.select_heads(s, 3, heads=2, groups=2)
     assert groups == [1, 2] and kept == [3, 4]
     assert ranked[1] == [3, 2]
     with pytest.raises(ValueError):
-        minitron.select_heads(s, 3, heads=4, groups=1)  # 4 heads in one group of 2
+        mplan.select_heads(s, 3, heads=4, groups=1)  # 4 heads in one group of 2
 
 
 def test_merge_pairs_follow_the_paper_formula():
     # ranked best first h1..h6, K = 3 kept: h_i takes h_{2K-i+1}: (h1,h6), (h2,h5), (h3,h4)
-    assert minitron.merge_pairs([10, 11, 12, 13, 14, 15], 3) == [(10, 15), (11, 14), (12, 13)]
+    assert mplan.merge_pairs([10, 11, 12, 13, 14, 15], 3) == [(10, 15), (11, 14), (12, 13)]
     # K = 2 of 3: only h2 has a partner (h_{2K-1+1} = h4 does not exist)
-    assert minitron.merge_pairs([7, 8, 9], 2) == [(8, 9)]
+    assert mplan.merge_pairs([7, 8, 9], 2) == [(8, 9)]
 
 
 def test_merge_heads_updates_query_rows_only():
@@ -111,7 +113,7 @@ def test_merge_heads_updates_query_rows_only():
     attn = find_blocks(model)[0].self_attn
     d = trim.head_dim(model)
     q, k = attn.q_proj.weight.detach().clone(), attn.k_proj.weight.detach().clone()
-    minitron.merge_heads(model, 0, [(0, 3)])
+    mplan.merge_heads(model, 0, [(0, 3)])
     torch.testing.assert_close(attn.q_proj.weight[:d], 2 * q[:d] - q[3 * d : 4 * d])
     torch.testing.assert_close(attn.q_proj.weight[d:], q[d:])
     assert torch.equal(attn.k_proj.weight, k)
@@ -127,7 +129,7 @@ def test_dead_head_ranks_last_and_is_trimmed(name):
     with torch.no_grad():
         find_blocks(model)[1].self_attn.v_proj.weight[2 * d : 3 * d] = 0
     imp = importance(model, axes=["heads"], depth=None)
-    assert imp.heads[1][2] == 0 and minitron.ranking(imp.heads[1])[-1] == 2
+    assert imp.heads[1][2] == 0 and mplan.ranking(imp.heads[1])[-1] == 2
     assert (imp.heads[0] > 0).all()
     stats = Minitron(target={"heads": 3})(model, random_calib(n=4, seqlen=16))
     assert 2 not in stats.info["heads_kept"]["1"] and len(stats.info["heads_kept"]["1"]) == 3
@@ -154,7 +156,7 @@ def test_dead_neuron_ranks_last_and_is_trimmed(name):
     with torch.no_grad():
         mlp.up_proj.weight[17] = 0  # act(gate)·0 = 0 (gated), relu²(0) = 0 (Nemotron)
     imp = importance(model, axes=["ffn"], depth=None)
-    assert imp.neurons[0][17] == 0 and minitron.ranking(imp.neurons[0])[-1] == 17
+    assert imp.neurons[0][17] == 0 and mplan.ranking(imp.neurons[0])[-1] == 17
     stats = Minitron(target={"ffn": 127})(model, random_calib(n=4, seqlen=16))
     assert stats.info["neurons_kept"]["0"] == [i for i in range(128) if i != 17]
     assert model.config.intermediate_size == 127
@@ -171,7 +173,7 @@ def test_pre_activation_neuron_score(name):
         first.weight[5] = 0
     pre = importance(model, axes=["ffn"], depth=None, neuron="pre_act")
     post = importance(model, axes=["ffn"], depth=None)
-    assert pre.neurons[0][5] == 0 and minitron.ranking(pre.neurons[0])[-1] == 5
+    assert pre.neurons[0][5] == 0 and mplan.ranking(pre.neurons[0])[-1] == 5
     assert not torch.allclose(pre.neurons[1], post.neurons[1])
     stats = Minitron(target={"ffn": 127}, neuron_score="pre_act")(model, random_calib(n=4, seqlen=16))
     assert 5 not in stats.info["neurons_kept"]["0"] and stats.info["neuron_score"] == "pre_act"
@@ -191,7 +193,7 @@ def test_dead_hidden_channel_ranks_last_and_is_trimmed(name):
     imp = importance(model, axes=["hidden"], depth=None)
     assert set(imp.norms) == {"0.input_layernorm", "0.post_attention_layernorm", "1.input_layernorm",
                               "1.post_attention_layernorm", "norm"}  # fmt: skip
-    assert imp.hidden()[9] == 0 and minitron.ranking(imp.hidden())[-1] == 9
+    assert imp.hidden()[9] == 0 and mplan.ranking(imp.hidden())[-1] == 9
     stats = Minitron(target={"hidden": 63})(model, random_calib(n=4, seqlen=16))
     assert stats.info["channels_kept"] == [i for i in range(64) if i != 9]
 
@@ -354,7 +356,7 @@ def _identity(block):
 def test_block_importance_matches_shortgpt():
     model = tiny("tiny-llama", layers=4)
     calib = random_calib(n=4, seqlen=16)
-    imp = minitron.compute_importance(model, calib.input_ids, 2, axes=(), depth="bi")
+    imp = mimp.compute_importance(model, calib.input_ids, 2, axes=(), depth="bi")
     ref = shortgpt.layer_influence(model, calib.input_ids, 2)
     assert imp.layers == pytest.approx(ref, rel=1e-6)
 
@@ -369,7 +371,7 @@ def test_depth_removes_identity_layers(name, metric):
     scores = stats.info["scores"]["layers"]["values"]
     assert scores[1] == pytest.approx(0, abs=1e-5) and scores[3] == pytest.approx(0, abs=1e-5)
     # BI >= 0, so the identities go; a random layer may lower the perplexity (Δppl < 0) and go first
-    assert stats.info["layers_removed"] == sorted(minitron.ranking(torch.tensor(scores))[-2:])
+    assert stats.info["layers_removed"] == sorted(mplan.ranking(torch.tensor(scores))[-2:])
     if metric == "bi":
         assert stats.info["layers_removed"] == [1, 3]
     assert model.config.num_hidden_layers == 3
@@ -407,18 +409,18 @@ def test_ppl_scoring_restores_the_model():
 def test_one_pass_serves_many_shapes():
     model = tiny("tiny-llama", layers=3)
     imp = importance(model)
-    dims = minitron.Dims.of(model)
+    dims = mplan.Dims.of(model)
     for ffn, heads in ((96, 2), (64, 4), (128, 2)):
         m = copy.deepcopy(model)
-        minitron.apply_plan(m, minitron.plan(imp, dims, {"ffn": ffn, "heads": heads}))
+        mplan.apply_plan(m, mplan.plan(imp, dims, {"ffn": ffn, "heads": heads}))
         assert (m.config.intermediate_size, m.config.num_attention_heads) == (ffn, heads)
 
 
 def test_importance_does_not_depend_on_batch_size():
     model = tiny("tiny-nemotron", layers=2)
     calib = random_calib(n=4, seqlen=16)
-    one = minitron.compute_importance(model, calib.input_ids, 1, batch="var", seq="l2")
-    four = minitron.compute_importance(model, calib.input_ids, 4, batch="var", seq="l2")
+    one = mimp.compute_importance(model, calib.input_ids, 1, batch="var", seq="l2")
+    four = mimp.compute_importance(model, calib.input_ids, 4, batch="var", seq="l2")
     every = [
         (one.heads, four.heads),
         (one.neurons, four.neurons),
@@ -433,9 +435,9 @@ def test_neuron_importance_is_the_down_proj_input():
     calib = random_calib(n=4, seqlen=16)
     seen = []
     h = find_blocks(model)[1].mlp.down_proj.register_forward_pre_hook(lambda _m, a: seen.append(a[0].clone()))
-    imp = minitron.compute_importance(model, calib.input_ids, 2, axes=["ffn"], depth=None)
+    imp = mimp.compute_importance(model, calib.input_ids, 2, axes=["ffn"], depth=None)
     h.remove()
-    torch.testing.assert_close(imp.neurons[1], minitron.aggregate(torch.cat(seen), "l2", "mean"))
+    torch.testing.assert_close(imp.neurons[1], mimp.aggregate(torch.cat(seen), "l2", "mean"))
 
 
 # ---------------------------------------------------------------- bad knobs

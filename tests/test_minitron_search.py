@@ -13,9 +13,11 @@ import torch
 from prunebench import PrunebenchError, models, pipeline
 from prunebench.config import instantiate
 from prunebench.models import ByteTokenizer, count_params
-from prunebench.pruners import minitron
+from prunebench.pruners import minitron_importance as mimp
+from prunebench.pruners import minitron_plan as mplan
 from prunebench.pruners import minitron_search as ms
-from prunebench.pruners.minitron import Dims, Minitron
+from prunebench.pruners.minitron import Minitron
+from prunebench.pruners.minitron_plan import Dims
 from tests.conftest import compose_cfg, random_calib
 
 KD = {"seqlen": 32, "val_windows": 2, "log_every": 1, "lr": 3e-3, "min_lr": 3e-4}
@@ -69,29 +71,29 @@ SHAPES = [
 )
 def test_count_equals_a_trimmed_models_real_count(name, over, shape):
     model, cfg = tiny(name, *over)
-    from_config = ms.Arch.of_config(dict(cfg.hf_config))
-    from_model = ms.Arch.of_model(model)
+    from_config = mplan.Arch.of_config(dict(cfg.hf_config))
+    from_model = mplan.Arch.of_model(model)
     assert from_config == from_model and from_model.extra == from_model.layer_extra == 0
-    assert ms.param_count(Dims.of(model), from_config) == count_params(model)[0]
+    assert mplan.param_count(Dims.of(model), from_config) == count_params(model)[0]
     Minitron(target=shape)(model, random_calib(n=4, seqlen=16))
     assert vars(Dims.of(model)) == shape
-    assert ms.param_count(shape, from_config) == count_params(model)[0]
+    assert mplan.param_count(shape, from_config) == count_params(model)[0]
 
 
 def test_count_of_smollm2_matches_its_published_size():
-    arch = ms.Arch.of_config(SMOLLM2)
+    arch = mplan.Arch.of_config(SMOLLM2)
     assert arch.tied and arch.gated and arch.head_dim == 64
-    assert ms.param_count(SMOLLM2_DIMS, arch) == 134_515_008  # what the loaded model counts (README, minitron.yaml)
+    assert mplan.param_count(SMOLLM2_DIMS, arch) == 134_515_008  # what the loaded model counts (README, minitron.yaml)
 
 
 def test_count_of_minitron_8b_and_4b_shapes():
     """Nemotron (relu² MLP, LayerNorm1P with bias, untied 256k vocabulary): the HF cards' sizes."""
-    arch = ms.Arch.of_config({
+    arch = mplan.Arch.of_config({
         "model_type": "nemotron", "vocab_size": 256000, "hidden_size": 4096, "intermediate_size": 16384,
         "num_hidden_layers": 32, "num_attention_heads": 48, "num_key_value_heads": 8, "head_dim": 128,
     })  # fmt: skip
-    eight = ms.param_count(Dims(32, 48, 8, 16384, 4096), arch)
-    four = ms.param_count(Dims(32, 24, 8, 9216, 3072), arch)
+    eight = mplan.param_count(Dims(32, 48, 8, 16384, 4096), arch)
+    four = mplan.param_count(Dims(32, 24, 8, 9216, 3072), arch)
     assert 8.0e9 < eight < 8.7e9 and 4.0e9 < four < 4.6e9
 
 
@@ -101,8 +103,8 @@ def test_count_of_minitron_8b_and_4b_shapes():
 @pytest.mark.parametrize("fraction", [0.5, 0.67, 0.8])
 @pytest.mark.parametrize("axes", [["depth"], ["mlp", "att"], ["mlp", "att", "emb"], ["depth", "mlp", "att", "emb"]])
 def test_candidates_lie_within_the_tolerance(axes, fraction):
-    arch = ms.Arch.of_config(SMOLLM2)
-    target = round(fraction * ms.param_count(SMOLLM2_DIMS, arch))
+    arch = mplan.Arch.of_config(SMOLLM2)
+    target = round(fraction * mplan.param_count(SMOLLM2_DIMS, arch))
     knobs = ms.SearchKnobs.parse({"max_candidates": 6})
     cands, inside, _ = ms.enumerate_candidates(SMOLLM2_DIMS, arch, target, axes, {}, knobs)
     if not cands:  # e.g. depth alone cannot reach half the parameters within L/2..L layers
@@ -111,7 +113,7 @@ def test_candidates_lie_within_the_tolerance(axes, fraction):
     gaps = [abs(c.params - target) for c in cands]
     assert gaps == sorted(gaps) and max(gaps) <= 0.05 * target
     for c in cands:
-        assert c.params == ms.param_count(c.shape, arch) and abs(c.deviation) <= 0.05
+        assert c.params == mplan.param_count(c.shape, arch) and abs(c.deviation) <= 0.05
         assert c.shape["kv_heads"] == 3 and c.shape["heads"] % 3 == 0  # heads: multiples of the KV heads
         assert c.shape["ffn"] % 64 == 0 or c.shape["ffn"] == 1536
         for axis, key in ms.AXIS_KEY.items():
@@ -120,7 +122,7 @@ def test_candidates_lie_within_the_tolerance(axes, fraction):
 
 
 def test_fixed_targets_and_given_grids():
-    arch = ms.Arch.of_config(SMOLLM2)
+    arch = mplan.Arch.of_config(SMOLLM2)
     target = round(0.67 * 134_515_008)
     knobs = ms.SearchKnobs.parse({"grid": {"layers": [24, 26, 28, 30]}, "max_candidates": 20})
     cands, _, _ = ms.enumerate_candidates(SMOLLM2_DIMS, arch, target, ["depth", "mlp"], {"heads": 6}, knobs)
@@ -160,14 +162,14 @@ def test_rankings_record_flips_and_when_they_stabilise():
 def searched():
     """One search on a 4-layer tiny-llama, with compute_importance counted."""
     calls = []
-    real = minitron.compute_importance
+    real = mimp.compute_importance
 
     def spy(*args, **kwargs):
         calls.append(kwargs)
         return real(*args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(minitron, "compute_importance", spy)
+    mp.setattr(mimp, "compute_importance", spy)
     model, _ = tiny()
     dense = copy.deepcopy(model)
     try:
@@ -213,8 +215,8 @@ def test_best_candidate_is_applied_from_the_dense_weights(searched):
     assert all(p.requires_grad for p in model.parameters())  # the KD teacher's freeze was undone
     ref = copy.deepcopy(dense)  # re-planned from the same importance: the short KD did not touch the model
     calib = random_calib(n=4, seqlen=16)
-    imp = minitron.compute_importance(ref, calib.input_ids, 2, axes=["heads", "ffn", "hidden"], depth=None)
-    minitron.apply_plan(ref, minitron.plan(imp, Dims.of(dense), best["shape"]))
+    imp = mimp.compute_importance(ref, calib.input_ids, 2, axes=["heads", "ffn", "hidden"], depth=None)
+    mplan.apply_plan(ref, mplan.plan(imp, Dims.of(dense), best["shape"]))
     for (n, a), (_, b) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
 

@@ -2,37 +2,6 @@
 arXiv 2407.14679). Activation-based importance from forward passes only (no gradients), computed
 once on the dense model; then depth, then width trimmed for real (smaller matrices, not masks).
 
-Importance (per layer; X the calibration batch, B windows × S tokens):
-    heads    F_head(i)   = agg_B agg_S ‖Attn(X W_Q,i, X W_K,i, X W_V,i)‖₂     (o_proj input, per head)
-    neurons  F_neuron(i) = agg_B agg_S |act(X W_gate,i) · X W_up,i|          (down_proj input; relu²(X W_up,i)
-                                                                             for Nemotron's non-gated MLP)
-             or, `neuron_score: pre_act`, agg_B agg_S |X W1,i|             (the activation's input: gate_proj
-                                                                             output, up_proj when not gated)
-    channels F_emb(i)    = Σ_norms agg_B agg_S |LN(X)_i|                     (every residual norm's output:
-                                                                             input/post-attention norms of the
-                                                                             kept layers + the final norm)
-    depth    BI(l)       = mean_tokens [1 − cos(h_l,in, h_l,out)]           (Block Importance; one pass), or
-             PPL(l)      = ppl(model without layer l) − ppl(model)          (one forward per layer)
-agg_S ∈ {mean, l2, var} over tokens of a window, then agg_B ∈ {mean, l2, var} over windows, both of
-magnitudes; the paper's best (its Table 13) is batch = l2, seq = mean, the default:
-    F = sqrt(Σ_b (1/S Σ_s |a_bs|)²).
-GQA: heads are ranked within their KV group and every kept group keeps the same number of heads;
-`target.kv_heads` also removes whole KV groups, ranked by the sum of their heads' scores (an MHA
-model, KV heads = heads, prunes KV heads with its query heads). `depth.contiguous` removes the
-best contiguous run instead (its BI is 1 − cos(input of the first, output of the last layer)).
-
-Neuron scores: the paper writes the pre-activation X·W1_i (minitron.md, settings); the reference
-code (NVIDIA ModelOpt's Megatron pruning) hooks the input of the second linear, i.e. after the
-activation, as the issue asks. Both are here; the default is `down_input` (the reference code),
-which also sees the gate·up product a gated MLP actually passes on.
-
-Head merge (`head_merge: true`, off by default): the paper adds the residual of pruned heads into
-the kept ones, head_i ← head_i + (head_i − head_{2K−i+1}) with heads ranked 1..2K by importance
-and K kept (kept head i paired with pruned head 2K−i+1); with GQA only query heads are merged, so
-it applies to q_proj rows (and bias), inside each KV group (an MHA model has nothing to merge).
-Measured on SmolLM2-135M without retraining (heads 9 → 6, WikiText-2, 8 × 512 tokens) it hurts,
-ppl 383 → 3565, so it stays off.
-
 `hidden_norm_rescale` (not in the paper, off): after trimming hidden channels, scale every norm's
 gain by sqrt(d/d'), since RMS statistics over d' < d channels grow by d/d' when the removed
 channels are weak (SmolLM2, hidden 576 → 512: ppl 92.3 → 76.4; dense 30.6).
@@ -69,13 +38,10 @@ then `model.path=<run>/model` (fractions are then of the loaded, already pruned 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import math
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -84,472 +50,24 @@ from prunebench import PrunebenchError
 from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
-from prunebench.models.surgery import keep_layers, set_blocks, snapshot
+from prunebench.pruners import minitron_importance as importance
 from prunebench.pruners import minitron_search as msearch
 from prunebench.pruners.base import PruneStats
+from prunebench.pruners.minitron_importance import AGGS, DEPTH_METRICS, NEURON_SCORES, Importance
+from prunebench.pruners.minitron_plan import (
+    Arch,
+    Dims,
+    apply_plan,
+    heads_must_divide_hidden,
+    param_count,
+    plan,
+    ranking,
+    resolve_groups,
+)
 
-AGGS = ("mean", "l2", "var")
-NEURON_SCORES = ("down_input", "pre_act")  # reference code (after the activation) | paper (X·W1)
-DEPTH_METRICS = ("bi", "ppl")
 TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
-WIDTH_AXES = ("heads", "ffn", "hidden")
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------------------------------
-# Aggregation (pure): over the tokens of a window, then over windows; always of magnitudes, in fp32.
-
-
-def reduce_seq(x: torch.Tensor, how: str = "mean") -> torch.Tensor:
-    """(B, S, C) activations -> (B, C): mean, l2 norm or (population) variance of |x| over S."""
-    if how == "mean":
-        return torch.linalg.vector_norm(x, ord=1, dim=1, dtype=torch.float32) / x.shape[1]
-    if how == "l2":
-        return torch.linalg.vector_norm(x, ord=2, dim=1, dtype=torch.float32)
-    if how == "var":
-        return x.float().abs().var(dim=1, correction=0)
-    raise ValueError(f"unknown sequence aggregation {how!r}; one of {AGGS}")
-
-
-def reduce_batch(v: torch.Tensor, how: str = "l2") -> torch.Tensor:
-    """(B, C) per-window scores -> (C,): mean, l2 norm or (population) variance over windows."""
-    v = v.float()
-    if how == "mean":
-        return v.mean(0)
-    if how == "l2":
-        return torch.linalg.vector_norm(v, ord=2, dim=0)
-    if how == "var":
-        return v.var(dim=0, correction=0)
-    raise ValueError(f"unknown batch aggregation {how!r}; one of {AGGS}")
-
-
-def aggregate(x: torch.Tensor, batch: str = "l2", seq: str = "mean") -> torch.Tensor:
-    """(B, S, C) -> (C,): the importance of each channel over a whole calibration set."""
-    return reduce_batch(reduce_seq(x, seq), batch)
-
-
-def head_norms(o_in: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """o_proj input (B, S, H·d) -> per-token L2 norm of each head's attention output (B, S, H)."""
-    b, s, _ = o_in.shape
-    return torch.linalg.vector_norm(o_in.reshape(b, s, -1, head_dim), ord=2, dim=-1, dtype=torch.float32)
-
-
-class BatchAgg:
-    """`reduce_batch` accumulated over batches of windows (exactly, in fp32; var by Chan's merge)."""
-
-    def __init__(self, how: str = "l2"):
-        if how not in AGGS:
-            raise ValueError(f"unknown batch aggregation {how!r}; one of {AGGS}")
-        self.how, self.n = how, 0
-        self.acc: torch.Tensor | None = None  # Σv² (l2), Σv (mean), mean (var)
-        self.m2: torch.Tensor | None = None
-
-    def add(self, v: torch.Tensor) -> None:
-        v = v.float()
-        nb = v.shape[0]
-        if self.acc is None:
-            self.acc = torch.zeros_like(v[0])
-            self.m2 = torch.zeros_like(v[0])
-        if self.how == "l2":
-            self.acc += (v * v).sum(0)
-        elif self.how == "mean":
-            self.acc += v.sum(0)
-        else:
-            mean_b = v.mean(0)
-            m2_b = ((v - mean_b) ** 2).sum(0)
-            total = self.n + nb
-            delta = mean_b - self.acc
-            self.acc += delta * (nb / total)
-            self.m2 += m2_b + delta * delta * (self.n * nb / total)
-        self.n += nb
-
-    def value(self) -> torch.Tensor:
-        if self.acc is None:
-            raise ValueError("no activations were aggregated")
-        if self.how == "l2":
-            return self.acc.sqrt()
-        if self.how == "mean":
-            return self.acc / self.n
-        return self.m2 / self.n
-
-
-# --------------------------------------------------------------------------------------------------
-# Selection (pure): scores -> kept indices.
-
-
-def top_k(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the k highest scores, in ascending index order (ties: the lower index wins)."""
-    order = torch.sort(scores.float().cpu(), descending=True, stable=True).indices
-    return sorted(order[:k].tolist())
-
-
-def ranking(scores: torch.Tensor) -> list[int]:
-    """Indices from most to least important."""
-    return torch.sort(scores.float().cpu(), descending=True, stable=True).indices.tolist()
-
-
-def select_heads(
-    scores: torch.Tensor, kv_groups: int, heads: int, groups: int
-) -> tuple[list[int], list[int], dict[int, list[int]]]:
-    """Keep `groups` KV groups (highest sums of their heads' scores) and `heads` query heads, the
-    top heads/groups within each kept group. Returns (kept heads, kept groups, each kept group's
-    heads ranked best first)."""
-    total = scores.numel()
-    r = total // kv_groups
-    if total % kv_groups or heads % groups or heads // groups > r or groups > kv_groups:
-        raise ValueError(f"cannot keep {heads} heads in {groups} of {kv_groups} groups of {r} heads")
-    per = scores.float().cpu().view(kv_groups, r)
-    kept_groups = top_k(per.sum(1), groups)
-    ranked = {g: [g * r + i for i in ranking(per[g])] for g in kept_groups}
-    kept = sorted(h for g in kept_groups for h in ranked[g][: heads // groups])
-    return kept, kept_groups, ranked
-
-
-def merge_pairs(ranked: Sequence[int], keep: int) -> list[tuple[int, int]]:
-    """The paper's head merge pairs: with heads ranked 1..n (best first) and K kept, kept head i
-    takes the residual of pruned head 2K − i + 1 (when that head exists)."""
-    return [(ranked[i - 1], ranked[2 * keep - i]) for i in range(1, keep + 1) if 2 * keep - i < len(ranked)]
-
-
-def select_run(run_scores: Sequence[float], n: int, layers: int) -> list[int]:
-    """Remove the contiguous run of n layers whose removal matters least; returns the kept layers."""
-    start = min(range(len(run_scores)), key=lambda s: (run_scores[s], s))
-    return [i for i in range(layers) if not start <= i < start + n]
-
-
-# --------------------------------------------------------------------------------------------------
-# Importance: one hooked forward pass over the calibration windows.
-
-
-@dataclass
-class Importance:
-    """Every score of one importance pass on the dense model (fp32, on the CPU). Higher = keep."""
-
-    num_layers: int
-    kv_groups: int = 0
-    heads: list[torch.Tensor] | None = None  # per layer (H,)
-    neurons: list[torch.Tensor] | None = None  # per layer (F,)
-    norms: dict[str, torch.Tensor] | None = None  # residual norm ('3.input_layernorm', 'norm') -> (hidden,)
-    layers: list[float] | None = None  # per-layer depth importance (BI or Δppl)
-    runs: dict[int, list[float]] = field(default_factory=dict)  # run length n -> importance of removing run s..s+n-1
-    depth_metric: str | None = None
-    agg: tuple[str, str] = ("l2", "mean")
-    dense_ppl: float | None = None
-
-    def groups(self, layer: int) -> torch.Tensor:
-        """Each KV group's score: the sum of its heads' scores."""
-        return self.heads[layer].view(self.kv_groups, -1).sum(1)
-
-    def hidden(self, layers: Sequence[int] | None = None) -> torch.Tensor:
-        """Channel scores summed over the residual norms of `layers` (default all) and the final norm."""
-        keep = None if layers is None else {int(i) for i in layers}
-        parts = [
-            s for name, s in self.norms.items() if keep is None or "." not in name or int(name.split(".")[0]) in keep
-        ]
-        return torch.stack(parts).sum(0)
-
-
-def block_influence_fast(
-    h_in: torch.Tensor, h_out: torch.Tensor, n_in: torch.Tensor | None = None, n_out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token 1 − cos(h_in, h_out) (shortgpt.block_influence: NaN → 0.5) and |h_out| per token.
-    Token norms can be passed in: a block's input norms are the previous block's output norms."""
-    a, b = h_in.float(), h_out.float()
-    n_in = torch.linalg.vector_norm(a, dim=-1) if n_in is None else n_in
-    n_out = torch.linalg.vector_norm(b, dim=-1) if n_out is None else n_out
-    bi = 1 - (a * b).sum(-1) / (n_in * n_out)
-    return torch.nan_to_num(bi, nan=0.5), n_out
-
-
-class _Stop(Exception):
-    pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-@torch.no_grad()
-def _mean_nll(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> float:
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for batch in input_ids.split(batch_size):
-        x = batch.to(device)
-        n = x.shape[0] * (x.shape[1] - 1)
-        total += float(model(input_ids=x, labels=x, use_cache=False).loss.float()) * n
-        count += n
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def removal_ppl(
-    model: nn.Module, input_ids: torch.Tensor, batch_size: int, runs: Sequence[Sequence[int]]
-) -> tuple[float, list[float]]:
-    """Calibration perplexity of the model, and with each run of layers removed (by re-pointing the
-    block list: no copies; the model is restored after each)."""
-    blocks, types = snapshot(model)
-    dense = math.exp(_mean_nll(model, input_ids, batch_size))
-    out = []
-    for run in runs:
-        drop = set(run)
-        keep = [i for i in range(len(blocks)) if i not in drop]
-        try:
-            set_blocks(model, [blocks[i] for i in keep], [types[i] for i in keep] if types else None)
-            out.append(math.exp(_mean_nll(model, input_ids, batch_size)))
-        finally:
-            set_blocks(model, blocks, types)
-    return dense, out
-
-
-@torch.no_grad()
-def compute_importance(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    batch_size: int = 1,
-    *,
-    batch: str = "l2",
-    seq: str = "mean",
-    axes: Sequence[str] = WIDTH_AXES,
-    depth: str | None = "bi",
-    run_lengths: Sequence[int] = (),
-    neuron: str = "down_input",
-) -> Importance:
-    """All importance scores of the dense model over the calibration windows, from forward hooks
-    (no gradients): per-head attention-output norms (o_proj input), per-neuron down_proj inputs,
-    per-channel residual-norm outputs and per-layer Block Importance in one pass, which stops at
-    the final norm (the LM head is not needed); depth='ppl' adds one forward per removed layer or
-    run. `run_lengths` also scores contiguous runs of those lengths. `neuron`: down_input (the
-    down_proj input, after the activation) or pre_act (the activation's input, X·W1)."""
-    for how in (batch, seq):
-        if how not in AGGS:
-            raise ValueError(f"unknown aggregation {how!r}; one of {AGGS}")
-    if neuron not in NEURON_SCORES:
-        raise ValueError(f"unknown neuron score {neuron!r}; one of {NEURON_SCORES}")
-    blocks = find_blocks(model)
-    n_layers = len(blocks)
-    imp = Importance(num_layers=n_layers, depth_metric=depth, agg=(batch, seq))
-    handles = []
-    head_acc: list[BatchAgg] = []
-    neuron_acc: list[BatchAgg] = []
-    norm_acc: dict[str, BatchAgg] = {}
-    if "heads" in axes:
-        d = trim_ops.head_dim(model)
-        imp.kv_groups = trim_ops.layer_heads(model, 0)[1]
-        for block in blocks:
-            acc = BatchAgg(batch)
-            head_acc.append(acc)
-            o = trim_ops._attn(block).o_proj
-            handles.append(
-                o.register_forward_pre_hook(lambda _m, a, acc=acc: acc.add(reduce_seq(head_norms(a[0], d), seq)))
-            )
-    if "ffn" in axes:
-        for block in blocks:
-            acc = BatchAgg(batch)
-            neuron_acc.append(acc)
-            mlp = trim_ops._mlp(block)
-            if neuron == "down_input":
-                hook = lambda _m, a, acc=acc: acc.add(reduce_seq(a[0], seq))  # noqa: E731
-                handles.append(mlp.down_proj.register_forward_pre_hook(hook))
-            else:  # X·W1: the gate's output in a gated MLP, else the up projection's
-                first = getattr(mlp, "gate_proj", None) or mlp.up_proj
-                hook = lambda _m, _a, out, acc=acc: acc.add(reduce_seq(out, seq))  # noqa: E731
-                handles.append(first.register_forward_hook(hook))
-    norms = trim_ops.residual_norms(model)
-    if "hidden" in axes:
-        if not norms:
-            raise ValueError(f"{type(model).__name__} has no residual norms to score hidden channels with")
-        for name, norm in norms.items():
-            acc = norm_acc[name] = BatchAgg(batch)
-            handles.append(
-                norm.register_forward_hook(lambda _m, _a, out, acc=acc: acc.add(reduce_seq(_first(out), seq)))
-            )
-    device = next(model.parameters()).device
-    bi_sum = torch.zeros(n_layers, dtype=torch.float32, device=device)
-    run_sum = {
-        n: torch.zeros(n_layers - n + 1, dtype=torch.float32, device=device) for n in run_lengths if 1 <= n <= n_layers
-    }
-    tokens = [0]
-    stash: dict[int, torch.Tensor] = {}
-    last: list = [None, None]  # the previous block's output and its per-token norms (= this block's input)
-    if depth == "bi":
-        longest = max(run_sum, default=1)
-
-        def pre(index):
-            def fn(_module, args, kwargs):
-                if run_sum:
-                    stash[index] = args[0] if args else kwargs["hidden_states"]
-
-            return fn
-
-        def post(index):
-            def fn(_module, args, kwargs, out):
-                h_in = args[0] if args else kwargs["hidden_states"]
-                h_out = _first(out)
-                n_in = last[1] if last[0] is h_in else None
-                bi, n_out = block_influence_fast(h_in, h_out, n_in)
-                bi_sum[index] += bi.sum()
-                last[0], last[1] = h_out, n_out
-                for n, sums in run_sum.items():
-                    if index - n + 1 >= 0:
-                        sums[index - n + 1] += block_influence_fast(stash[index - n + 1], h_out, None, n_out)[0].sum()
-                stash.pop(index - longest + 1, None)
-                if index == 0:
-                    tokens[0] += h_in.shape[0] * h_in.shape[1]
-
-            return fn
-
-        for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
-            handles.append(block.register_forward_hook(post(i), with_kwargs=True))
-
-    hooked = bool(handles)
-    final = next((m for n, m in reversed(norms.items()) if "." not in n), None)
-    if final is not None:  # everything is measured by the final norm: skip the LM head
-
-        def stop(*_):
-            raise _Stop
-
-        handles.append(final.register_forward_hook(stop))
-    try:
-        if hooked:
-            for chunk in input_ids.split(batch_size):
-                with contextlib.suppress(_Stop):
-                    model(input_ids=chunk.to(device), use_cache=False)
-                stash.clear()
-                last[0] = last[1] = None
-    finally:
-        for h in handles:
-            h.remove()
-    if head_acc:
-        imp.heads = [a.value().cpu() for a in head_acc]
-    if neuron_acc:
-        imp.neurons = [a.value().cpu() for a in neuron_acc]
-    if norm_acc:
-        imp.norms = {n: a.value().cpu() for n, a in norm_acc.items()}
-    if depth == "bi":
-        imp.layers = (bi_sum.double().cpu() / max(tokens[0], 1)).tolist()
-        imp.runs = {n: (s.double().cpu() / max(tokens[0], 1)).tolist() for n, s in run_sum.items()}
-    elif depth == "ppl":
-        single = [[i] for i in range(n_layers)]
-        runs = [list(range(s, s + n)) for n in run_lengths if 1 <= n <= n_layers for s in range(n_layers - n + 1)]
-        imp.dense_ppl, ppls = removal_ppl(model, input_ids, batch_size, single + runs)
-        imp.layers = [p - imp.dense_ppl for p in ppls[:n_layers]]
-        rest = iter(ppls[n_layers:])
-        imp.runs = {
-            n: [next(rest) - imp.dense_ppl for _ in range(n_layers - n + 1)] for n in run_lengths if 1 <= n <= n_layers
-        }
-    elif depth is not None:
-        raise ValueError(f"unknown depth metric {depth!r}; one of {DEPTH_METRICS}")
-    return imp
-
-
-# --------------------------------------------------------------------------------------------------
-# Plan (pure) and apply (surgery).
-
-
-@dataclass
-class Dims:
-    """The shape Minitron trims: layers, query heads, KV heads, MLP size, hidden size."""
-
-    layers: int
-    heads: int
-    kv_heads: int
-    ffn: int
-    hidden: int
-
-    @classmethod
-    def of(cls, model: nn.Module) -> Dims:
-        c = model.config
-        return cls(
-            c.num_hidden_layers,
-            c.num_attention_heads,
-            getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
-            c.intermediate_size,
-            c.hidden_size,
-        )
-
-
-@dataclass
-class Plan:
-    """What to keep, in the dense model's indices (layers of the dense model)."""
-
-    layers: list[int]
-    heads: dict[int, list[int]] = field(default_factory=dict)
-    kv_groups: dict[int, list[int]] = field(default_factory=dict)
-    merges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
-    neurons: dict[int, list[int]] = field(default_factory=dict)
-    channels: list[int] | None = None
-
-
-def resolve_groups(dims: Dims, heads: int | None, kv_heads: int | None) -> tuple[int, int]:
-    """(query heads, KV groups) to keep: KV groups stay unless `kv_heads` is set, except on an MHA
-    model (KV heads = heads), where the KV heads follow the query heads."""
-    h = dims.heads if heads is None else heads
-    if kv_heads is not None:
-        return h, kv_heads
-    return h, (h if dims.kv_heads == dims.heads else dims.kv_heads)
-
-
-def plan(
-    imp: Importance, dims: Dims, target: Mapping[str, int | None], contiguous: bool = False, head_merge: bool = False
-) -> Plan:
-    """Kept indices for one target shape from one importance pass (no model needed)."""
-    n_keep = target.get("layers") or dims.layers
-    if n_keep < dims.layers:
-        remove = dims.layers - n_keep
-        if contiguous:
-            if remove not in imp.runs:
-                raise ValueError(f"no run scores of length {remove}; compute_importance(run_lengths=[{remove}])")
-            layers = select_run(imp.runs[remove], remove, dims.layers)
-        else:
-            layers = top_k(torch.tensor(imp.layers), n_keep)
-    else:
-        layers = list(range(dims.layers))
-    p = Plan(layers=layers)
-    h, g = resolve_groups(dims, target.get("heads"), target.get("kv_heads"))
-    if (h, g) != (dims.heads, dims.kv_heads):
-        for i in layers:
-            kept, groups, ranked = select_heads(imp.heads[i], dims.kv_heads, h, g)
-            p.heads[i], p.kv_groups[i] = kept, groups
-            if head_merge:
-                p.merges[i] = [pair for grp in groups for pair in merge_pairs(ranked[grp], h // g)]
-    if target.get("ffn") is not None and target["ffn"] < dims.ffn:
-        p.neurons = {i: top_k(imp.neurons[i], target["ffn"]) for i in layers}
-    if target.get("hidden") is not None and target["hidden"] < dims.hidden:
-        p.channels = top_k(imp.hidden(layers), target["hidden"])
-    return p
-
-
-@torch.no_grad()
-def merge_heads(model: nn.Module, layer: int, pairs: Sequence[tuple[int, int]]) -> None:
-    """head_i ← head_i + (head_i − head_j) on the query projection (rows and bias) of one layer."""
-    q = trim_ops._attn(find_blocks(model)[layer]).q_proj
-    d = trim_ops.head_dim(model)
-    for params in (q.weight, q.bias):
-        if params is None:
-            continue
-        old = params.detach().clone()
-        for i, j in pairs:
-            params[i * d : (i + 1) * d] = 2 * old[i * d : (i + 1) * d] - old[j * d : (j + 1) * d]
-
-
-def apply_plan(model: nn.Module, p: Plan, rescale_norms: bool = False) -> None:
-    """Depth first, then heads (merged first if planned), MLP neurons, hidden channels
-    (`rescale_norms`: see trim.trim_hidden)."""
-    if len(p.layers) < len(find_blocks(model)):
-        keep_layers(model, p.layers)
-    for new, old in enumerate(p.layers):
-        if old in p.merges:
-            merge_heads(model, new, p.merges[old])
-        if old in p.heads:
-            trim_ops.trim_heads(model, new, p.heads[old], p.kv_groups[old])
-        if old in p.neurons:
-            trim_ops.trim_mlp(model, new, p.neurons[old])
-    if p.channels is not None:
-        trim_ops.trim_hidden(model, p.channels, rescale_norms)
-    if p.heads or p.neurons or p.channels is not None:
-        trim_ops.check_uniform(model)
-
 
 # --------------------------------------------------------------------------------------------------
 # The pruner.
@@ -699,18 +217,18 @@ class Minitron:
             )
             self._check_dims(d)
             if dims.get("vocab_size"):
-                self._check_search(d, msearch.Arch.of_config(dims), enumerate_shapes=not self.stages)
+                self._check_search(d, Arch.of_config(dims), enumerate_shapes=not self.stages)
                 for k, (sub, _) in enumerate(self.stages):
                     try:
                         sub._check_dims(d)
-                        sub._check_search(d, msearch.Arch.of_config(dims), enumerate_shapes=k == 0)
+                        sub._check_search(d, Arch.of_config(dims), enumerate_shapes=k == 0)
                     except PrunebenchError as err:
                         raise PrunebenchError(f"pruner.stages[{k}]: {err}") from None
 
     def _check_search(self, d: Dims, arch, enumerate_shapes: bool) -> None:
         if self.target_params is None:
             return
-        dense = msearch.param_count(d, arch)
+        dense = param_count(d, arch)
         target = msearch.resolve_target(self.target_params, dense)
         if enumerate_shapes:
             cands, _, closest = msearch.enumerate_candidates(d, arch, target, self.axes, self._fixed(), self.search)
@@ -841,7 +359,7 @@ class Minitron:
                 if any(t[k] is not None for k in keys)
             ]
             remove = dims.layers - t["layers"] if t["layers"] is not None else 0
-            imp = compute_importance(
+            imp = importance.compute_importance(
                 model,
                 calib.input_ids,
                 calib.batch_size,
@@ -863,7 +381,7 @@ class Minitron:
         saveable = not (
             getattr(c, "num_attention_heads", 0)
             and c.hidden_size % c.num_attention_heads
-            and msearch.heads_must_divide_hidden(c)
+            and heads_must_divide_hidden(c)
         )
         if not saveable:
             log.warning(

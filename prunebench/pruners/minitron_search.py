@@ -4,17 +4,7 @@ count is within ±5% of the target, prune each from ONE importance pass on the d
 a short distillation from the dense model, rank them by LM validation loss at several checkpoints
 of that short training (rankings flip during the first steps, then stabilise), keep the best.
 
-Parameter count, exact from the shape (no model): with d = head_dim (fixed by trimming), V the
-vocabulary, h hidden, H query heads, G KV heads, F MLP size, L layers,
-
-    attn   = h·H·d + 2·h·G·d + H·d·h        (+ H·d + 2·G·d with q/k/v biases, + h with an o bias)
-    mlp    = (3 if gated else 2)·h·F         (+ F per gate/up bias, + h with a down bias)
-    layer  = attn + mlp + n_norms·h·(2 if the norms have a bias else 1) + layer_extra
-    total  = L·layer + V·h·(1 if tied else 2) + final norm + extra
-
-`Arch` holds what the count needs besides the shape; `Arch.of_model` reads it from the modules (the
-run's check), `Arch.of_config` from a Hugging Face config (the check before loading). layer_extra /
-extra are parameters no searched axis changes (e.g. Qwen3's per-head q/k norms), measured once.
+Parameter count: minitron_plan.py (`Arch`, `param_count`).
 
 Knob grids (`pruner.search.grid.*`, null = derived from the model's dims):
     layers  ceil(L/2) .. L                          (axis `depth`)
@@ -31,9 +21,7 @@ dim/16 for a dimension under 256 (tiny test models). Of the shapes within ±tole
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import logging
 import math
 import time
@@ -46,8 +34,9 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models import count_params
-from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
+from prunebench.pruners import minitron_importance as importance
+from prunebench.pruners.minitron_plan import Arch, Dims, apply_plan, count, layer_params, plan
 
 log = logging.getLogger(__name__)
 
@@ -55,143 +44,6 @@ AXES = ("depth", "mlp", "att", "emb")
 AXIS_KEY = {"depth": "layers", "att": "heads", "mlp": "ffn", "emb": "hidden"}  # axis -> Dims field / grid key
 GRID_KEYS = ("layers", "heads", "ffn", "hidden")
 SEARCH_KEYS = ("tolerance", "max_candidates", "tokens", "checkpoints", "grid", "step", "kd")
-
-
-# --------------------------------------------------------------------------------------------------
-# Exact parameter count from a shape.
-
-
-@dataclass(frozen=True)
-class Arch:
-    """What the parameter count needs besides the shape (layers, heads, KV heads, ffn, hidden)."""
-
-    vocab: int
-    head_dim: int
-    tied: bool = False
-    gated: bool = True
-    qkv_bias: bool = False
-    o_bias: bool = False
-    mlp_bias: bool = False  # biases on gate/up (one per neuron each)
-    down_bias: bool = False
-    norms_per_layer: int = 2
-    final_norms: int = 1
-    norm_bias: bool = False
-    layer_extra: int = 0
-    extra: int = 0
-    heads_divide_hidden: bool = False  # the HF config refuses hidden % heads != 0 (Llama): such a model cannot save
-
-    @classmethod
-    def of_config(cls, config: Mapping) -> Arch:
-        """From a Hugging Face config dict (config.json or a model YAML's hf_config); missing keys
-        take the model class's defaults."""
-        c = dict(config)
-        strict = False
-        with contextlib.suppress(Exception):  # an unknown model type: the dict as given
-            import transformers
-
-            hf = transformers.AutoConfig.for_model(**c)
-            c = {**hf.to_dict(), **c}
-            strict = heads_must_divide_hidden(hf)
-        kind = c.get("model_type", "llama")
-        heads = int(c["num_attention_heads"])
-        head_dim = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
-        bias = bool(c.get("attention_bias", False))
-        mlp_bias = bool(c.get("mlp_bias", False))
-        return cls(
-            vocab=int(c["vocab_size"]),
-            head_dim=head_dim,
-            tied=bool(c.get("tie_word_embeddings", False)),
-            gated=kind != "nemotron",
-            qkv_bias=bias or kind == "qwen2",
-            o_bias=bias and kind != "qwen2",
-            mlp_bias=mlp_bias,
-            down_bias=mlp_bias,
-            norm_bias=kind == "nemotron",
-            layer_extra=2 * head_dim if kind == "qwen3" else 0,
-            heads_divide_hidden=strict,
-        )
-
-    @classmethod
-    def of_model(cls, model: nn.Module) -> Arch:
-        """From the modules themselves; layer_extra / extra are whatever the formula leaves out."""
-        blocks = find_blocks(model)
-        attn, mlp = trim_ops._attn(blocks[0]), trim_ops._mlp(blocks[0])
-        norms = trim_ops.residual_norms(model)
-        layer_norms = [m for k, m in norms.items() if k.startswith("0.")]
-        final = [m for k, m in norms.items() if "." not in k]
-        embed, head = model.get_input_embeddings(), model.get_output_embeddings()
-        probe = (layer_norms or final or [None])[0]
-        arch = cls(
-            vocab=embed.num_embeddings,
-            head_dim=trim_ops.head_dim(model),
-            tied=head is None or head.weight is embed.weight,
-            gated=hasattr(mlp, "gate_proj"),
-            qkv_bias=attn.q_proj.bias is not None,
-            o_bias=attn.o_proj.bias is not None,
-            mlp_bias=mlp.up_proj.bias is not None,
-            down_bias=mlp.down_proj.bias is not None,
-            norms_per_layer=len(layer_norms),
-            final_norms=len(final),
-            norm_bias=getattr(probe, "bias", None) is not None,
-            heads_divide_hidden=heads_must_divide_hidden(model.config),
-        )
-        from prunebench.pruners.minitron import Dims
-
-        dims = Dims.of(model)
-        block = sum(p.numel() for p in blocks[0].parameters())
-        layer_extra = block - _layer(dims.heads, dims.kv_heads, dims.ffn, dims.hidden, arch)
-        arch = dataclasses.replace(arch, layer_extra=int(layer_extra))
-        extra = count_params(model)[0] - param_count(dims, arch)
-        return dataclasses.replace(arch, extra=int(extra))
-
-
-def heads_must_divide_hidden(config) -> bool:
-    """Whether the Hugging Face config class validates hidden_size % num_attention_heads == 0 (Llama
-    in transformers 5 does, even with an explicit head_dim): a trimmed model breaking it runs, but
-    neither saves nor loads again. Probed on a copy with an indivisible hidden size."""
-    validate = getattr(config, "validate", None)
-    heads = getattr(config, "num_attention_heads", None)
-    if validate is None or not heads or heads < 2:
-        return False
-    probe = copy.deepcopy(config)
-    probe.hidden_size = heads * 2 + 1
-    try:
-        probe.validate()
-    except Exception:  # noqa: BLE001 - the class's own validation error, whatever its type
-        return True
-    return False
-
-
-def _layer(heads, kv, ffn, hidden, a: Arch):
-    d = a.head_dim
-    attn = hidden * heads * d * 2 + 2 * hidden * kv * d
-    if a.qkv_bias:
-        attn = attn + heads * d + 2 * kv * d
-    if a.o_bias:
-        attn = attn + hidden
-    mlp = (3 if a.gated else 2) * hidden * ffn
-    if a.mlp_bias:
-        mlp = mlp + (2 if a.gated else 1) * ffn
-    if a.down_bias:
-        mlp = mlp + hidden
-    norm = hidden * (2 if a.norm_bias else 1)
-    return attn + mlp + a.norms_per_layer * norm + a.layer_extra
-
-
-def count(layers, heads, kv, ffn, hidden, a: Arch):
-    """The exact parameter count; works elementwise on numpy arrays too."""
-    norm = hidden * (2 if a.norm_bias else 1)
-    return (
-        layers * _layer(heads, kv, ffn, hidden, a)
-        + a.vocab * hidden * (1 if a.tied else 2)
-        + (a.final_norms * norm + a.extra)
-    )
-
-
-def param_count(shape, arch: Arch) -> int:
-    """Parameters of a model of `shape` (Dims or a mapping with layers/heads/kv_heads/ffn/hidden)."""
-    s = shape if isinstance(shape, Mapping) else vars(shape)
-    return int(count(s["layers"], s["heads"], s["kv_heads"], s["ffn"], s["hidden"], arch))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,10 +315,8 @@ def thaw(model: nn.Module, frozen: set[str]) -> None:
 
 def check_formula(model: nn.Module, arch: Arch) -> None:
     """Every layer must hold what the per-layer formula says (one HF config: uniform layers)."""
-    from prunebench.pruners.minitron import Dims
-
     dims = Dims.of(model)
-    want = _layer(dims.heads, dims.kv_heads, dims.ffn, dims.hidden, arch)
+    want = layer_params(dims.heads, dims.kv_heads, dims.ffn, dims.hidden, arch)
     for i, block in enumerate(find_blocks(model)):
         have = sum(p.numel() for p in block.parameters())
         if have != want:
@@ -488,8 +338,6 @@ def run_search(
     """Enumerate, prune every candidate from one importance pass, distil each briefly from `teacher`
     (default: `model`, still dense), rank. Returns (the best candidate's Plan, the importance, the
     search record for PruneStats.info['search']). `model` is left unchanged."""
-    from prunebench.pruners import minitron as mt
-
     t_start = time.perf_counter()
     knobs: SearchKnobs = pruner.search
     arch = Arch.of_model(model)
@@ -515,7 +363,7 @@ def run_search(
         if any(c.shape[key] != getattr(dims, key) for c in cands)
     ]
     t0 = time.perf_counter()
-    imp = mt.compute_importance(
+    imp = importance.compute_importance(
         model,
         calib.input_ids,
         calib.batch_size,
@@ -527,7 +375,7 @@ def run_search(
         neuron=pruner.neuron_score,
     )
     importance_s = time.perf_counter() - t0
-    plans = {c.id: mt.plan(imp, dims, c.target(), pruner.contiguous, pruner.head_merge) for c in cands}
+    plans = {c.id: plan(imp, dims, c.target(), pruner.contiguous, pruner.head_merge) for c in cands}
 
     ranked = len(cands) > 1
     marks = knobs.marks()
@@ -540,7 +388,7 @@ def run_search(
             t1 = time.perf_counter()
             student = copy.deepcopy(model)
             thaw(student, frozen)
-            mt.apply_plan(student, plans[c.id], pruner.hidden_norm_rescale)
+            apply_plan(student, plans[c.id], pruner.hidden_norm_rescale)
             real = count_params(student)[0]
             if real != c.params:
                 raise PrunebenchError(f"candidate {c.label()}: {real:,} parameters, the count said {c.params:,}")
