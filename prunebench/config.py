@@ -1,33 +1,33 @@
 """Config helpers: the safe instantiate wrapper and the checks that run before any model loads.
 
-`validate` is the one validation layer: the table KNOBS gives every numeric or boolean knob of
-every group a type and a range (upper bounds say why), then cross-knob rules compare the knobs
-with each other and with the model's shape read from its config (no weights): knobs a method
-ignores, seqlen against the context, N:M against the linear widths, depth knobs against the layers.
+`validate` is the one validation layer, and it knows no component by name: each knob's type and
+range is declared once, where it is used (a component's constructor parameter, or the small schemas
+below for the top-level, calib and data knobs; see prunebench/knobs.py), and read from there; rules
+between knobs and against the model's shape (read from its config, no weights) are each component's
+own `check_knobs` / `check` / `needs_lm` / `needs_encoder`, called here for whichever component the
+config names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import inspect
 import json
 import logging
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pydantic import Field
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, knobs
+from prunebench.knobs import Batch, Flag, Positions, Seed
 from prunebench.registry import check_targets
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "calib", "pruner", "recovery", "eval", "logger", "experiment")
-SEED_MAX = 2**32 - 1
 
 
 def instantiate(node: DictConfig, **kwargs: Any) -> Any:
@@ -46,229 +46,69 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         raise PrunebenchError(" ".join(str(err).split())) from None
 
 
-def parse_pattern(pattern: str) -> tuple[int, int] | None:
-    """'unstructured' -> None; 'N:M' -> (N, M): N zeros in every M consecutive inputs."""
-    if pattern == "unstructured":
-        return None
-    try:
-        n, m = (int(p) for p in str(pattern).split(":"))
-    except ValueError:
-        raise PrunebenchError(f"pruner.pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4, 4:8)") from None
-    if not 0 < n < m:
-        raise PrunebenchError(f"pruner.pattern={pattern}: N:M needs 0 < N < M (e.g. 2:4, 4:8)")
-    return n, m
-
-
 # ---------------------------------------------------------------------------------------------
-# The knob table
+# Knobs: the declarations of the config's own nodes, and the checks that read every declaration
 
 
-@dataclass(frozen=True)
-class Knob:
-    """A knob's type and range: kind int | float | bool; [lo, hi] (lo_open: (lo, hi]; hi_open:
-    [lo, hi)); null allowed or not; `why` explains an upper bound."""
+class RunKnobs:
+    """The top-level knobs (conf/config.yaml holds their defaults)."""
 
-    kind: type
-    lo: float | None = None
-    hi: float | None = None
-    null: bool = False
-    lo_open: bool = False
-    hi_open: bool = False
-    why: str = ""
-
-    def check(self, knob: str, value: Any) -> None:
-        if value is None:
-            if not self.null:
-                raise PrunebenchError(f"{knob}=null is not allowed; give a {self._kind_name()}")
-            return
-        if self.kind is bool:
-            if not isinstance(value, bool):
-                raise PrunebenchError(f"{knob}={value!r} must be true or false")
-            return
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or (self.kind is int and not isinstance(value, int)) or not math.isfinite(value):
-            raise PrunebenchError(f"{knob}={value!r} must be {self._kind_name()} in {self._interval()}{self._null()}")
-        low = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
-        high = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
-        if low or high:
-            if self.kind is int and self.lo == 1 and not high:
-                raise PrunebenchError(f"{knob}={value} must be a positive integer{self._null()}")
-            why = f" ({self.why})" if high and self.why else ""
-            raise PrunebenchError(f"{knob}={value} is outside {self._interval()}{why}")
-
-    def _kind_name(self) -> str:
-        return {int: "an integer", float: "a finite number", bool: "true or false"}[self.kind]
-
-    def _null(self) -> str:
-        return " or null" if self.null else ""
-
-    def _interval(self) -> str:
-        def show(v: float) -> str:
-            return f"{v:g}" if isinstance(v, float) else str(v)
-
-        lo = "(-inf" if self.lo is None else ("(" if self.lo_open else "[") + show(self.lo)
-        hi = "inf)" if self.hi is None else show(self.hi) + (")" if self.hi_open else "]")
-        return f"{lo}, {hi}"
+    seed: Seed
+    baseline: Flag
+    save_model: Flag
 
 
-def Int(lo: int | None = 0, hi: int | None = None, null: bool = False, why: str = "") -> Knob:  # noqa: N802
-    return Knob(int, lo, hi, null=null, why=why)
+class CalibKnobs:
+    """calib.* (conf/calib/*.yaml): the calibration windows every calibrated pruner reads."""
+
+    nsamples: Annotated[
+        int, Field(ge=1, le=4096, description="every window is held in memory at once; the papers use 128")
+    ]
+    seqlen: Positions
+    batch_size: Batch
 
 
-def Real(lo: float | None = 0.0, hi: float | None = None, null: bool = False, **kw: Any) -> Knob:  # noqa: N802
-    return Knob(float, lo, hi, null=null, **kw)
+class DataKnobs:
+    """data.* (conf/config.yaml)."""
+
+    verify: Flag
 
 
-BOOL = Knob(bool)
-SEED = Int(0, SEED_MAX, why="NumPy and torch seeds are 32-bit")
-BATCH = Int(1, 4096, why="one batch lives in memory at once")
-FRACTION = Real(0.0, 1.0)  # warm-up fractions and the like
-LR = Real(0.0, 1.0, lo_open=True, why="a learning rate above 1 diverges")
-WINDOWS = Int(1, 10**7, null=True, why="ten million windows is beyond every dataset here")
-
-# (group, key) -> Knob; "" is the top level, "eval" applies to every selected evaluator. A knob a
-# group's option does not have is simply absent; its constructor rejects unknown keys.
-KNOBS: dict[tuple[str, str], Knob] = {
-    ("", "seed"): SEED,
-    ("", "baseline"): BOOL,
-    ("", "save_model"): BOOL,
-    ("calib", "nsamples"): Int(1, 4096, why="every window is held in memory at once; the papers use 128"),
-    ("calib", "seqlen"): Int(1, 131072),
-    ("calib", "batch_size"): BATCH,
-    # pruners
-    ("pruner", "sparsity"): Real(0.0, 1.0, hi_open=True),
-    ("pruner", "alpha"): Real(0.0, 1e9, why="GBLM's gradient scale; the paper uses 100"),
-    ("pruner", "percdamp"): Real(0.0, 1.0, lo_open=True),
-    ("pruner", "blocksize"): Int(1, 65536),
-    ("pruner", "sequential"): BOOL,
-    ("pruner", "C"): Int(2),
-    ("pruner", "L"): Int(0),
-    ("pruner", "H"): Int(1, null=True),
-    ("pruner", "I"): Int(1),
-    ("pruner", "T"): Real(0.0, 1.0, lo_open=True),
-    ("pruner", "rule_based"): BOOL,
-    ("pruner", "calib_n"): Int(1, 1000, why="LaCo's few-shot sentences D run as one batch; the paper uses 5"),
-    ("pruner", "calib_chars"): Int(1, 100000),
-    ("pruner", "n"): Int(1),
-    ("pruner", "layers"): Int(1, null=True),
-    ("pruner", "rank"): Int(1),
-    ("pruner", "fit_samples"): Int(1, 10**6),
-    ("pruner", "epochs_teacher"): Int(0, 1000),
-    ("pruner", "epochs_step"): Int(0, 1000),
-    ("pruner", "epochs_one_shot"): Int(0, 1000, null=True),
-    ("pruner", "temperature"): Real(0.0, 100.0, lo_open=True),
-    ("pruner", "alpha_kd"): Real(0.0),
-    ("pruner", "ce_weight"): Real(0.0),
-    ("pruner", "hidden_loss"): Real(0.0),
-    ("pruner", "lr"): LR,
-    ("pruner", "warmup"): FRACTION,
-    ("pruner", "weight_decay"): Real(0.0),
-    ("pruner", "batch_size"): BATCH,
-    ("pruner", "max_length"): Int(1, 131072),
-    ("pruner", "train_limit"): Int(1, null=True),
-    ("pruner", "dev_limit"): Int(1, null=True),
-    ("pruner", "dropout"): Real(0.0, 1.0, hi_open=True),
-    ("pruner", "seed"): SEED,
-    # recovery
-    ("recovery", "tokens"): Int(0, 10**12),
-    ("recovery", "seqlen"): Int(1, 131072),
-    ("recovery", "batch_size"): BATCH,
-    ("recovery", "grad_accum"): Int(1, 65536),
-    ("recovery", "lr"): LR,
-    ("recovery", "min_lr"): Real(0.0, 1.0),
-    ("recovery", "warmup"): FRACTION,
-    ("recovery", "weight_decay"): Real(0.0),
-    ("recovery", "clip"): Real(0.0, lo_open=True, null=True),
-    ("recovery", "temperature"): Real(0.0, 100.0, lo_open=True),
-    ("recovery", "topk"): Int(1, null=True),
-    ("recovery", "clm_weight"): Real(0.0),
-    ("recovery", "chunk"): Int(1, null=True),
-    ("recovery", "val_windows"): Int(0, 100000),  # 0: no held-out losses (LoRA)
-    ("recovery", "log_every"): Int(1),
-    ("recovery", "eval_every"): Int(1, null=True),
-    ("recovery", "keep_masks"): BOOL,
-    ("recovery", "reprune"): BOOL,
-    ("recovery", "max_length"): Int(1, 131072),
-    ("recovery", "r"): Int(1, 65536),
-    ("recovery", "dropout"): Real(0.0, 1.0, hi_open=True),
-    ("recovery", "seed"): SEED,
-    ("data", "verify"): BOOL,
-    # evaluators (every one of eval.*)
-    ("eval", "seqlen"): Int(1, 131072, null=True),
-    ("eval", "max_seqlen"): Int(1, 131072),
-    ("eval", "max_windows"): WINDOWS,
-    ("eval", "batch_size"): Int(1, 4096, null=True, why="one batch lives in memory at once"),
-    ("eval", "limit"): WINDOWS,
-    ("eval", "train_limit"): WINDOWS,
-    ("eval", "test_limit"): WINDOWS,
-    ("eval", "epochs"): Real(0.0, 1000.0, lo_open=True),
-    ("eval", "lr"): LR,
-    ("eval", "warmup"): FRACTION,
-    ("eval", "max_length"): Int(1, 131072),
-    ("eval", "dropout"): Real(0.0, 1.0, hi_open=True),
-    ("eval", "prompt_len"): Int(1, 131072),
-    ("eval", "gen_len"): Int(1, 131072),
-    ("eval", "repeats"): Int(1, 1000),
-    ("eval", "freeze_word_embeddings"): BOOL,
-    ("eval", "seed"): SEED,
-}
-
-# Evaluators and pruners that need a causal LM (an LM head): refused on an encoder before it loads.
-NEEDS_LM = {
-    "prunebench.evals.perplexity.Perplexity": "perplexity",
-    "prunebench.evals.opencompass.OpenCompass": "lm-eval's log-likelihoods",
-    "prunebench.evals.lm_eval.LMEval": "lm-eval's log-likelihoods",
-    "prunebench.pruners.gblm.GBLM": "GBLM's language-model loss",
-    "prunebench.pruners.minitron.Minitron": "Minitron trims Llama-family and Nemotron decoders",
-}
-NEEDS_ENCODER = {"prunebench.pruners.minibridge.MiniBridge": "minibridge compresses an encoder classifier"}
-
-
-def _check_knobs(cfg: DictConfig) -> None:
-    nodes = [("", "", cfg)] + [(g, g, cfg.get(g)) for g in ("calib", "pruner", "recovery", "data")]
-    nodes += [("eval", f"eval.{name}", ev) for name, ev in (cfg.get("eval") or {}).items()]
-    for group, prefix, node in nodes:
-        if not isinstance(node, DictConfig):
-            continue
-        for key in node:
-            rule = KNOBS.get((group, str(key)))
-            if rule is not None:
-                rule.check(f"{prefix}.{key}" if prefix else str(key), node.get(key))
-
-
-def _pruner_class(cfg: DictConfig) -> type | None:
+def _owner(node: Any) -> type | None:
+    """The class a node's `_target_` names (registered: check_targets ran first), else None."""
     from hydra._internal.utils import _locate
 
-    target = cfg.pruner.get("_target_")
-    return _locate(str(target)) if target else None  # registered (check_targets ran first)
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    owner = _locate(str(target)) if target else None
+    return owner if isinstance(owner, type) else None
+
+
+def _components(cfg: DictConfig) -> list[tuple[str, DictConfig, type]]:
+    """(where, node, class) of the pruner, the recovery and every evaluator entry that has a `_target_`."""
+    parts = [("pruner", cfg.get("pruner")), ("recovery", cfg.get("recovery"))]
+    parts += [(f"eval.{name}", ev) for name, ev in (cfg.get("eval") or {}).items()]
+    return [(where, node, owner) for where, node in parts if (owner := _owner(node)) is not None]
+
+
+def _check_declared(where: str, node: Any, owner: type) -> None:
+    """Every knob of `node` that `owner` declares: its type and range."""
+    if not isinstance(node, DictConfig):
+        return
+    declared = knobs.declared(owner)
+    for key in node:
+        if (rule := declared.get(str(key))) is not None:
+            rule.check(f"{where}.{key}" if where else str(key), node.get(key))
 
 
 def _check_cross(cfg: DictConfig) -> None:
-    """Knobs against each other (no model needed)."""
+    """Knobs against each other (no model needed): each component's own rules, then the run's."""
+    for _, node, owner in _components(cfg):
+        if hasattr(owner, "check_knobs"):
+            owner.check_knobs(OmegaConf.to_container(node, resolve=True))
     if cfg.get("save_model"):  # a misspelt format must not cost the whole run before the save stage
         from prunebench.models.export import check_format
 
         check_format(cfg.get("save_format", "hf"))
-    p = cfg.pruner
-    sparsity = p.get("sparsity", 0.0)
-    nm = parse_pattern(p.get("pattern", "unstructured"))
-    from prunebench.pruners.base import MaskPruner
-
-    cls = _pruner_class(cfg)
-    # A depth or structured pruner (and none) ignores these: an error, not a silent no-op.
-    if cls is not None and not issubclass(cls, MaskPruner) and (float(sparsity) != 0.0 or nm is not None):
-        knob = f"pruner.sparsity={sparsity}" if float(sparsity) != 0.0 else f"pruner.pattern={p.pattern}"
-        raise PrunebenchError(
-            f"{knob} is ignored by pruner={p.name} (it removes whole layers or channels, no weight masks);"
-            " drop it, or choose a mask pruner (magnitude, wanda, sparsegpt, gblm)"
-        )
-    if nm is not None and abs(float(sparsity) - nm[0] / nm[1]) > 1e-9:
-        raise PrunebenchError(
-            f"pruner.pattern={p.pattern} removes {nm[0]}/{nm[1]} of the weights but"
-            f" pruner.sparsity={sparsity}; set pruner.sparsity={nm[0] / nm[1]:g}"
-        )
-    if "group" in p and p.group not in ("row", "matrix"):
-        raise PrunebenchError(f"pruner.group={p.group!r} must be 'row' or 'matrix'")
     m = cfg.model
     if m.get("path"):
         folder = Path(str(m.path)).expanduser()
@@ -302,78 +142,53 @@ def selected_evals(cfg: DictConfig) -> dict:
     return {n: e for n, e in evals.items() if n not in unused}
 
 
-def context_of(dims: dict | None) -> int | None:
-    """The model's context (positions) from its Hugging Face config; None when unknown."""
-    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        if (dims or {}).get(key):
-            return int(dims[key])
-    return None
-
-
-def linear_widths(dims: dict) -> dict[str, int]:
-    """Input widths of a transformer block's linears (what an N:M pattern groups along)."""
-    hidden = dims.get("hidden_size")
-    heads = dims.get("num_attention_heads")
-    head_dim = dims.get("head_dim") or (hidden // heads if hidden and heads else None)
-    widths = {"hidden_size": hidden, "intermediate_size": dims.get("intermediate_size")}
-    if heads and head_dim:
-        widths["num_attention_heads x head_dim"] = heads * head_dim
-    return {k: int(v) for k, v in widths.items() if v}
-
-
-def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, recovery: Any, dims: dict | None) -> None:
-    """Knobs against the model, from its config only (before any weight loads)."""
+def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, dims: dict | None) -> None:
+    """Knobs against the model, from its config only (before any weight loads): the kind of model a
+    component needs (its `needs_lm` / `needs_encoder`), and every knob declared as counting token
+    positions against the model's context."""
     kind = cfg.model.get("kind")
-    evals = {n: e for n, e in cfg.eval.items() if n in evaluators}
-    parts = [("pruner", cfg.pruner)] + [(f"eval.{n}", e) for n, e in evals.items()]
-    for where, node in parts:
-        what = NEEDS_LM.get(str(node.get("_target_")))
-        if what and kind == "encoder":
+    parts = [(w, n, o) for w, n, o in _components(cfg) if not w.startswith("eval.") or w[5:] in evaluators]
+    for where, _, owner in parts:
+        if (what := getattr(owner, "needs_lm", None)) and kind == "encoder":
             raise PrunebenchError(
                 f"{where} ({what}) needs a causal language model; model={cfg.model.name} is an encoder"
                 " (model.kind=encoder)"
             )
-    what = NEEDS_ENCODER.get(str(cfg.pruner.get("_target_")))
-    if what and kind != "encoder":
-        raise PrunebenchError(
-            f"pruner.{cfg.pruner.name} ({what}) needs an encoder; model={cfg.model.name} is model.kind={kind}:"
-            " use model=tiny-bert, mpnet-base, bert-base-uncased, ..."
-        )
-    ctx = context_of(dims)
-    if ctx:
-        knobs = [(f"eval.{n}.{k}", e.get(k)) for n, e in evals.items() for k in ("seqlen", "max_length")]
-        if getattr(pruner, "needs_calibration", False):
-            knobs.append(("calib.seqlen", cfg.calib.seqlen))
-        knobs += [(f"recovery.{k}", cfg.recovery.get(k)) for k in ("seqlen", "max_length")]
-        knobs.append(("pruner.max_length", cfg.pruner.get("max_length")))
-        for name, ev in evals.items():
-            if ev.get("prompt_len") and ev.get("gen_len"):
-                knobs.append((f"eval.{name}.prompt_len + gen_len", ev.prompt_len + ev.gen_len))
-        for knob, value in knobs:
+        if (what := getattr(owner, "needs_encoder", None)) and kind != "encoder":
+            name = f"{where}.{cfg.pruner.name}" if where == "pruner" else where
+            raise PrunebenchError(
+                f"{name} ({what}) needs an encoder; model={cfg.model.name} is model.kind={kind}:"
+                " use model=tiny-bert, mpnet-base, bert-base-uncased, ..."
+            )
+    ctx = knobs.context_of(dims)
+    if not ctx:
+        return
+    nodes = [part for part in parts if part[0].startswith("eval.")]
+    if getattr(pruner, "needs_calibration", False):
+        nodes.append(("calib", cfg.calib, CalibKnobs))
+    nodes += [part for part in parts if part[0] == "recovery"] + [part for part in parts if part[0] == "pruner"]
+    for where, node, owner in nodes:
+        for key, rule in knobs.declared(owner).items():
+            value = node.get(key) if rule.context else None
             if isinstance(value, int) and value > ctx:
                 raise PrunebenchError(
-                    f"{knob}={value} is beyond model {cfg.model.name}'s context of {ctx} positions"
+                    f"{where}.{key}={value} is beyond model {cfg.model.name}'s context of {ctx} positions"
                     f" (max_position_embeddings); use at most {ctx}"
                 )
-    nm = getattr(pruner, "nm", None)
-    if nm and dims:
-        bad = {k: w for k, w in linear_widths(dims).items() if w % nm[1]}
-        if bad:
-            shown = ", ".join(f"{k}={w}" for k, w in bad.items())
-            raise PrunebenchError(
-                f"pruner.pattern={cfg.pruner.pattern} groups every {nm[1]} inputs but model {cfg.model.name} has"
-                f" {shown}, not a multiple of {nm[1]}; use pruner.pattern=unstructured or an M that divides it"
-            )
 
 
 def validate(cfg: DictConfig, build: bool = False) -> None:
     """Reject bad knobs with one clear line before anything heavy happens: every `_target_` is a
-    registered component, every knob in KNOBS has its type and range, and the cross-knob rules hold.
+    registered component, every declared knob has its type and range, and the cross-knob rules hold.
     build=True also constructs the pruner, recovery and evaluators (cheap: no model, no data), so
     their own checks run too, and checks the knobs against the model's shape from its config."""
     try:
-        _check_knobs(cfg)  # plain values first: nothing is imported for a bad number
+        for where, node, schema in (("", cfg, RunKnobs), ("calib", cfg.get("calib"), CalibKnobs),
+                                    ("data", cfg.get("data"), DataKnobs)):  # fmt: skip
+            _check_declared(where, node, schema)  # plain values first: nothing is imported for a bad number
         check_targets(cfg)
+        for where, node, owner in _components(cfg):
+            _check_declared(where, node, owner)
         _check_cross(cfg)
     except OmegaConfBaseException as err:  # an interpolation that does not resolve, e.g. ${oc.env:MISSING}
         raise PrunebenchError(str(err).splitlines()[0]) from None
@@ -396,13 +211,12 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
         if "_target_" in (cfg.get("logger") or {}):  # logger knobs (wandb mode, ...) fail before any model loads
             instantiate(cfg.logger)
         evaluators = {name: instantiate(node) for name, node in selected_evals(cfg).items()}
-        _check_model_fit(cfg, pruner, evaluators, recovery, dims)
+        _check_model_fit(cfg, pruner, evaluators, dims)
         layers = cfg.model.get("num_layers") or (dims or {}).get("num_hidden_layers")
-        if layers and hasattr(pruner, "check"):  # depth (and width) knobs against the model's shape
-            if "dims" in inspect.signature(pruner.check).parameters:
-                pruner.check(int(layers), dims=dims)
-            else:
-                pruner.check(int(layers))
+        if layers:  # each component's knobs against the model's shape (depth, widths, heads, context)
+            for component in (pruner, recovery, *evaluators.values()):
+                if hasattr(component, "check"):
+                    component.check(int(layers), dims)
         from prunebench.models.loading import check_available
 
         check_available(cfg.model)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from prunebench.config import parse_pattern
 from prunebench.pruners import magnitude, masks, wanda
+from prunebench.pruners.masks import parse_pattern
 
 
 def test_wanda_score_by_hand():

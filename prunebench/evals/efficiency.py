@@ -23,11 +23,16 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from prunebench import PrunebenchError
+from prunebench.knobs import Batch, context_of
 from prunebench.models import count_params
 from prunebench.models.blocks import find_blocks
 from prunebench.models.export import is_24
@@ -112,10 +117,25 @@ def to_semi_structured(weight: torch.Tensor) -> torch.Tensor:
 class Efficiency:
     cacheable = False  # latency must be measured beside the pruned model, in the same process
 
-    def __init__(self, prompt_len: int = 128, gen_len: int = 32, repeats: int = 5, batch_size: int = 1,
-                 sparse_kernels: bool = False):  # fmt: skip
+    def __init__(
+        self,
+        prompt_len: Annotated[int, Field(ge=1, le=131072)] = 128,
+        gen_len: Annotated[int, Field(ge=1, le=131072)] = 32,
+        repeats: Annotated[int, Field(ge=1, le=1000)] = 5,
+        batch_size: Batch | None = 1,
+        sparse_kernels: bool = False,
+    ):
         self.prompt_len, self.gen_len, self.repeats, self.batch_size = prompt_len, gen_len, repeats, batch_size
         self.sparse_kernels, self._said = sparse_kernels, set()
+
+    def check(self, num_layers: int, dims: Mapping | None = None) -> None:
+        """The prompt and the generated tokens together within the model's context."""
+        ctx, n = context_of(dims), self.prompt_len + self.gen_len
+        if ctx and n > ctx:
+            raise PrunebenchError(
+                f"eval.efficiency.prompt_len + gen_len={n} is beyond the model's context of {ctx} positions"
+                f" (max_position_embeddings); use at most {ctx}"
+            )
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, tokenizer=None) -> dict[str, float]:

@@ -18,12 +18,15 @@ import copy
 import logging
 import math
 import random
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data.labelled import COLA, MAHANEWS, classification
+from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed, Windows
 from prunebench.models.encoders import model_inputs, pool
 from prunebench.placement import compute_device
 
@@ -78,17 +81,17 @@ class FineTuneClassifier:
         task: str = "mahanews_shc",
         train_split: str = "valid",
         test_split: str = "test",
-        epochs: float = 3,
-        lr: float = 3e-5,
-        batch_size: int = 32,
-        warmup: float = 0.1,
-        max_length: int = 64,
-        train_limit: int | None = None,
-        test_limit: int | None = None,
+        epochs: Annotated[float, Field(gt=0.0, le=1000.0)] = 3,
+        lr: LR = 3e-5,
+        batch_size: Batch | None = 32,
+        warmup: Fraction = 0.1,
+        max_length: Positions = 64,
+        train_limit: Windows | None = None,
+        test_limit: Windows | None = None,
         pooling: str = "cls",
-        dropout: float = 0.1,
-        freeze_word_embeddings: bool = False,
-        seed: int = 0,
+        dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
+        freeze_word_embeddings: Flag = False,
+        seed: Seed = 0,
     ):
         if task not in ("mahanews_shc", "cola"):
             raise PrunebenchError(f"eval task {task!r} must be mahanews_shc or cola")

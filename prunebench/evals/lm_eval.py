@@ -28,6 +28,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data import find
+from prunebench.knobs import Batch, Windows
 
 # Local copies of lm-eval tasks, relative to a data root (formats in ../shared/data/*/SOURCE.md).
 FILES = {
@@ -171,6 +172,7 @@ def _first_line(error: BaseException) -> str:
 
 
 class LMEval:
+    needs_lm = "lm-eval's log-likelihoods"
     supports_offload = False  # HFLM runs the whole model where it is
     key = "lm_eval"  # the eval config key, for messages
 
@@ -178,8 +180,8 @@ class LMEval:
         self,
         tasks: list[str] | None = None,
         num_fewshot: int | None = None,
-        limit: int | None = None,
-        batch_size: int = 1,
+        limit: Windows | None = None,
+        batch_size: Batch | None = 1,
         local: bool = True,
         bootstrap_iters: int = 1000,
         cache_dir: str | None = None,

@@ -23,6 +23,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.evals.lm_eval import _first_line, _hub_failure, safe
+from prunebench.knobs import Batch, Positions, Seed, Windows
 from prunebench.models.encoders import embed
 
 # MTEB task -> {MTEB split: (prunebench STS set, its split)} read from a data root instead of the Hub.
@@ -79,10 +80,10 @@ class MTEB:
         local: bool = True,
         pooling: str = "mean",
         prompt: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 64,
-        limit: int | None = None,
-        seed: int = 0,
+        max_length: Positions = 128,
+        batch_size: Batch | None = 64,
+        limit: Windows | None = None,
+        seed: Seed = 0,
         name: str = "model",
     ):
         if not tasks:

@@ -14,13 +14,16 @@ device once for all windows, as SparseGPT's llama_eval), then the final norm and
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
+from prunebench.knobs import Batch, Positions, Windows
 from prunebench.models import max_context
 from prunebench.models.blocks import final_norm, find_blocks
 from prunebench.placement import compute_device, offloaded, on_device
@@ -56,15 +59,16 @@ def blockwise_logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
 
 
 class Perplexity:
+    needs_lm = "perplexity"
     supports_offload = True
 
     def __init__(
         self,
         dataset: str = "wikitext2_test",
-        seqlen: int | None = None,
-        max_seqlen: int = 4096,
-        max_windows: int | None = None,
-        batch_size: int = 1,
+        seqlen: Positions | None = None,
+        max_seqlen: Annotated[int, Field(ge=1, le=131072)] = 4096,
+        max_windows: Windows | None = None,
+        batch_size: Batch | None = 1,
     ):
         self.dataset, self.seqlen, self.max_seqlen = dataset, seqlen, max_seqlen
         self.max_windows, self.batch_size = max_windows, batch_size

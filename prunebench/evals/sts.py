@@ -16,6 +16,7 @@ from scipy.stats import pearsonr, spearmanr
 from prunebench import PrunebenchError
 from prunebench.data.labelled import STS as SETS
 from prunebench.data.labelled import sts
+from prunebench.knobs import Batch, Positions, Seed, Windows
 from prunebench.models.encoders import embed
 
 
@@ -30,12 +31,12 @@ class STS:
         self,
         sets: list[str] | None = None,
         split: str = "test",
-        limit: int | None = None,
+        limit: Windows | None = None,
         pooling: str = "mean",
         prompt: str | None = None,
-        max_length: int = 128,
-        batch_size: int = 64,
-        seed: int = 0,
+        max_length: Positions = 128,
+        batch_size: Batch | None = 64,
+        seed: Seed = 0,
     ):
         self.sets = list(sets) if sets else list(SETS)
         if unknown := [s for s in self.sets if s not in SETS]:

@@ -8,15 +8,18 @@ the dense model (GBLM's gradient pass), or its own `prune_layer` (SparseGPT's we
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.config import parse_pattern
+from prunebench.knobs import Flag, linear_widths
 from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
-from prunebench.pruners.masks import make_mask
+from prunebench.pruners.masks import make_mask, parse_pattern
 from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms
 
 
@@ -56,6 +59,21 @@ def mask_agreement(a: nn.Module, b: nn.Module) -> float:
     return same / max(total, 1)
 
 
+class ShapePruner:
+    """What every pruner that removes whole layers or channels (no weight masks) shares: it takes
+    `sparsity` and `pattern` only so that a config can name them, and refuses them."""
+
+    @classmethod
+    def check_knobs(cls, knobs: Mapping) -> None:
+        sparsity, pattern = knobs.get("sparsity", 0.0), knobs.get("pattern", "unstructured")
+        if sparsity != 0 or pattern != "unstructured":
+            knob = f"pruner.sparsity={sparsity}" if sparsity != 0 else f"pruner.pattern={pattern}"
+            raise PrunebenchError(
+                f"{knob} is ignored by pruner={knobs.get('name')} (it removes whole layers or channels, no weight"
+                " masks); drop it, or choose a mask pruner (magnitude, wanda, sparsegpt, gblm)"
+            )
+
+
 class MaskPruner:
     """Remove weights by a score. `sequential=True` (the papers' protocol): block by block, the
     statistics of block i come from inputs computed by the already-pruned blocks < i.
@@ -69,16 +87,41 @@ class MaskPruner:
     def __init__(
         self,
         name: str = "",
-        sparsity: float = 0.5,
+        sparsity: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5,
         pattern: str = "unstructured",
         group: str = "row",
-        sequential: bool = True,
+        sequential: Flag = True,
     ):
         self.name = name or type(self).__name__.lower()
         self.sparsity, self.pattern, self.group = float(sparsity), pattern, group
         self.sequential = sequential
         self.nm = parse_pattern(pattern)
         self.info: dict = {"protocol": "sequential" if sequential else "one-shot (dense statistics)"}
+
+    @classmethod
+    def check_knobs(cls, knobs: Mapping) -> None:
+        """The pattern's syntax, the pattern against the sparsity, the comparison group."""
+        sparsity = knobs.get("sparsity", 0.5)
+        nm = parse_pattern(knobs.get("pattern", "unstructured"))
+        if nm is not None and abs(float(sparsity) - nm[0] / nm[1]) > 1e-9:
+            raise PrunebenchError(
+                f"pruner.pattern={knobs['pattern']} removes {nm[0]}/{nm[1]} of the weights but"
+                f" pruner.sparsity={sparsity}; set pruner.sparsity={nm[0] / nm[1]:g}"
+            )
+        if "group" in knobs and knobs["group"] not in ("row", "matrix"):
+            raise PrunebenchError(f"pruner.group={knobs['group']!r} must be 'row' or 'matrix'")
+
+    def check(self, num_layers: int, dims: Mapping | None = None) -> None:
+        """An N:M pattern groups inputs along every block linear's input width: each must be a multiple of M."""
+        if self.nm is None or not dims:
+            return
+        m = self.nm[1]
+        if bad := {k: w for k, w in linear_widths(dims).items() if w % m}:
+            shown = ", ".join(f"{k}={w}" for k, w in bad.items())
+            raise PrunebenchError(
+                f"pruner.pattern={self.pattern} groups every {m} inputs but the model has {shown}, not a multiple"
+                f" of {m}; use pruner.pattern=unstructured or an M that divides it"
+            )
 
     def prepare(self, model: nn.Module, calib) -> None:
         """Work on the dense model before any block is pruned (default: none)."""

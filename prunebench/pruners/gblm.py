@@ -28,8 +28,10 @@ fp32). `grad_accum: fp16_reference` reproduces the reference's fp16 accumulation
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
@@ -50,6 +52,7 @@ def score(
 
 
 class GBLM(MaskPruner):
+    needs_lm = "GBLM's language-model loss"
     supports_offload = False  # the gradient pass backpropagates through the whole model
 
     def __init__(
@@ -57,7 +60,7 @@ class GBLM(MaskPruner):
         name: str = "gblm",
         sparsity: float = 0.5,
         pattern: str = "unstructured",
-        alpha: float = 100.0,
+        alpha: Annotated[float, Field(ge=0.0, le=1e9, description="GBLM's gradient scale; the paper uses 100")] = 100.0,
         grad_norm: str = "l1",
         terms: str = "both",
         group: str = "row",

@@ -22,19 +22,22 @@ Default merge: `paper` (the published equation); `reference` reproduces the rele
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts
+from prunebench.knobs import Flag
 from prunebench.models import max_context
 from prunebench.models.blocks import block_linears, find_blocks
 from prunebench.models.surgery import keep_layers, set_blocks, snapshot
 from prunebench.placement import compute_device
-from prunebench.pruners.base import PruneStats
+from prunebench.pruners.base import PruneStats, ShapePruner
 from prunebench.pruners.stats import block_input_hook
 
 MERGES = ("paper", "reference", "drop")
@@ -151,22 +154,24 @@ class FinalHidden:
         return self._split(self._forward().hidden_states[-1])
 
 
-class LaCo:
+class LaCo(ShapePruner):
     needs_calibration = False  # D is its own few-shot set, not the pruners' calibration windows
 
     def __init__(
         self,
         name: str = "laco",
-        C: int = 4,
-        L: int = 1,
-        H: int | None = None,
-        I: int = 2,
-        T: float = 0.65,
+        C: Annotated[int, Field(ge=2)] = 4,
+        L: Annotated[int, Field(ge=0)] = 1,
+        H: Annotated[int | None, Field(ge=1)] = None,
+        I: Annotated[int, Field(ge=1)] = 2,
+        T: Annotated[float, Field(gt=0.0, le=1.0)] = 0.65,
         merge: str = "paper",
-        rule_based: bool = False,
+        rule_based: Flag = False,
         calib_source: str = "wikitext2_valid",
-        calib_n: int = 10,
-        calib_chars: int = 400,
+        calib_n: Annotated[
+            int, Field(ge=1, le=1000, description="LaCo's few-shot sentences D run as one batch; the paper uses 5")
+        ] = 10,
+        calib_chars: Annotated[int, Field(ge=1, le=100000)] = 400,
         sparsity: float = 0.0,
         pattern: str = "unstructured",
     ):
@@ -188,7 +193,7 @@ class LaCo:
         self.calib_source, self.calib_n, self.calib_chars = calib_source, calib_n, calib_chars
         self.tokenizer = None
 
-    def check(self, num_layers: int) -> None:
+    def check(self, num_layers: int, dims: Mapping | None = None) -> None:
         H = num_layers - 1 if self.H is None else self.H
         if not 0 <= self.L < H < num_layers:
             raise PrunebenchError(f"pruner.L={self.L}, pruner.H={H} must satisfy 0 ≤ L < H < {num_layers} layers")

@@ -20,9 +20,11 @@ see dense inputs, not their predecessors' outputs); `identity` starts each bridg
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
 import torch
 from omegaconf import ListConfig
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
@@ -30,7 +32,7 @@ from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, replace_block
 from prunebench.models.surgery import keep_layers
 from prunebench.placement import compute_device
-from prunebench.pruners.base import PruneStats
+from prunebench.pruners.base import PruneStats, ShapePruner
 
 POSITIONS = ("top", "middle", "bottom")
 BRIDGE_INITS = ("fit", "identity")
@@ -57,7 +59,7 @@ def select_layers(n: int, keep: str | list[int] | None, layers: int | None, remo
     return list(range(start, start + layers))
 
 
-class LayerDrop:
+class LayerDrop(ShapePruner):
     needs_calibration = False
     supports_offload = True  # surgery only
 
@@ -65,7 +67,7 @@ class LayerDrop:
         self,
         name: str = "layer_drop",
         keep: str | None = "top",
-        layers: int | None = None,
+        layers: Annotated[int | None, Field(ge=1)] = None,
         remove: list[int] | None = None,
         sparsity: float = 0.0,
         pattern: str = "unstructured",

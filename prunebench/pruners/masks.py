@@ -7,6 +7,21 @@ from __future__ import annotations
 
 import torch
 
+from prunebench import PrunebenchError
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """'unstructured' -> None; 'N:M' -> (N, M): N zeros in every M consecutive inputs."""
+    if pattern == "unstructured":
+        return None
+    try:
+        n, m = (int(p) for p in str(pattern).split(":"))
+    except ValueError:
+        raise PrunebenchError(f"pruner.pattern={pattern!r} is not 'unstructured' or 'N:M' (e.g. 2:4, 4:8)") from None
+    if not 0 < n < m:
+        raise PrunebenchError(f"pruner.pattern={pattern}: N:M needs 0 < N < M (e.g. 2:4, 4:8)")
+    return n, m
+
 
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Per-output comparison group (Wanda): in each row, remove the int(in × sparsity) lowest

@@ -63,21 +63,24 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from omegaconf import ListConfig
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError, placement
 from prunebench.config import fingerprint
 from prunebench.data.labelled import classification
 from prunebench.evals.finetune import batches, classifier_logits, mcc
+from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
 from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, bridge_count, replace_block
 from prunebench.models.loading import count_params
 from prunebench.models.surgery import remove_layers
 from prunebench.placement import compute_device
-from prunebench.pruners.base import PruneStats
+from prunebench.pruners.base import PruneStats, ShapePruner
 from prunebench.pruners.stats import model_digest
 from prunebench.recovery.distill import DistillLoss, clm_loss, state_loss
 from prunebench.recovery.train import adamw, fit
@@ -114,8 +117,9 @@ def plan_steps(blocks: list[int], order: str, progressive: bool, one_shot: str) 
     return [[b] for b in seq]
 
 
-class MiniBridge:
+class MiniBridge(ShapePruner):
     needs_calibration = False  # reads CoLA itself
+    needs_encoder = "minibridge compresses an encoder classifier"
     supports_offload = False  # fine-tunes the whole encoder on the device
 
     def __init__(
@@ -123,36 +127,36 @@ class MiniBridge:
         name: str = "minibridge",
         blocks: list[int] | None = (2, 4, 6, 8, 10, 12),
         order: str = "listed",
-        rank: int = 256,
+        rank: Annotated[int, Field(ge=1)] = 256,
         form: str = "residual",
         bias: bool = True,
         init: str = "fit",
-        fit_samples: int = 512,
+        fit_samples: Annotated[int, Field(ge=1, le=10**6)] = 512,
         kd: bool = True,
         progressive: bool = True,
         one_shot: str = "all_at_once",
-        temperature: float = 2.0,
-        alpha_kd: float = 1.0,
-        ce_weight: float = 1.0,
-        hidden_loss: float = 0.0,
+        temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 2.0,
+        alpha_kd: Annotated[float, Field(ge=0.0)] = 1.0,
+        ce_weight: Annotated[float, Field(ge=0.0)] = 1.0,
+        hidden_loss: Annotated[float, Field(ge=0.0)] = 0.0,
         hidden_loss_kind: str = "mse",
         drop_instead: bool = False,
-        epochs_teacher: float = 3,
-        epochs_step: float = 1,
-        epochs_one_shot: float | None = None,
-        lr: float = 2e-5,
-        warmup: float = 0.1,
-        weight_decay: float = 0.01,
-        batch_size: int = 32,
-        max_length: int = 64,
-        train_limit: int | None = None,
-        dev_limit: int | None = None,
+        epochs_teacher: Annotated[int, Field(ge=0, le=1000)] = 3,
+        epochs_step: Annotated[int, Field(ge=0, le=1000)] = 1,
+        epochs_one_shot: Annotated[int | None, Field(ge=0, le=1000)] = None,
+        lr: LR = 2e-5,
+        warmup: Fraction = 0.1,
+        weight_decay: Annotated[float, Field(ge=0.0)] = 0.01,
+        batch_size: Batch = 32,
+        max_length: Positions = 64,
+        train_limit: Annotated[int | None, Field(ge=1)] = None,
+        dev_limit: Annotated[int | None, Field(ge=1)] = None,
         pooling: str = "cls",
-        dropout: float = 0.1,
+        dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.1,
         teacher_path: str | None = None,
         teacher_cache: bool = True,
         cache_dir: str | None = None,
-        seed: int = 0,
+        seed: Seed = 0,
         sparsity: float = 0.0,
         pattern: str = "unstructured",
     ):

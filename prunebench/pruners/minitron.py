@@ -52,7 +52,7 @@ from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
 from prunebench.pruners import minitron_importance as importance
 from prunebench.pruners import minitron_search as msearch
-from prunebench.pruners.base import PruneStats
+from prunebench.pruners.base import PruneStats, ShapePruner
 from prunebench.pruners.minitron_importance import AGGS, DEPTH_METRICS, NEURON_SCORES, Importance
 from prunebench.pruners.minitron_plan import (
     Arch,
@@ -90,8 +90,9 @@ def _positive_int(value, knob: str) -> int | None:
     return value
 
 
-class Minitron:
+class Minitron(ShapePruner):
     needs_calibration = True
+    needs_lm = "Minitron trims Llama-family and Nemotron decoders"
 
     def __init__(
         self,

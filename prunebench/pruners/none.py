@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from prunebench.pruners.base import PruneStats, measure
+from prunebench.pruners.base import PruneStats, ShapePruner, measure
 
 
-class NoPruner:
+class NoPruner(ShapePruner):
     needs_calibration = False
     supports_offload = True
 

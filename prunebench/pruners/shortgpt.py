@@ -11,16 +11,19 @@ lowest BI are removed (real surgery).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
 from prunebench.models.surgery import remove_layers
 from prunebench.placement import compute_device
-from prunebench.pruners.base import PruneStats
+from prunebench.pruners.base import PruneStats, ShapePruner
 
 
 def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
@@ -55,15 +58,21 @@ def layer_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int =
     return (sums / max(count, 1)).tolist()
 
 
-class ShortGPT:
+class ShortGPT(ShapePruner):
     needs_calibration = True
 
-    def __init__(self, name: str = "shortgpt", n: int = 1, sparsity: float = 0.0, pattern: str = "unstructured"):
+    def __init__(
+        self,
+        name: str = "shortgpt",
+        n: Annotated[int, Field(ge=1)] = 1,
+        sparsity: float = 0.0,
+        pattern: str = "unstructured",
+    ):
         if not isinstance(n, int) or n < 1:
             raise PrunebenchError(f"pruner.n={n} must be a positive number of layers to remove")
         self.name, self.n = name, n
 
-    def check(self, num_layers: int) -> None:
+    def check(self, num_layers: int, dims: Mapping | None = None) -> None:
         if self.n >= num_layers:
             raise PrunebenchError(f"pruner.n={self.n} would remove all {num_layers} layers")
 

@@ -15,7 +15,10 @@ W[:, later] −= E·U[block, later] after it (the OBS update). Blocks are proces
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
@@ -94,8 +97,8 @@ class SparseGPT(MaskPruner):
         name: str = "sparsegpt",
         sparsity: float = 0.5,
         pattern: str = "unstructured",
-        blocksize: int = 128,
-        percdamp: float = 0.01,
+        blocksize: Annotated[int, Field(ge=1, le=65536)] = 128,
+        percdamp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01,
         sequential: bool = True,
     ):
         if not sequential:

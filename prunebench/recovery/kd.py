@@ -18,12 +18,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from omegaconf import OmegaConf
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
+from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import Plan, compute_device
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
 from prunebench.recovery.train import (
@@ -45,28 +48,28 @@ class KD:
         self,
         name: str = "kd",
         loss: str = "kld",
-        temperature: float = 1.0,
-        topk: int | None = None,
-        clm_weight: float = 0.0,
+        temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0,
+        topk: Annotated[int | None, Field(ge=1)] = None,
+        clm_weight: Annotated[float, Field(ge=0.0)] = 0.0,
         intermediate: dict | None = None,
         teacher: str | None = None,
-        tokens: int = 65536,
-        seqlen: int = 256,
-        batch_size: int = 1,
-        grad_accum: int = 1,
-        lr: float = 1e-4,
-        min_lr: float = 1e-5,
-        warmup: float = 0.05,
-        weight_decay: float = 0.0,
-        clip: float | None = 1.0,
+        tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
+        seqlen: Positions = 256,
+        batch_size: Batch = 1,
+        grad_accum: Annotated[int, Field(ge=1, le=65536)] = 1,
+        lr: LR = 1e-4,
+        min_lr: Fraction = 1e-5,
+        warmup: Fraction = 0.05,
+        weight_decay: Annotated[float, Field(ge=0.0)] = 0.0,
+        clip: Annotated[float | None, Field(gt=0.0)] = 1.0,
         precision: str = "fp32",
         source: str = "c4",
         val_source: str = "wikitext2_valid",
-        val_windows: int = 16,
-        log_every: int = 10,
-        keep_masks: bool = True,
-        chunk: int | None = None,
-        seed: int = 0,
+        val_windows: Annotated[int, Field(ge=0, le=100000)] = 16,
+        log_every: Annotated[int, Field(ge=1)] = 10,
+        keep_masks: Flag = True,
+        chunk: Annotated[int | None, Field(ge=1)] = None,
+        seed: Seed = 0,
     ):
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
         for knob, value in (

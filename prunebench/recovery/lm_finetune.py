@@ -12,10 +12,13 @@ N:M masks) are held at zero after every step, so the sparsity survives recovery.
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
+from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import compute_device
 from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, window_order
 
@@ -31,16 +34,16 @@ class LMFinetune:
         self,
         name: str = "lm_finetune",
         source: str = "c4",
-        tokens: int = 65536,
-        seqlen: int = 256,
-        batch_size: int = 1,
-        lr: float = 2e-5,
-        warmup: float = 0.05,
-        weight_decay: float = 0.0,
-        keep_masks: bool = True,
-        reprune: bool = False,
-        log_every: int = 10,
-        seed: int = 0,
+        tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
+        seqlen: Positions = 256,
+        batch_size: Batch = 1,
+        lr: LR = 2e-5,
+        warmup: Fraction = 0.05,
+        weight_decay: Annotated[float, Field(ge=0.0)] = 0.0,
+        keep_masks: Flag = True,
+        reprune: Flag = False,
+        log_every: Annotated[int, Field(ge=1)] = 10,
+        seed: Seed = 0,
     ):
         if tokens < seqlen * batch_size:
             raise PrunebenchError(f"recovery.tokens={tokens} is less than one batch of {seqlen * batch_size} tokens")

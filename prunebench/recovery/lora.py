@@ -31,12 +31,15 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 from omegaconf import OmegaConf
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
+from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
 from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
@@ -52,9 +55,9 @@ class LoRA:
     def __init__(
         self,
         name: str = "lora",
-        r: int = 8,
+        r: Annotated[int, Field(ge=1, le=65536)] = 8,
         alpha: float = 16.0,
-        dropout: float = 0.05,
+        dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.05,
         target_modules: list[str] | None = None,
         objective: str = "clm",
         kd: dict | None = None,
@@ -62,16 +65,16 @@ class LoRA:
         adapter_dir: str | None = None,
         source: str = "c4",
         val_source: str = "wikitext2_valid",
-        val_windows: int = 16,
-        tokens: int = 65536,
-        seqlen: int = 256,
-        batch_size: int = 1,
-        lr: float = 1e-4,
-        warmup: float = 0.05,
-        weight_decay: float = 0.0,
-        clip: float | None = 1.0,
-        log_every: int = 10,
-        seed: int = 0,
+        val_windows: Annotated[int, Field(ge=0, le=100000)] = 16,
+        tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
+        seqlen: Positions = 256,
+        batch_size: Batch = 1,
+        lr: LR = 1e-4,
+        warmup: Fraction = 0.05,
+        weight_decay: Annotated[float, Field(ge=0.0)] = 0.0,
+        clip: Annotated[float | None, Field(gt=0.0)] = 1.0,
+        log_every: Annotated[int, Field(ge=1)] = 10,
+        seed: Seed = 0,
     ):
         for knob, value in (("r", r), ("seqlen", seqlen), ("batch_size", batch_size), ("log_every", log_every)):
             if not isinstance(value, int) or value < 1:

@@ -19,13 +19,16 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data.labelled import NLI_HUB, STS, nli, sts
 from prunebench.evals.sts import sts_scores
+from prunebench.knobs import Positions, Seed
 from prunebench.models.encoders import sentence_transformer
 from prunebench.placement import compute_device
 
@@ -49,11 +52,11 @@ class SbertNliSts:
         dev: dict | None = None,
         pooling: str = "mean",
         prompt: str | None = None,
-        max_length: int = 128,
-        eval_every: int | None = None,
-        log_every: int = 10,
+        max_length: Positions = 128,
+        eval_every: Annotated[int | None, Field(ge=1)] = None,
+        log_every: Annotated[int, Field(ge=1)] = 10,
         freeze_word_embeddings: bool = False,
-        seed: int = 0,
+        seed: Seed = 0,
     ):
         self.name = name
         self.nli = {"source": "snli", "split": "dev", "loss": "softmax", "epochs": 1, "batch_size": 16, "lr": 2e-5,
