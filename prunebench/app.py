@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError, tracking
+from prunebench.cache import RunDirBusy, run_dir_lock
 from prunebench.config import CONF_DIR
 
 
@@ -70,6 +71,14 @@ def summary(result: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def busy_message(folder, knob: str = "hydra.run.dir") -> str:
+    """The one line for a run directory another live run holds (cache.run_dir_lock)."""
+    return (
+        f"another prunebench run is writing into {folder} (it holds the folder's lock);"
+        f" wait for it or choose a new {knob}"
+    )
+
+
 @contextmanager
 def interrupts() -> Iterator[list[int]]:
     """SIGINT and SIGTERM both raise KeyboardInterrupt (SIGTERM would otherwise kill the process
@@ -94,6 +103,26 @@ def interrupts() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+_FINISHED: list[Path] = []  # run directories of this process's jobs that wrote their metrics.json
+
+
+def run_task() -> None:
+    """`task()` (one run, or Hydra's sweep of jobs) with SIGINT/SIGTERM handled around it too: a
+    signal outside any job (Hydra starting, or between two jobs of a sweep, where the job's own
+    handler is not installed) also ends in one line and exit 128 + signal, never a silent 143 or a
+    KeyboardInterrupt traceback. Finished jobs' results are kept."""
+    done = len(_FINISHED)
+    with interrupts() as got:
+        try:
+            task()
+        except KeyboardInterrupt:
+            signum = got[0] if got else signal.SIGINT
+            n = len(_FINISHED) - done
+            where = f"between jobs ({n} finished, their results kept)" if n else "before the first job started"
+            print(f"interrupted by {signal.Signals(signum).name} {where}; no further job runs", file=sys.stderr)
+            sys.exit(128 + signum)
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def task(cfg: DictConfig) -> float | None:
     stage = "startup"
@@ -102,10 +131,16 @@ def task(cfg: DictConfig) -> float | None:
             from prunebench import pipeline  # heavy imports (torch, transformers) only when a job runs
 
             stage = "between stages"
+            tracking.preflight(cfg)  # a remote tracker: one connection attempt now, one warning if unreachable
             run_dir = Path(HydraConfig.get().runtime.output_dir)
             # Unresolved: iterating the ListConfig would resolve `key=${oc.env:TOKEN}` into the token.
             overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
-            result = pipeline.run(cfg, run_dir, overrides, signals=got)
+            try:
+                with run_dir_lock(run_dir):  # two runs into one folder: the second refuses at once
+                    result = pipeline.run(cfg, run_dir, overrides, signals=got)
+            except RunDirBusy:
+                print(f"error: {busy_message(run_dir)}", file=sys.stderr)  # the folder is the other run's
+                sys.exit(2)
         except PrunebenchError as err:
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)  # never raises
             print(f"error: {err}", file=sys.stderr)
@@ -119,6 +154,7 @@ def task(cfg: DictConfig) -> float | None:
         except Exception as err:  # a bug, an out-of-memory: the tracker shows the failed run, then the traceback
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)
             raise
+    _FINISHED.append(run_dir)
     print(summary(result, run_dir))
     tracking.log_run(cfg, result, run_dir)  # logger=...: one warning if the tracker fails, never an error
     # The first metric is the sweep objective (Optuna and friends minimise or maximise it).

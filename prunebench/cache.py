@@ -31,12 +31,15 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+from prunebench import PrunebenchError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +48,37 @@ MISSING = "missing"
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)  # read once at import (os.umask can only be read by setting it)
 _MEMO: dict[tuple, str] = {}  # (path, stat) -> sha256, within one process
+
+
+def safe_name(name) -> str:
+    """A config name (`model.name`, ...) made fit to be one file name inside the cache: only letters,
+    digits, `.`, `_` and `-`, no leading dot, at most 80 characters. `model.name=../../x` thus names
+    `x`-like file inside the cache dir instead of a path outside it; the entry's key (a digest of
+    the whole config) keeps entries of different names apart."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", str(name)).lstrip(".")[:80] or "unnamed"
+
+
+def output_folder(value, knob: str) -> Path:
+    """An output folder a knob names (`recovery.adapter_dir`): absolute as given, or a path relative
+    to the run directory (the caller joins it). A relative path that climbs out of the run directory
+    (`../x`) is refused: results go into the run dir, or where an absolute path says."""
+    folder = Path(str(value)).expanduser()
+    if not folder.is_absolute() and ".." in folder.parts:
+        raise PrunebenchError(
+            f"{knob}={value} leaves the run directory; give a folder inside it, or an absolute path to write elsewhere"
+        )
+    return folder
+
+
+def usable_dir(folder, knob: str, advice: str = "") -> Path:
+    """`folder` created if needed; one line when it cannot be (a file in its place, no permission)."""
+    path = Path(str(folder)).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        what = "is a file, not a folder" if path.is_file() else f"cannot be created ({err.strerror or err})"
+        raise PrunebenchError(f"{knob}={path} {what}; {advice or 'point it at a folder'}") from None
+    return path
 
 
 def sha256_file(path: Path) -> str:
@@ -259,3 +293,48 @@ def _build(path: Path, key: str, build: Callable[[Path], T], folder: bool) -> T:
         if not done and not side.exists() and path.exists():
             _remove(path)  # renamed into place but never sealed: not an entry
     return value
+
+
+class RunDirBusy(Exception):
+    """Another live process holds the run directory (see `run_dir_lock`)."""
+
+
+_HELD: dict[str, int] = {}  # run directories this process holds: path -> how many holders
+
+
+@contextmanager
+def run_dir_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on a run (or sweep) directory for the whole run, so two runs started into one
+    folder never both write results: the second refuses at once (`RunDirBusy`). It is flock(2) on the
+    directory itself: no lock file is left behind, and the kernel drops it when the holder exits or is
+    killed, so a rerun (or a resume from checkpoints) after the first process ended is never blocked.
+    Re-entrant within a process (the CLI takes it before Hydra writes .hydra/, the job again).
+    Platforms without fcntl (Windows) run unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    path = Path(folder).resolve()
+    key = str(path)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(str(path)) from None
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sys
 from pathlib import Path
@@ -133,14 +134,18 @@ def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
     return len(points)
 
 
-def _check_output_dirs(overrides: list[str]) -> None:
-    """A rerun never overwrites an earlier run: refuse a run/sweep dir that already holds results."""
+def _check_output_dirs(overrides: list[str]) -> list[tuple[str, Path]]:
+    """A rerun never overwrites an earlier run: refuse a run/sweep dir that already holds results.
+    Returns the (knob, folder) pairs the command line names, which `run` locks for the whole run."""
+    named = []
     for o in overrides:
         for key in ("hydra.run.dir=", "hydra.sweep.dir="):
             if o.startswith(key):
                 folder = Path(o[len(key) :])
                 if folder.is_dir() and any(folder.rglob("metrics.json")):
                     raise PrunebenchError(f"{folder} already holds results; choose a new {key[:-1]}")
+                named.append((key[:-1], folder))
+    return named
 
 
 @app.command(
@@ -156,14 +161,21 @@ def run(ctx: typer.Context) -> None:
         raise typer.Exit(0)
     overrides = split_args(args)
     try:
-        _check_output_dirs(overrides)
+        named = _check_output_dirs(overrides)
         check_overrides(overrides, config_dirs(args))
     except PrunebenchError as err:
         _fail(str(err))
-    from prunebench.app import task
+    from prunebench.app import busy_message, run_task
+    from prunebench.cache import RunDirBusy, run_dir_lock
 
     sys.argv = ["prunebench", *args]
-    task()
+    with contextlib.ExitStack() as held:  # a folder named on the command line: locked before Hydra writes there
+        for knob, folder in named:
+            try:
+                held.enter_context(run_dir_lock(folder))
+            except RunDirBusy:
+                _fail(busy_message(folder, knob))
+        run_task()
 
 
 data_app = typer.Typer(no_args_is_help=False, help="Datasets: where each resolves, and fetching them once.")
@@ -320,11 +332,11 @@ def reproduce(
     # checked above with the plain override, so a misspelt key still stops.
     args = [_force(a) for a in args]
     typer.echo(f"reproduce {paper} at scale {scale}: {len(cells)} runs into {sweep_dir}")
-    from prunebench.app import task
+    from prunebench.app import run_task
 
     if cells:
         sys.argv = ["prunebench", *args]
-        task()
+        run_task()
     runs = rep.collect(root)
     if not runs:
         _fail(f"no run of {paper}/{scale} completed; see the logs under {root}")

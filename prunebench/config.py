@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field
 
 from prunebench import PrunebenchError, knobs
+from prunebench.cache import safe_name
 from prunebench.knobs import Batch, Flag, Positions, Seed
 from prunebench.registry import check_targets
 
@@ -205,7 +206,7 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
         except (ValueError, OSError) as err:  # a truncated or binary config.json in the converted-model cache
             raise PrunebenchError(
                 f"the cached config.json of model {cfg.model.name} is unreadable ({type(err).__name__});"
-                f" delete {Path(cfg.paths.cache_dir) / 'models' / str(cfg.model.name)} to rebuild it"
+                f" delete {Path(cfg.paths.cache_dir) / 'models' / safe_name(cfg.model.name)} to rebuild it"
             ) from None
         recovery = instantiate(cfg.recovery)
         if "_target_" in (cfg.get("logger") or {}):  # logger knobs (wandb mode, ...) fail before any model loads

@@ -15,10 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError, cache, models, placement
 from prunebench.config import fingerprint, instantiate, selected_evals, validate
-from prunebench.data import calibration_windows, verify
+from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
-from prunebench.results import git_commit, peak_rss_mb, public_config, versions, write_json
+from prunebench.results import (
+    check_metrics,
+    check_numbers,
+    check_weights,
+    git_commit,
+    peak_rss_mb,
+    public_config,
+    versions,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +68,7 @@ def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict, dtype) -
         evals = {n: evals[n] for n in cacheable}
         weights, data = weights_digest(model, memo), data_digests(cacheable)
         key = fingerprint(cfg.model, weights, evals, data, cfg.seed, str(dtype))
-        path = Path(cfg.paths.cache_dir) / "baselines" / f"{cfg.model.name}-{key}.json"
+        path = Path(cfg.paths.cache_dir) / "baselines" / f"{cache.safe_name(cfg.model.name)}-{key}.json"
 
         def build(tmp: Path) -> dict:
             log.info("dense baseline: evaluating %s", ", ".join(cacheable))
@@ -116,7 +125,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
     with step("setup"):
         # Data files are verified (SHA-256) as they are read, and recorded for metrics.json.
         verify.configure(verify=OmegaConf.select(cfg, "data.verify", default=True), cache_dir=cfg.paths.cache_dir)
+        cache.usable_dir(cfg.paths.cache_dir, "paths.cache_dir", "set PRUNEBENCH_CACHE or paths.cache_dir to a folder")
         validate(cfg)
+        text.data_roots()  # a PRUNEBENCH_DATA that does not exist stops here, before anything loads
         out = run_dir / "metrics.json"
         if out.exists():
             raise PrunebenchError(f"{out} already exists; rerun without hydra.run.dir to get a new run directory")
@@ -130,12 +141,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
     placement.reset_peak(device)
     with step("load", timings, device):
         model, tokenizer = models.load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed, plan=plan)
+        check_weights(model, "load")
     params_before, nonzero_before = models.count_params(model)
 
     baseline, reused = {}, False
     if cfg.baseline:
         with step("baseline", timings, device):
             baseline, reused = dense_baseline(cfg, model, tokenizer, evaluators, plan.dtype)
+    flagged = [f"baseline/{k}" for k in check_metrics(baseline, "baseline")]  # NaN: error; inf: flagged
 
     teacher = copy.deepcopy(model) if getattr(recovery, "needs_teacher", False) else None
     calib = None
@@ -150,13 +163,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
             part.tokenizer = tokenizer
     with step("prune", timings, device):
         stats = pruner(model, calib)
+        check_weights(model, "prune")
     with step("recover", timings, device):
         train = recovery(model, teacher, cfg)
+        check_numbers(train, "recover", "recovery")  # losses, KL, curves: a diverged run is no result
+        check_weights(model, "recover")
     if getattr(recovery, "reprune", False):
         with step("reprune", timings, device):
             train["reprune"] = pruner(model, calib).to_dict()
     with step("eval", timings, device):
         metrics = evaluate(evaluators, model, tokenizer)
+        flagged += check_metrics(metrics, "eval")
     metrics.update({f"recovery/{k}": v for k, v in (train or {}).get("metrics", {}).items()})  # e.g. dev scores
     metrics.update({f"prune/{k}": v for k, v in stats.info.get("metrics", {}).items()})  # e.g. MCC per bridge step
     for name, ev in evaluators.items():  # metrics relative to the dense model (LaCo's Per.)
@@ -179,6 +196,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         "metrics": metrics,
         "baseline": baseline,
         "baseline_reused": reused,
+        "non_finite": flagged,  # metrics that overflowed to ±inf (kept; `report` marks their rows)
         "prune": {
             "method": cfg.pruner.name,
             "pattern": cfg.pruner.get("pattern", "unstructured"),

@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError
+from prunebench.cache import safe_name
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def _config_folders(model_cfg: DictConfig, cache_dir: str | None) -> list[Path]:
     if model_cfg.get("path"):
         folders.append(Path(str(model_cfg.path)).expanduser())
     if cache_dir:
-        folders.append(Path(cache_dir) / "models" / str(model_cfg.name))
+        folders.append(Path(cache_dir) / "models" / safe_name(model_cfg.name))
     if model_cfg.get("hub_id"):
         with contextlib.suppress(Exception):
             from huggingface_hub import try_to_load_from_cache

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def collect(folder: Path) -> list[dict]:
 
 
 def _fmt(value) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{value} ⚠"  # kept and marked: an overflowed metric is a result, not a missing one
     if isinstance(value, float):
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:.1f}"
     return "" if value is None else str(value)
@@ -75,7 +78,7 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
     rows = []
     for r in runs:
         p = r["prune"]
-        label = _label(r, root)
+        label = _label(r, root) + (" ⚠ non-finite" if r.get("non_finite") else "")
         rows.append(
             [label, r["config"]["model"]["name"], p["method"], p["pattern"], _fmt(p["target_sparsity"])]
             + [f"{p['achieved_sparsity']:.4f}"]

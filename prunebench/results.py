@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import platform
 import resource
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from prunebench import PrunebenchError
 from prunebench.config import CONF_DIR
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,52 @@ def public_config(cfg: DictConfig) -> dict:
         log.warning("metrics.json keeps the config unresolved (%s)", type(err).__name__)
         return raw
     return pick(raw, resolved)
+
+
+def nonfinite(node, path: str = "") -> list[tuple[str, float]]:
+    """(where, value) of every NaN or ±inf number in a nested result (dicts, lists)."""
+    if isinstance(node, dict):
+        return [hit for k, v in node.items() for hit in nonfinite(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(node, (list, tuple)):
+        return [hit for i, v in enumerate(node) for hit in nonfinite(v, f"{path}[{i}]")]
+    return [(path, node)] if isinstance(node, float) and not math.isfinite(node) else []
+
+
+def check_metrics(metrics: dict, stage: str) -> list[str]:
+    """The rule for metrics: NaN is an error naming the stage (the number means nothing); ±inf is
+    legitimate where a metric overflows (perplexity of a broken model: exp of a huge loss), so it is
+    kept, warned about and returned, for metrics.json's `non_finite` flag and `report`'s mark."""
+    hits = nonfinite(metrics)
+    if nan := [k for k, v in hits if math.isnan(v)]:
+        raise PrunebenchError(
+            f"{stage}: {', '.join(nan)} is NaN; the model's outputs are not finite (overflow in the dtype,"
+            " or NaN activations); no result written"
+        )
+    for k, v in hits:
+        log.warning("%s: %s is %s (overflowed); kept, and flagged in metrics.json (non_finite)", stage, k, v)
+    return [k for k, _ in hits]
+
+
+def check_numbers(node, stage: str, prefix: str) -> None:
+    """A training or statistics summary must be finite: NaN or inf there is an error naming the stage."""
+    if hits := nonfinite(node, prefix):
+        where = ", ".join(f"{k}={v}" for k, v in hits[:3]) + (f" (+{len(hits) - 3} more)" if len(hits) > 3 else "")
+        raise PrunebenchError(f"{stage}: {where} is not finite (training diverged?); no result written")
+
+
+def check_weights(model, stage: str) -> None:
+    """Every parameter finite after `stage` (one isfinite pass, on the parameters' own devices); else
+    one line naming the first bad tensor. NaN weights would otherwise run on to NaN metrics."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.device.type != "meta" and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise PrunebenchError(
+                f"{stage}: {bad} of {p.numel()} values of {name} are NaN or inf"
+                + (" (the checkpoint is damaged)" if stage == "load" else "")
+                + "; no result written"
+            )
 
 
 def read_json(path: Path) -> dict:
@@ -100,9 +148,21 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The project's commit (`-dirty` when the tree has changes). --no-optional-locks: `--dirty`
+    refreshes the index, which would take .git/index.lock in the user's repository while it runs
+    (and make a concurrent `git commit` there fail); without the lock git only skips writing back."""
     try:
         out = subprocess.run(
-            ["git", "-C", str(CONF_DIR.parent), "describe", "--always", "--dirty", "--abbrev=40"],
+            [
+                "git",
+                "--no-optional-locks",
+                "-C",
+                str(CONF_DIR.parent),
+                "describe",
+                "--always",
+                "--dirty",
+                "--abbrev=40",
+            ],
             capture_output=True,
             text=True,
             timeout=5,

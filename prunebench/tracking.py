@@ -220,6 +220,9 @@ class MLflow:
         uri = self.tracking_uri or (run.root / "mlruns").resolve().as_uri()
         if uri.startswith("file:") or "://" not in uri:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        if uri.startswith(("http://", "https://")):  # each request bounded: MLflow's defaults retry for minutes
+            for var, value in (("TIMEOUT", "10"), ("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1")):
+                os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{var}", value)
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
@@ -310,6 +313,12 @@ class WandB:
         where = Path(self.dir) if self.dir else run.run_dir
         where.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, x_disable_stats=True)
+        # W&B's own cache, config, data and artifact folders (its service's debug log lands in the cache
+        # one) default to ~/.cache, ~/.config, ~/.local/share and ./artifacts: kept beside the run instead.
+        # Variables the user set win; the service process reads them once, when the first run starts it.
+        home = where / "wandb"
+        for var, sub in (("CACHE", "cache"), ("CONFIG", "config"), ("DATA", "data"), ("ARTIFACT", "artifacts")):
+            os.environ.setdefault(f"WANDB_{var}_DIR", str(home / sub))
         wrun = wandb.init(
             mode=self.mode,
             dir=str(where),
@@ -340,17 +349,95 @@ class WandB:
         return f"{self.mode} run {wrun.id} in {Path(wrun.dir).parent}"
 
 
+# ---------------------------------------------------------------------------------------------- reachability
+CONNECT_S = 3.0  # the one connection attempt before a run
+LOG_LIMIT_S = 120.0  # a whole remote log call (params, metrics, artifacts); then the job goes on without it
+_UNREACHABLE: dict[str, str] = {}  # tracker URL -> why, found once per process: a sweep warns once, never waits
+
+
+def endpoint(node) -> str | None:
+    """The network URL a tracker config talks to (an MLflow http(s) server, W&B online), or None for
+    the local stores (files, SQLite, TensorBoard event files, W&B offline)."""
+    target = str(node.get("_target_", ""))
+    if target.endswith(".MLflow"):
+        uri = str(node.get("tracking_uri") or "")
+        return uri if uri.startswith(("http://", "https://")) else None
+    if target.endswith(".WandB") and node.get("mode", "offline") == "online":
+        return os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    return None
+
+
+def _connect(url: str, timeout: float = CONNECT_S) -> str | None:
+    """None when a TCP connection to the URL's host opens within `timeout`, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+        socket.create_connection((u.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError) as err:
+        return type(err).__name__ if isinstance(err, TimeoutError) else _line(err)
+    return None
+
+
+def preflight(cfg: DictConfig | dict) -> bool:
+    """Check a remote tracker once, before the run (one connection attempt of CONNECT_S seconds):
+    when it is unreachable, ONE warning now, and the run (every job of a sweep in this process) is
+    not logged there instead of stalling on the tracker's retries after metrics.json is written.
+    False when the tracker was found unreachable."""
+    node = cfg.get("logger") if cfg is not None else None
+    url = endpoint(node) if node and "_target_" in node else None
+    if url is None:
+        return True
+    if url not in _UNREACHABLE and (why := _connect(url)) is not None:
+        _UNREACHABLE[url] = why
+        log.warning(
+            "logger=%s: %s is unreachable (%s); this run is not logged there, metrics.json is written as usual",
+            node.get("name", "logger"), url, why,
+        )  # fmt: skip
+    return url not in _UNREACHABLE
+
+
+def _bounded(call, url: str, limit: float):
+    """`call()` in a daemon thread, waited for at most `limit` seconds: a tracker that stops answering
+    mid-run costs the job that long at most (the thread is abandoned; the tracker is then skipped)."""
+    import threading
+
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's handler
+            box["error"] = err
+
+    thread = threading.Thread(target=target, name="prunebench-tracker", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        _UNREACHABLE[url] = f"no answer within {limit:.0f} s"
+        raise TimeoutError(f"{url} gave no answer within {limit:.0f} s; later jobs skip it")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
 # ---------------------------------------------------------------------------------------------- entry points
 def _log(cfg: DictConfig | dict, result: dict | None, run_dir: Path, error: str | None) -> str | None:
     node = cfg.get("logger") if cfg is not None else None
     if not node or "_target_" not in node:
         return None
     name = node.get("name", "logger")
+    url = endpoint(node)
+    if url is not None and not preflight(cfg):
+        return None  # warned once already (before the run)
     try:
         from prunebench.config import instantiate
 
         tracker = instantiate(OmegaConf.create(node) if isinstance(node, dict) else node)
-        where = tracker.log(describe(cfg, result, run_dir, error))
+        run = describe(cfg, result, run_dir, error)
+        where = tracker.log(run) if url is None else _bounded(lambda: tracker.log(run), url, LOG_LIMIT_S)
     except ImportError as err:
         extra = EXTRAS.get(name, name)
         log.warning("logger=%s skipped: %s (pip install prunebench[%s]); metrics.json is complete", name, err, extra)

@@ -131,6 +131,12 @@ RUN_ROWS = [
     ("bridge-decoder", [*TINY, "pruner=minibridge", "eval=[]"], "needs an encoder"),
     ("model-path-missing", [*TINY, "model.path=/nonexistent/model"], "model.path=/nonexistent/model"),
     ("hub-model-offline", ["model=llama2-7b"], "model.path"),
+    # output folders a knob names stay inside the run dir unless absolute (issue 23)
+    (
+        "adapter-dir-escapes",
+        [*TINY, "recovery=lora", "recovery.merge=separate", "recovery.adapter_dir=../x"],
+        "recovery.adapter_dir=../x leaves the run directory",
+    ),  # fmt: skip
 ]
 
 
@@ -163,7 +169,7 @@ def assert_one_line(code: int, stderr: str, needle: str, out, earlier) -> None:
 
 
 def test_catalogue_is_large_enough():
-    assert len(RUN_ROWS) + len(DATA_ROWS) + len(REPORT_ROWS) + len(SUBPROCESS_ROWS) >= 60
+    assert len(RUN_ROWS) + len(DATA_ROWS) + len(REPORT_ROWS) + len(SUBPROCESS_ROWS) + len(FOLDER_ROWS) >= 60
 
 
 @pytest.mark.parametrize("args,needle", [r[1:] for r in RUN_ROWS], ids=[r[0] for r in RUN_ROWS])
@@ -183,6 +189,61 @@ def test_bad_model_folder(runner, earlier, tmp_path, config_json):
         (folder / "config.json").write_bytes(config_json)
     result = runner.invoke(app, ["run", *TINY, f"model.path={folder}", f"hydra.run.dir={tmp_path / 'o'}"])
     assert_one_line(result.exit_code, result.stderr, "config.json", tmp_path, earlier)
+
+
+def _tiny_folder(folder, pickled: bool = False, ffn: int | None = None) -> None:
+    """A saved tiny-llama: its weights pickled (pytorch_model.bin only), or its config.json claiming
+    another FFN width than its weights have."""
+    import torch
+
+    from prunebench import models
+    from prunebench.config import compose
+
+    model, _ = models.load(compose("model=tiny-llama").model, cache_dir="/nonexistent")
+    model.save_pretrained(folder)
+    if pickled:
+        from safetensors.torch import load_file
+
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    if ffn is not None:
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": ffn}))
+
+
+# (id, how the model.path folder is made, what the one error line must contain) (issue 23)
+FOLDER_ROWS = [
+    (
+        "weights-vs-config-shapes",
+        {"ffn": 96},
+        "down_proj.weight has shape [64, 128] in model.safetensors but [64, 96] by its config",
+    ),
+    ("pickled-weights-only", {"pickled": True}, "holds only pickled weights (pytorch_model.bin); prunebench loads"),
+]
+
+
+@pytest.mark.parametrize("make,needle", [r[1:] for r in FOLDER_ROWS], ids=[r[0] for r in FOLDER_ROWS])
+def test_bad_model_weights(runner, earlier, tmp_path, make, needle):
+    _tiny_folder(tmp_path / "model", **make)
+    result = runner.invoke(app, ["run", *TINY, f"model.path={tmp_path / 'model'}", f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+# (id, environment variable, what it is set to under tmp_path, needle) (issue 23)
+ENV_ROWS = [
+    ("cache-is-a-file", "PRUNEBENCH_CACHE", "file", "paths.cache_dir="),
+    ("data-root-missing", "PRUNEBENCH_DATA", "nonexistent", "PRUNEBENCH_DATA="),
+]
+
+
+@pytest.mark.parametrize("var,what,needle", [r[1:] for r in ENV_ROWS], ids=[r[0] for r in ENV_ROWS])
+def test_bad_environment(runner, earlier, tmp_path, monkeypatch, var, what, needle):
+    if what == "file":
+        (tmp_path / what).write_text("not a folder")
+    monkeypatch.setenv(var, str(tmp_path / what))
+    result = runner.invoke(app, ["run", *TINY, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+    assert "is a file" in result.stderr or "does not exist" in result.stderr
 
 
 # Data files: a dataset file that is binary, truncated JSON or a JSON row without text.

@@ -38,7 +38,13 @@ HUB = {
 
 
 def data_roots() -> list[Path]:
-    roots = [Path(os.environ["PRUNEBENCH_DATA"])] if os.environ.get("PRUNEBENCH_DATA") else []
+    """$PRUNEBENCH_DATA, ./data, ../shared/data. A root the user names must be a folder: a misspelt
+    PRUNEBENCH_DATA never silently falls back to another root's copy."""
+    named = os.environ.get("PRUNEBENCH_DATA")
+    if named and not Path(named).expanduser().is_dir():
+        what = "is not a folder" if Path(named).expanduser().exists() else "does not exist"
+        raise PrunebenchError(f"PRUNEBENCH_DATA={named} {what}; point it at a data root (../shared/data) or unset it")
+    roots = [Path(named).expanduser()] if named else []
     return roots + [Path.cwd() / "data", CONF_DIR.parent.parent / "shared" / "data"]
 
 
@@ -82,7 +88,11 @@ def load_texts(name: str) -> list[str]:
                 return _wikitext_rows(path)
             return [json.loads(line)["text"] for line in verify.read_text(path).splitlines() if line]
     hub, config, split, files = HUB[name]
+    from prunebench.models import hub_reachable
+
     try:
+        if not hub_reachable():  # offline: one short check instead of the Hub client's minute of retries
+            raise ConnectionError("offline")
         import datasets
 
         ds = datasets.load_dataset(hub, config, split=split, data_files=files)
@@ -90,8 +100,9 @@ def load_texts(name: str) -> list[str]:
         return list(ds["text"])
     except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
         tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
+        why = "unreachable" if str(err) == "offline" else type(err).__name__
         raise PrunebenchError(
-            f"dataset {name} not found: tried {tried} and the Hub {hub} ({type(err).__name__});"
+            f"dataset {name} not found: tried {tried} and the Hub {hub} ({why});"
             f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name][-1]}, or run: prunebench data fetch"
         ) from None
 

