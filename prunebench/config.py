@@ -28,6 +28,8 @@ from prunebench.knobs import Batch, Flag, Positions, Seed
 from prunebench.registry import check_targets
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# `${safe_name:${name}}` in conf/config.yaml's run dir: a name (`model.name=../../x`) never becomes a path.
+OmegaConf.register_new_resolver("safe_name", safe_name, replace=True)
 GROUPS = ("model", "calib", "pruner", "recovery", "eval", "logger", "experiment")
 
 

@@ -148,9 +148,13 @@ def test_report_marks_non_finite_rows_and_keeps_them(tmp_path):
 
 
 # ------------------------------------------------------------------------------------- 3. names that become paths
-def test_model_name_cannot_write_outside_the_cache(runner, tmp_path):
-    r = runner.invoke(app, ["run", *TINY, "model.name=../../../escaped", f"hydra.run.dir={tmp_path / 'run'}"])
+def test_model_name_cannot_write_outside_the_cache_or_outputs(runner, tmp_path, monkeypatch):
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # the default run dir: outputs/<date>/<time>_<name> under the cwd
+    r = runner.invoke(app, ["run", *TINY, "model.name=../../../escaped"])
     assert r.exit_code == 0, r.stderr
+    (found,) = list(tmp_path.rglob("metrics.json"))
+    assert found.parent.parent.parent == tmp_path / "work" / "outputs" and found.parent.name.endswith("_escaped_wanda")
     entries = [e for e in (tmp_path / "cache" / "baselines").glob("*.json") if not e.name.endswith(".sum.json")]
     assert [e.name.startswith("_.._.._escaped-") for e in entries] == [True]
     assert list(tmp_path.parent.glob("escaped*")) == []  # where cache/baselines/../../../escaped-*.json would be
