@@ -335,8 +335,15 @@ def reproduce(
     from prunebench.app import run_task
 
     if cells:
+        from prunebench.app import busy_message
+        from prunebench.cache import RunDirBusy, run_dir_lock
+
         sys.argv = ["prunebench", *args]
-        run_task()
+        try:
+            with run_dir_lock(root):  # two `--resume` of one table would run its missing cells twice
+                run_task()
+        except RunDirBusy:
+            _fail(busy_message(root, "--resume folder" if resume is not None else "sweep folder"))
     runs = rep.collect(root)
     if not runs:
         _fail(f"no run of {paper}/{scale} completed; see the logs under {root}")

@@ -282,3 +282,16 @@ def test_offline_data_fails_fast_in_one_line(tmp_path, monkeypatch, capfd, offli
     assert time.perf_counter() - start < 5
     out = capfd.readouterr()
     assert "retry" not in (out.out + out.err).lower()
+
+
+def test_two_resumes_of_one_table_do_not_both_run(runner, tmp_path):
+    table = tmp_path / "table"
+    holder = _holder(table)  # a first `reproduce --resume table` still running
+    try:
+        r = runner.invoke(app, ["reproduce", "gblm", "--resume", str(table)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "another prunebench run is writing into" in r.stderr.strip().splitlines()[-1]
+    assert not list(table.rglob("metrics.json"))

@@ -166,6 +166,21 @@ _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
 
 def check_folder(path: Path, kind: str) -> None:
+    """`_check_folder` once per folder state (a sweep validates every point against the same folder)."""
+    try:
+        st = os.stat(path / "config.json")
+        key = (str(path.resolve()), kind, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (str(path), kind, None, None)
+    if key not in _CHECKED:
+        _check_folder(path, kind)
+        _CHECKED.add(key)
+
+
+_CHECKED: set[tuple] = set()  # folders found sound in this process
+
+
+def _check_folder(path: Path, kind: str) -> None:
     """Before loading a `model.path` folder: its weights must be safetensors (prunebench never
     unpickles weights: a pickle can run code when it is read), and their shapes must agree with its
     config.json (compared from the safetensors headers against the model built on the meta device,
