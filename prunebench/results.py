@@ -148,26 +148,19 @@ def versions() -> dict[str, str]:
 
 
 def git_commit() -> str | None:
-    """The project's commit (`-dirty` when the tree has changes). --no-optional-locks: `--dirty`
-    refreshes the index, which would take .git/index.lock in the user's repository while it runs
-    (and make a concurrent `git commit` there fail); without the lock git only skips writing back."""
+    """The project's commit, `-dirty` when tracked files have changes. Read without ever taking
+    .git/index.lock (which would make a concurrent `git commit` in the user's repository fail):
+    `git describe --dirty` refreshes the index under that lock even with --no-optional-locks (git
+    2.39, checked with strace), so the commit comes from `rev-parse` and the dirty flag from
+    `status`, which honours --no-optional-locks (it skips writing the refreshed index back)."""
+
+    def git(*args: str) -> str:
+        cmd = ["git", "--no-optional-locks", "-C", str(CONF_DIR.parent), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+
     try:
-        out = subprocess.run(
-            [
-                "git",
-                "--no-optional-locks",
-                "-C",
-                str(CONF_DIR.parent),
-                "describe",
-                "--always",
-                "--dirty",
-                "--abbrev=40",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None
+    return (commit + "-dirty" if dirty else commit) or None

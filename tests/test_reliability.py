@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -210,15 +211,28 @@ def test_a_stalled_tracker_call_is_bounded():
 
 # ------------------------------------------------------------------------------------- 5. files outside the folders
 def test_git_commit_takes_no_index_lock(tmp_path, monkeypatch):
-    log = tmp_path / "argv"
+    calls = tmp_path / "argv"
     fake = tmp_path / "bin" / "git"
     fake.parent.mkdir()
-    fake.write_text(f'#!/bin/sh\necho "$@" > {log}\necho abc123\n')
+    answer = 'case "$*" in *rev-parse*) echo abc123;; *) echo " M x.py";; esac'  # a commit, a modified file
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n{answer}\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
-    assert git_commit() == "abc123"
-    argv = log.read_text().split()
-    assert argv[0] == "--no-optional-locks" and "--dirty" in argv
+    assert git_commit() == "abc123-dirty"
+    argvs = [line.split() for line in calls.read_text().splitlines()]
+    # describe --dirty takes .git/index.lock even with --no-optional-locks; rev-parse and status do not.
+    assert all(a[0] == "--no-optional-locks" and "describe" not in a for a in argvs)
+    assert [a[3] for a in argvs] == ["rev-parse", "status"]
+
+
+@pytest.mark.skipif(not shutil.which("strace"), reason="needs strace")
+def test_git_commit_opens_no_lock_file_in_the_repository(tmp_path):
+    trace = tmp_path / "trace"
+    code = "from prunebench.results import git_commit; print(git_commit())"
+    r = subprocess.run(["strace", "-f", "-qq", "-e", "trace=openat", "-o", str(trace), sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0 and len(r.stdout.strip()) >= 40, r.stderr[-1000:]
+    assert ".lock" not in "".join(line for line in trace.read_text().splitlines() if "/.git/" in line)
 
 
 def test_wandb_keeps_its_files_in_the_run_dir(tmp_path, monkeypatch):
