@@ -220,7 +220,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         },
         "data": verify.used(),
         "recovery": train,
-        "model_note": cfg.model.get("note"),
+        "model_note": models.weights_note(cfg.model),
         "device": {
             "name": placement.device_name(device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

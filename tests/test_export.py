@@ -139,3 +139,32 @@ def test_compressed_folder_follows_device_map_placement(tmp_path):
     x = torch.randint(3, 259, (1, 16), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert torch.equal(mapped(input_ids=x).logits, model(input_ids=x).logits)
+
+
+def test_byte_tokenizer_saves_as_files_that_reload_with_the_same_ids(tmp_path):
+    """The tiny models' in-memory ByteTokenizer is saved as a Hugging Face tokenizer with its ids."""
+    from transformers import AutoTokenizer
+
+    model, tokenizer, cfg = pruned()
+    save_checkpoint(model, tokenizer, tmp_path / "m", cfg, "hf")
+    again = AutoTokenizer.from_pretrained(tmp_path / "m")
+    text = "Hello wörld\n\n  é 中文\t!"
+    assert again(text).input_ids == tokenizer.encode(text)
+    assert again.decode(again(text).input_ids) == text
+    assert (again.pad_token_id, again.bos_token_id, again.eos_token_id) == (0, 1, 2)
+
+
+def test_saved_tiny_run_reloads_with_model_path_and_is_labelled_by_its_folder(tmp_path):
+    """save_model=true on a model whose tokenizer lives in memory writes a folder that `model.path=`
+    runs from, and that run is labelled by the folder it loaded, not by the config's 'random weights'."""
+    knobs = ["model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "eval.wikitext2.seqlen=64"]
+    first = tmp_path / "first"
+    r = prunebench("run", *knobs, "save_model=true", f"hydra.run.dir={first}", cache=tmp_path, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    second = tmp_path / "second"
+    r = prunebench("run", *knobs, f"model.path={first / 'model'}", "pruner=none", f"hydra.run.dir={second}",
+                   cache=tmp_path, cwd=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
+    assert m2["model_note"] == f"weights loaded from {first / 'model'}" and "random weights" not in r.stdout
+    assert m2["baseline"]["wikitext2/ppl"] == pytest.approx(m1["metrics"]["wikitext2/ppl"], rel=1e-5)

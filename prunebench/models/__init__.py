@@ -11,7 +11,8 @@ from prunebench.models.loading import (
     max_context,
     package_dir,
     save,
+    weights_note,
 )
 
 __all__ = ["ByteTokenizer", "char_tokenizer", "count_params", "hub_reachable", "load", "max_context",
-           "package_dir", "save", "save_checkpoint", "load_compressed", "write_model_card"]  # fmt: skip
+           "package_dir", "save", "save_checkpoint", "load_compressed", "write_model_card", "weights_note"]  # fmt: skip

@@ -41,6 +41,28 @@ class ByteTokenizer:
     def decode(self, ids) -> str:
         return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
 
+    def save_pretrained(self, folder) -> None:
+        """Write the same tokenizer as Hugging Face files (`saveable_byte_tokenizer`), so a saved tiny
+        model reloads with `model.path=` and reads text exactly as before."""
+        saveable_byte_tokenizer().save_pretrained(folder)
+
+
+def saveable_byte_tokenizer():
+    """A transformers fast tokenizer with ByteTokenizer's ids (byte b -> b + 3; <pad> 0, <s> 1,
+    </s> 2; no special tokens added): GPT-2's byte-to-character map, then a BPE with no merges, so
+    every byte is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + k) for k, b in enumerate(others)}
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {char[b]: b + 3 for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab, [], unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
 
 class _Encoding(dict):
     def __init__(self, input_ids):
@@ -376,8 +398,16 @@ def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> No
         save_sentence_transformer(model, tokenizer, folder, cfg.get("pooling", "mean"))
         return
     model.save_pretrained(folder)
-    if hasattr(tokenizer, "save_pretrained"):  # the tiny models' byte tokenizer has nothing to save
+    if hasattr(tokenizer, "save_pretrained"):  # ByteTokenizer too: saved as files that reload
         tokenizer.save_pretrained(folder)
+
+
+def weights_note(cfg: DictConfig) -> str | None:
+    """How the run's weights are labelled: the config's `note` (e.g. "random weights"), except for a
+    `model.path=` folder, whose weights are whatever was saved there, not what the config builds."""
+    if cfg.get("path"):
+        return f"weights loaded from {Path(str(cfg.path)).expanduser()}"
+    return cfg.get("note")
 
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
