@@ -23,7 +23,7 @@ compares them; TensorBoard writes each job's events into its run directory (`ten
     # conf/logger/mlflow.yaml
     _target_: prunebench.tracking.MLflow
     name: mlflow
-    tracking_uri: null  # null: the file store <parent of the run or sweep dir>/mlruns
+    tracking_uri: null  # null: SQLite <parent of the run or sweep dir>/mlflow.db, MLflow's own default
     experiment: null    # null: the sweep, else the run's name
 """
 
@@ -207,22 +207,24 @@ def _line(err: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------- the trackers
 class MLflow:
     """MLflow tracking (mlflow.org): params, metrics (series with their steps), tags and artifacts
-    through `MlflowClient`. The default store is a local file store `<root>/mlruns` (open it with
-    `MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri <root>/mlruns`): MLflow 3 keeps it
-    behind that opt-in, which prunebench sets for its own default store because creating a SQLite
-    store costs ~10 s of schema migrations on a fresh directory. Any other URI (sqlite:///..., http://)
-    is used as given."""
+    through `MlflowClient`. The default store is the one MLflow itself defaults to, a SQLite file
+    `<root>/mlflow.db` beside the runs, with artifacts under `<root>/mlruns`: `cd <root> && mlflow ui`
+    opens it as is (creating a fresh one runs MLflow's schema migrations once, a few seconds). Any
+    other URI (sqlite:///..., file:, http://) is used as given."""
 
     def __init__(self, name: str = "mlflow", tracking_uri: str | None = None, experiment: str | None = None):
         self.name, self.tracking_uri, self.experiment = name, tracking_uri, experiment
 
     def log(self, run: Run) -> str:
-        uri = self.tracking_uri or (run.root / "mlruns").resolve().as_uri()
-        if uri.startswith("file:") or "://" not in uri:
+        root = run.root.resolve()
+        uri = self.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
+        if uri.startswith("file:") or "://" not in uri:  # a file store the user named: MLflow 3's opt-in
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         if uri.startswith(("http://", "https://")):  # each request bounded: MLflow's defaults retry for minutes
             for var, value in (("TIMEOUT", "10"), ("MAX_RETRIES", "2"), ("BACKOFF_FACTOR", "1")):
                 os.environ.setdefault(f"MLFLOW_HTTP_REQUEST_{var}", value)
+        # The default store's artifacts beside it, not in MLflow's ./mlruns of the current directory.
+        artifacts = None if self.tracking_uri else (root / "mlruns").as_uri()
         from mlflow.entities import Metric, Param, RunTag
         from mlflow.tracking import MlflowClient
         from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
@@ -230,7 +232,7 @@ class MLflow:
         client = MlflowClient(tracking_uri=uri)
         name = self.experiment or run.group
         found = client.get_experiment_by_name(name)
-        exp = found.experiment_id if found else _create_experiment(client, name)
+        exp = found.experiment_id if found else _create_experiment(client, name, artifacts)
         mrun = client.create_run(exp, run_name=run.name)
         rid, now = mrun.info.run_id, int(time.time() * 1000)
         metrics = [Metric(k, v, now, 0) for k, v in run.metrics.items()]
@@ -247,11 +249,12 @@ class MLflow:
         return f"run {rid} in experiment '{name}' at {uri}"
 
 
-def _create_experiment(client, name: str) -> str:
+def _create_experiment(client, name: str, artifacts: str | None = None) -> str:
     from mlflow.exceptions import MlflowException
 
+    location = artifacts and artifacts + "/" + re.sub(r"[^\w.-]+", "_", name)
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location)
     except MlflowException:  # a parallel sweep job created it first
         return client.get_experiment_by_name(name).experiment_id
 

@@ -139,12 +139,16 @@ def _mlflow(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
-def test_mlflow_run_reads_back(tiny_run):
+def test_mlflow_run_reads_back(tiny_run, tmp_path, monkeypatch):
     cfg, result, run_dir, _ = tiny_run
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # MLflow's relative defaults (./mlruns) must not land in the working directory
     where = tracking.log_run(with_logger(cfg, "mlflow"), result, run_dir)
-    store = run_dir.parent / "mlruns"
-    assert where and store.is_dir()
-    client = _mlflow(store.resolve().as_uri())
+    assert not any(elsewhere.iterdir())
+    store = run_dir.parent / "mlflow.db"  # MLflow's own default (sqlite:///mlflow.db): `mlflow ui` opens it
+    assert where and store.is_file() and (run_dir.parent / "mlruns").is_dir()
+    client = _mlflow(f"sqlite:///{store.resolve()}")
     exp = client.get_experiment_by_name("tiny-llama_wanda")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED" and run.info.run_name == "tiny-llama_wanda"
@@ -177,7 +181,7 @@ def test_failed_job_is_a_failed_run(tmp_path):
     run_dir = tmp_path / "outputs" / "broken"
     run_dir.mkdir(parents=True)
     assert tracking.log_failure(cfg, run_dir, RuntimeError("CUDA out of memory\nwhile pruning"))
-    client = _mlflow((tmp_path / "outputs" / "mlruns").as_uri())
+    client = _mlflow(f"sqlite:///{(tmp_path / 'outputs' / 'mlflow.db').resolve()}")
     (run,) = client.search_runs([client.get_experiment_by_name("tiny-llama_wanda").experiment_id])
     assert run.info.status == "FAILED" and run.data.tags["error"] == "CUDA out of memory while pruning"
     assert run.data.params["pruner.name"] == "wanda" and not run.data.metrics
