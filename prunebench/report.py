@@ -105,14 +105,60 @@ def _column(run: dict) -> str:
     return f"{p['target_sparsity']:.0%}" if p["pattern"] == "unstructured" else p["pattern"]
 
 
+# Knobs that never change a run's numbers: where it wrote, what it is called, where it logged.
+_NOT_RESULTS = ("name", "paths.", "logger.", "hydra.", "expected", "save_model", "save_format")
+
+
+def _flat(node, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: repr(node)}
+
+
+def _contexts(runs: list[dict]) -> list[str]:
+    """Per run, the knobs (other than the pruner's, which the pivot's rows and columns show) whose
+    values differ across `runs`, e.g. 'seed=1': runs of one pivot row share every other knob, so a
+    dense or pruned cell never mixes seeds, models or evaluation settings. Two runs that would still
+    fall into one cell (a pruner knob besides method, sparsity and pattern differs) add those too."""
+    flats = [{k: v for k, v in _flat(r.get("config") or {}).items() if not k.startswith(_NOT_RESULTS)} for r in runs]
+    keys = sorted({k for f in flats for k in f})
+
+    def varying(group: list[int], prefix_ok) -> list[str]:
+        return [k for k in keys if prefix_ok(k) and len({flats[i].get(k) for i in group}) > 1]
+
+    shared = varying(list(range(len(runs))), lambda k: not k.startswith("pruner."))
+    labels = [" ".join(f"{k}={flats[i].get(k, '-')}" for k in shared) for i in range(len(runs))]
+    cells: dict[tuple, list[int]] = {}
+    for i, r in enumerate(runs):
+        cells.setdefault((r["prune"]["method"], _column(r), labels[i]), []).append(i)
+    for group in (g for g in cells.values() if len(g) > 1):
+        extra = varying(group, lambda k: k.startswith("pruner.") and k not in ("pruner.sparsity", "pruner.pattern"))
+        for i in group:
+            labels[i] = " ".join([labels[i], *(f"{k}={flats[i].get(k, '-')}" for k in extra)]).strip()
+    return [label.replace("'", "") for label in labels]
+
+
 def pivot_table(runs: list[dict], metric: str) -> tuple[list[str], list[list[str]]]:
-    """Rows: dense, then each method; columns: '50%', '60%', '2:4', '4:8' ...; one model per table."""
+    """Rows: dense, then each method; columns: '50%', '60%', '2:4', '4:8' ...; one model per table.
+    Runs that differ in a knob besides the pivoted ones (a seed, an eval setting) are never merged
+    into one row: each such group gets its own dense and method rows, labelled by the knobs that
+    differ, e.g. 'wanda (seed=1)'."""
     columns = sorted({_column(r) for r in runs if r["prune"]["method"] != "none"}, key=lambda c: (":" in c, c))
-    methods = sorted({r["prune"]["method"] for r in runs}, key=lambda m: (METHOD_ORDER + [m]).index(m))
-    cells = {(r["prune"]["method"], _column(r)): r["metrics"].get(metric) for r in runs}
-    dense = next((r["baseline"].get(metric) for r in runs if r["baseline"].get(metric) is not None), None)
-    rows = [["dense", *[_fmt(dense)] * len(columns)]] if dense is not None else []
-    rows += [[m, *[_fmt(cells.get((m, c))) for c in columns]] for m in methods if m != "none"]
+    contexts = _contexts(runs)
+    order = sorted(set(contexts))
+
+    def named(name: str, ctx: str) -> str:
+        return f"{name} ({ctx})" if ctx else name
+
+    rows = []
+    for ctx in order:
+        mine = [r for r, c in zip(runs, contexts, strict=True) if c == ctx]
+        methods = sorted({r["prune"]["method"] for r in mine}, key=lambda m: (METHOD_ORDER + [m]).index(m))
+        cells = {(r["prune"]["method"], _column(r)): r["metrics"].get(metric) for r in mine}
+        dense = next((r["baseline"].get(metric) for r in mine if r["baseline"].get(metric) is not None), None)
+        if dense is not None:
+            rows.append([named("dense", ctx), *[_fmt(dense)] * len(columns)])
+        rows += [[named(m, ctx), *[_fmt(cells.get((m, c))) for c in columns]] for m in methods if m != "none"]
     return [f"method ({metric})", *columns], rows
 
 

@@ -153,3 +153,46 @@ def test_stepwise_runs_get_the_steps_table_and_score_against_parameters(tmp_path
     assert png.stat().st_size > 1000
     fake_run(tmp_path / "w", "wanda", "unstructured", 20.0)
     assert report.steps_plot([r for r in report.collect(tmp_path) if r["prune"]["method"] == "wanda"], png) is None
+
+
+def test_pivot_never_merges_runs_of_different_seeds(tmp_path):
+    """Dense and pruned cells of one row come from runs that share every knob but the pivoted ones:
+    two seeds give two labelled groups, each with its own dense baseline."""
+    for seed, dense, pruned in ((0, 10.0, 15.0), (1, 11.0, 17.0)):
+        for method, ppl in (("magnitude", pruned * 2), ("wanda", pruned)):
+            folder = tmp_path / f"{method}-{seed}"
+            folder.mkdir()
+            cfg = {
+                "model": {"name": "m"},
+                "seed": seed,
+                "name": f"m_{method}",
+                "pruner": {"name": method, "sparsity": 0.5},
+            }
+            data = {
+                "status": "complete",
+                "config": cfg,
+                "metrics": {"wikitext2/ppl": ppl},
+                "baseline": {"wikitext2/ppl": dense},
+                "prune": {"method": method, "pattern": "unstructured", "target_sparsity": 0.5},
+            }
+            (folder / "metrics.json").write_text(json.dumps(data))
+    header, rows = report.pivot_table(report.collect(tmp_path), "wikitext2/ppl")
+    assert header == ["method (wikitext2/ppl)", "50%"]
+    assert rows == [
+        ["dense (seed=0)", "10"], ["magnitude (seed=0)", "30"], ["wanda (seed=0)", "15"],
+        ["dense (seed=1)", "11"], ["magnitude (seed=1)", "34"], ["wanda (seed=1)", "17"],
+    ]  # fmt: skip
+
+
+def test_pivot_labels_runs_that_would_share_a_cell(tmp_path):
+    """Two GBLM runs differing only in alpha would fall into one cell: the row names the alpha."""
+    for alpha, ppl in ((1, 20.0), (100, 18.0)):
+        folder = tmp_path / f"a{alpha}"
+        folder.mkdir()
+        cfg = {"model": {"name": "m"}, "seed": 0, "pruner": {"name": "gblm", "sparsity": 0.5, "alpha": alpha}}
+        data = {"status": "complete", "config": cfg, "metrics": {"wikitext2/ppl": ppl},
+                "baseline": {"wikitext2/ppl": 10.0},
+                "prune": {"method": "gblm", "pattern": "unstructured", "target_sparsity": 0.5}}  # fmt: skip
+        (folder / "metrics.json").write_text(json.dumps(data))
+    _, rows = report.pivot_table(report.collect(tmp_path), "wikitext2/ppl")
+    assert ["gblm (pruner.alpha=1)", "20"] in rows and ["gblm (pruner.alpha=100)", "18"] in rows
