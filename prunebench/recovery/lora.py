@@ -106,6 +106,11 @@ class LoRA:
             )
         check_source(source, "recovery.source")
         check_source(val_source, "recovery.val_source")
+        if adapter_dir and merge != "separate":  # merge=masked folds the adapter in: no folder to write
+            raise PrunebenchError(
+                f"recovery.adapter_dir={adapter_dir} is only used by recovery.merge=separate (merge={merge} folds"
+                " the adapter into the weights); add recovery.merge=separate or drop recovery.adapter_dir"
+            )
         if adapter_dir:  # relative: inside the run directory (never climbing out of it)
             output_folder(adapter_dir, "recovery.adapter_dir")
         if val_windows and val_source == source:
