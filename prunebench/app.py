@@ -45,6 +45,8 @@ def summary(result: dict, run_dir: Path) -> str:
         c = result["calibration"]
         lines.append(f"calibration: {c['shape'][0]} windows x {c['shape'][1]} tokens of {c['source']} ({c['method']})")
     keys = [k for k in metrics if not k.endswith(("/windows", "/tokens", "/seqlen"))]
+    if not any(isinstance(ev, dict) and "_target_" in ev for ev in (cfg.get("eval") or {}).values()):
+        lines.append("nothing evaluated (eval=[]): no dense or pruned metrics; add eval=[wikitext2] to compare them")
     if keys:
         width = max(len(k) for k in keys)
         lines.append(f"{'metric':<{width}}  {'dense':>10}  {'pruned':>10}")

@@ -87,6 +87,9 @@ def config_dirs(args: list[str]) -> tuple[Path, ...]:
     return (folder,)
 
 
+MAX_OVERRIDE = 2000  # characters: a list of 80 layer indices is ~300; longer belongs in a config file
+
+
 def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
     """Compose every point of the sweep and run the config checks, before any job starts or any
     model loads: registered `_target_`s only, Hydra's own section (callbacks, launcher, sweeper)
@@ -101,6 +104,11 @@ def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
     from prunebench.config import initialize, validate
     from prunebench.registry import check_hydra
 
+    if long := next((o for o in overrides if len(o) > MAX_OVERRIDE), None):
+        raise PrunebenchError(
+            f"an override of {len(long):,} characters ({long[:40]}...) is longer than {MAX_OVERRIDE:,};"
+            " put long values in a config file (--config-dir)"
+        )
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as err:

@@ -11,6 +11,7 @@ config names.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -180,6 +181,15 @@ def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, dims: dict 
                 )
 
 
+@functools.lru_cache(maxsize=1)
+def top_level_keys() -> frozenset[str]:
+    """The keys a run's config may hold at its top: conf/config.yaml's, the groups', and hydra."""
+    import yaml
+
+    base = yaml.safe_load((CONF_DIR / "config.yaml").read_text(encoding="utf-8"))
+    return frozenset(set(base) - {"defaults"} | set(GROUPS) | {"hydra"})
+
+
 def validate(cfg: DictConfig, build: bool = False) -> None:
     """Reject bad knobs with one clear line before anything heavy happens: every `_target_` is a
     registered component, every declared knob has its type and range, and the cross-knob rules hold.
@@ -190,6 +200,11 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
                                     ("data", cfg.get("data"), DataKnobs)):  # fmt: skip
             _check_declared(where, node, schema)  # plain values first: nothing is imported for a bad number
         check_targets(cfg)
+        if unknown := sorted(str(k) for k in cfg if str(k) not in top_level_keys()):  # e.g. `+nosuchtop=1`
+            raise PrunebenchError(
+                f"unknown top-level key '{unknown[0]}': prunebench reads only {', '.join(sorted(top_level_keys()))}"
+                " (a group's knob goes under its group, e.g. pruner.sparsity=0.6)"
+            )
         for where, node, owner in _components(cfg):
             _check_declared(where, node, owner)
         _check_cross(cfg)

@@ -60,7 +60,8 @@ def _label(run: dict, root: Path | None) -> str:
         rel = d.name or "."
     else:
         rel = "." if d == root else str(d.relative_to(root)) if d.is_relative_to(root) else str(d)
-    return " ".join(o for o in run.get("overrides", []) if not o.startswith("hydra")) or rel
+    label = " ".join(o for o in run.get("overrides", []) if not o.startswith("hydra")) or rel
+    return label if len(label) <= 200 else label[:199] + "…"  # an absurd override never floods the table
 
 
 def _short(run: dict, width: int = 40) -> str:

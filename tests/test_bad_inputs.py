@@ -137,6 +137,14 @@ RUN_ROWS = [
         [*TINY, "recovery=lora", "recovery.merge=separate", "recovery.adapter_dir=../x"],
         "recovery.adapter_dir=../x leaves the run directory",
     ),  # fmt: skip
+    # issue 23: unknown top-level keys, absurd overrides, knobs the chosen mode ignores
+    ("unknown-top-level-key", [*TINY, "+nosuchtop=1"], "unknown top-level key 'nosuchtop'"),
+    ("override-too-long", [*TINY, "+pruner.x=" + "a" * 100_000], "an override of 100,010 characters"),
+    (
+        "adapter-dir-with-masked-merge",
+        [*TINY, "recovery=lora", "recovery.adapter_dir=ad"],
+        "recovery.adapter_dir=ad is only used by recovery.merge=separate",
+    ),  # fmt: skip
 ]
 
 

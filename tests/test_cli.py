@@ -201,3 +201,16 @@ def test_reproduce_passes_group_choices_through_and_checks_save_format():
         assert _force(arg) == arg
     with pytest.raises(PrunebenchError, match="save_format"):
         check_overrides(["experiment=smoke/tiny", "save_model=true", "save_format=compresed-tensors"])
+
+
+def test_summary_says_when_nothing_was_evaluated(tmp_path):
+    """eval=[] is a valid pruning-only run, and the summary says that nothing was evaluated."""
+    from prunebench.app import summary
+
+    prune = {"method": "wanda", "pattern": "unstructured", "target_sparsity": 0.5, "achieved_sparsity": 0.5,
+             "nonzero_before": 10, "nonzero_after": 5}  # fmt: skip
+    result = {"config": {"model": {"name": "m"}, "eval": {}}, "prune": prune, "metrics": {}, "baseline": {},
+              "timings": {"prune": 1.0}, "peak_rss_mb": 1.0}  # fmt: skip
+    assert "nothing evaluated (eval=[])" in summary(result, tmp_path)
+    result["config"]["eval"] = {"wikitext2": {"_target_": "prunebench.evals.perplexity.Perplexity"}}
+    assert "nothing evaluated" not in summary(result, tmp_path)

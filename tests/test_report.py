@@ -196,3 +196,12 @@ def test_pivot_labels_runs_that_would_share_a_cell(tmp_path):
         (folder / "metrics.json").write_text(json.dumps(data))
     _, rows = report.pivot_table(report.collect(tmp_path), "wikitext2/ppl")
     assert ["gblm (pruner.alpha=1)", "20"] in rows and ["gblm (pruner.alpha=100)", "18"] in rows
+
+
+def test_runs_table_cuts_an_absurd_override(tmp_path):
+    fake_run(tmp_path / "a", "wanda", "unstructured", 15.0)
+    data = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    data["overrides"].append("+pruner.note=" + "x" * 100_000)
+    (tmp_path / "a" / "metrics.json").write_text(json.dumps(data))
+    _, rows = report.runs_table(report.collect(tmp_path), tmp_path)
+    assert len(rows[0][0]) == 200 and rows[0][0].endswith("…")
