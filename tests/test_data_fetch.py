@@ -13,6 +13,7 @@ def test_fetch_round_trips(tmp_path, monkeypatch):
         return {"text": wiki if hub == "wikitext" else c4}
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr("prunebench.models.hub_reachable", lambda: True)  # the faked Hub answers
     written = text.fetch("wikitext2", tmp_path) + text.fetch("c4", tmp_path)
     assert [p.name for p in written] == ["wiki.test.raw", "wiki.valid.raw", "c4-train.00000-of-01024.json"]
     monkeypatch.setenv("PRUNEBENCH_DATA", str(tmp_path))

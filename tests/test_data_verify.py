@@ -142,6 +142,7 @@ def test_fetched_files_verify(tmp_path, monkeypatch):
     """`prunebench data fetch` writes SHA256SUMS, so a fetched copy verifies (and a damaged one stops)."""
     monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: {"text": ["", " = T = \n", " body \n"]})
+    monkeypatch.setattr("prunebench.models.hub_reachable", lambda: True)  # the faked Hub answers
     verify.configure(verify=True, cache_dir=tmp_path / "cache")
     text.fetch("wikitext2", tmp_path)
     monkeypatch.setenv("PRUNEBENCH_DATA", str(tmp_path))

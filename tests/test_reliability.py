@@ -309,3 +309,19 @@ def test_two_resumes_of_one_table_do_not_both_run(runner, tmp_path):
     assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "another prunebench run is writing into" in r.stderr.strip().splitlines()[-1]
     assert not list(table.rglob("metrics.json"))
+
+
+def test_data_fetch_offline_is_one_line(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    from prunebench.models import loading
+
+    loading.hub_reachable.cache_clear()
+    try:
+        r = runner.invoke(app, ["data", "fetch", "wikitext2", "--root", str(tmp_path / "data")])
+    finally:
+        loading.hub_reachable.cache_clear()
+    assert r.exit_code == 2 and r.stderr.strip().splitlines() == [
+        "error: could not download wikitext2: the Hugging Face Hub is unreachable; run this where it is"
+    ]
+    assert not (tmp_path / "data").exists()

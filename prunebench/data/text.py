@@ -188,6 +188,10 @@ def fetch(name: str, root: Path) -> list[Path]:
     `en/c4-train.00000-of-01024.json.gz`, the Wanda/SparseGPT calibration shard, as JSON lines."""
     if name not in FETCH:
         raise PrunebenchError(f"prunebench data fetch {name!r}: choose one of {', '.join(FETCH)}")
+    from prunebench.models import hub_reachable
+
+    if not hub_reachable():  # offline (HF_HUB_OFFLINE or no connection): one line now, not minutes of retries
+        raise PrunebenchError(f"could not download {name}: the Hugging Face Hub is unreachable; run this where it is")
     import datasets
 
     written = []
