@@ -38,7 +38,9 @@ def summary(result: dict, run_dir: Path) -> str:
     else:
         lines.append(
             f"pruner {prune['method']} {prune['pattern']}: target sparsity {prune['target_sparsity']:.3f},"
-            f" achieved {prune['achieved_sparsity']:.4f} of the block linears;"
+            f" achieved {prune['achieved_sparsity']:.4f} of the prunable block weights"
+            + (f" ({len(prune['excluded_weights'])} excluded: routers etc.)" if prune.get("excluded_weights") else "")
+            + ";"
             f" non-zero parameters {prune['nonzero_before']:,} -> {prune['nonzero_after']:,}"
         )
     if result.get("calibration"):

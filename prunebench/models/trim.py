@@ -6,9 +6,14 @@ size attributes and the Hugging Face config, so that the smaller model runs, gen
 cache and round-trips through `save_pretrained` / `AutoModelForCausalLM.from_pretrained`.
 
 Supported: decoder blocks with `self_attn.{q,k,v,o}_proj` and `mlp.{gate?,up,down}_proj` (Llama,
-Mistral, Qwen2/3, SmolLM2: gated; Nemotron: relu² with up/down only), RMSNorm or LayerNorm (also
-Nemotron's LayerNorm1P). The HF config holds one head count and one intermediate size for every
-layer, so all layers must end with the same counts: `check_uniform(model)` says so if not.
+Mistral, Qwen2/3, Gemma 2/3, OLMo-2, SmolLM2: gated; Nemotron: relu² with up/down only), or Phi-3's
+fused `self_attn.qkv_proj` (rows [Q heads | K groups | V groups]) and `mlp.gate_up_proj` (rows
+[gate | up]), each split into its parts before cutting; RMSNorm or LayerNorm (also Nemotron's
+LayerNorm1P and Gemma's 1 + w gain). Per-head q/k norms (Qwen3, Gemma 3: width head_dim) stay;
+OLMo-2's q/k norms over the whole projection are cut with the heads. Gemma's embedding scale
+sqrt(hidden) follows a hidden trim, as the saved config implies. The HF config holds one head
+count and one intermediate size for every layer, so all layers must end with the same counts:
+`check_uniform(model)` says so if not.
 
 Layout conventions (HF Llama family): q_proj rows are heads × head_dim, head h at rows
 [h·d, (h+1)·d); KV group g serves query heads [g·r, (g+1)·r) with r = heads / kv_heads.
@@ -58,16 +63,36 @@ def _expand(units: torch.Tensor, width: int) -> torch.Tensor:
 
 def _attn(block: nn.Module) -> nn.Module:
     attn = getattr(block, "self_attn", None)
-    if attn is None or not all(hasattr(attn, p) for p in (*ATTN_IN, "o_proj")):
-        raise ValueError(f"{type(block).__name__} has no self_attn.{{q,k,v,o}}_proj (fused or encoder attention)")
+    split = attn is not None and all(isinstance(getattr(attn, p, None), nn.Linear) for p in (*ATTN_IN, "o_proj"))
+    fused = attn is not None and all(isinstance(getattr(attn, p, None), nn.Linear) for p in ("qkv_proj", "o_proj"))
+    if not (split or fused):
+        raise ValueError(f"{type(block).__name__} has no self_attn.{{q,k,v,o}}_proj or qkv_proj (encoder attention)")
     return attn
 
 
 def _mlp(block: nn.Module) -> nn.Module:
     mlp = getattr(block, "mlp", None)
-    if mlp is None or not hasattr(mlp, "up_proj") or not hasattr(mlp, "down_proj"):
-        raise ValueError(f"{type(block).__name__} has no mlp.up_proj / mlp.down_proj")
+    first = getattr(mlp, "up_proj", None) or getattr(mlp, "gate_up_proj", None)
+    if not (isinstance(first, nn.Linear) and isinstance(getattr(mlp, "down_proj", None), nn.Linear)):
+        raise ValueError(
+            f"{type(block).__name__} has no mlp.up_proj (or gate_up_proj) / mlp.down_proj linears (experts?)"
+        )
     return mlp
+
+
+def ffn_size(mlp: nn.Module) -> int:
+    """Intermediate channels of an MLP (half of a fused gate_up_proj's rows)."""
+    return mlp.up_proj.out_features if hasattr(mlp, "up_proj") else mlp.gate_up_proj.out_features // 2
+
+
+def query_proj(attn: nn.Module) -> nn.Linear:
+    """The linear whose first heads·head_dim rows are the query heads (q_proj, or fused qkv_proj)."""
+    return attn.q_proj if hasattr(attn, "q_proj") else attn.qkv_proj
+
+
+def first_mlp_proj(mlp: nn.Module) -> nn.Linear:
+    """The activation's input projection (gate_proj, gate_up_proj, or up_proj when not gated)."""
+    return getattr(mlp, "gate_proj", None) or getattr(mlp, "gate_up_proj", None) or mlp.up_proj
 
 
 def head_dim(model: nn.Module) -> int:
@@ -79,6 +104,9 @@ def layer_heads(model: nn.Module, layer_idx: int) -> tuple[int, int]:
     """(query heads, KV heads) of one layer, read from its weights."""
     attn = _attn(find_blocks(model)[layer_idx])
     d = head_dim(model)
+    if hasattr(attn, "qkv_proj"):  # rows [Q | K | V]: Q = heads·d from o_proj's input
+        heads = attn.o_proj.in_features // d
+        return heads, (attn.qkv_proj.out_features // d - heads) // 2
     return attn.q_proj.out_features // d, attn.k_proj.out_features // d
 
 
@@ -108,10 +136,18 @@ def trim_heads(
             f"layer {layer_idx}: GQA needs the same number of query heads in every kept KV group, got {counts.tolist()}"
         )
     rows, kv_rows = _expand(q, d), _expand(g, d)
-    _cut_linear(attn.q_proj, rows=rows)
-    _cut_linear(attn.k_proj, rows=kv_rows)
-    _cut_linear(attn.v_proj, rows=kv_rows)
+    if hasattr(attn, "qkv_proj"):  # fused [Q | K | V]: the same cuts, offset into each part
+        qn, kvn = heads * d, groups * d
+        _cut_linear(attn.qkv_proj, rows=torch.cat([rows, qn + kv_rows, qn + kvn + kv_rows]))
+    else:
+        _cut_linear(attn.q_proj, rows=rows)
+        _cut_linear(attn.k_proj, rows=kv_rows)
+        _cut_linear(attn.v_proj, rows=kv_rows)
     _cut_linear(attn.o_proj, cols=rows)
+    for name, idx, width in (("q_norm", rows, heads * d), ("k_norm", kv_rows, groups * d)):
+        norm = getattr(attn, name, None)  # OLMo-2: one norm over the whole projection; Qwen3: per head
+        if norm is not None and _is_norm(norm, width) and width != d:
+            _cut_norm(norm, idx)
     new_heads, new_groups = q.numel(), g.numel()
     for name, value in (
         ("num_heads", new_heads),
@@ -128,7 +164,10 @@ def trim_mlp(model: nn.Module, layer_idx: int, keep_neurons: Sequence[int]) -> N
     """Keep intermediate channels `keep_neurons` of one layer's MLP: rows of gate_proj (if any) and
     up_proj, columns of down_proj."""
     mlp = _mlp(find_blocks(model)[layer_idx])
-    n = _as_index(keep_neurons, mlp.up_proj.out_features, f"layer {layer_idx} MLP neurons")
+    size = ffn_size(mlp)
+    n = _as_index(keep_neurons, size, f"layer {layer_idx} MLP neurons")
+    if hasattr(mlp, "gate_up_proj"):  # fused [gate | up] (Phi-3): the same neurons in both halves
+        _cut_linear(mlp.gate_up_proj, rows=torch.cat([n, size + n]))
     for name in MLP_IN:
         if hasattr(mlp, name):
             _cut_linear(getattr(mlp, name), rows=n)
@@ -171,7 +210,7 @@ def _cut_norm(norm: nn.Module, idx: torch.Tensor) -> None:
 def _rescale_norm(norm: nn.Module, factor: float) -> None:
     """Multiply a norm's effective gain by `factor` (LayerNorm1P stores gain − 1)."""
     with torch.no_grad():
-        if type(norm).__name__.endswith("1P"):
+        if type(norm).__name__.endswith("1P") or type(norm).__name__.startswith("Gemma"):  # gain 1 + w
             norm.weight.add_(1.0).mul_(factor).sub_(1.0)
         else:
             norm.weight.mul_(factor)
@@ -195,10 +234,11 @@ def trim_hidden(model: nn.Module, keep_channels: Sequence[int], rescale_norms: b
     tied = head is not None and head.weight is embed.weight
     for block in find_blocks(model):
         attn, mlp = _attn(block), _mlp(block)
-        for name in ATTN_IN:
-            _cut_linear(getattr(attn, name), cols=c)
+        for name in (*ATTN_IN, "qkv_proj"):
+            if hasattr(attn, name):
+                _cut_linear(getattr(attn, name), cols=c)
         _cut_linear(attn.o_proj, rows=c)
-        for name in MLP_IN:
+        for name in (*MLP_IN, "gate_up_proj"):
             if hasattr(mlp, name):
                 _cut_linear(getattr(mlp, name), cols=c)
         _cut_linear(mlp.down_proj, rows=c)
@@ -213,6 +253,9 @@ def trim_hidden(model: nn.Module, keep_channels: Sequence[int], rescale_norms: b
         w = embed.weight.index_select(1, c.to(embed.weight.device)).contiguous()
         embed.weight = nn.Parameter(w, requires_grad=embed.weight.requires_grad)
     embed.embedding_dim = c.numel()
+    if isinstance(getattr(embed, "embed_scale", None), torch.Tensor):  # Gemma: sqrt(hidden_size), as a reload sets it
+        embed.scalar_embed_scale = c.numel() ** 0.5
+        embed.embed_scale.fill_(embed.scalar_embed_scale)
     if head is not None:
         if tied:
             head.weight = embed.weight
@@ -232,9 +275,20 @@ def _sync_config(model: nn.Module) -> None:
     heads = {layer_heads(model, i) for i in range(len(blocks))}
     if len(heads) == 1:
         config.num_attention_heads, config.num_key_value_heads = next(iter(heads))
-    sizes = {_mlp(b).up_proj.out_features for b in blocks}
+    sizes = set(_dense_ffn_sizes(blocks))
     if len(sizes) == 1:
         config.intermediate_size = next(iter(sizes))
+
+
+def _dense_ffn_sizes(blocks) -> list[int]:
+    """Intermediate sizes of the blocks with a dense (linear) MLP; MoE blocks' experts are not one."""
+    sizes = []
+    for b in blocks:
+        try:
+            sizes.append(ffn_size(_mlp(b)))
+        except ValueError:
+            continue
+    return sizes
 
 
 def check_uniform(model: nn.Module) -> None:
@@ -242,7 +296,7 @@ def check_uniform(model: nn.Module) -> None:
     and the config says so: HF Llama/Nemotron configs hold one value for all layers."""
     blocks = find_blocks(model)
     heads = [layer_heads(model, i) for i in range(len(blocks))]
-    sizes = [_mlp(b).up_proj.out_features for b in blocks]
+    sizes = _dense_ffn_sizes(blocks)
     if len(set(heads)) > 1:
         raise ValueError(f"layers have different (heads, KV heads) {heads}; trim every layer to the same counts")
     if len(set(sizes)) > 1:

@@ -7,6 +7,7 @@ the dense model (GBLM's gradient pass), or its own `prune_layer` (SparseGPT's we
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -18,9 +19,11 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.knobs import Flag, linear_widths
-from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
+from prunebench.models.blocks import ExpertSlice, block_weights, find_blocks, prunable_weights, routers
 from prunebench.pruners.masks import make_mask, parse_pattern
-from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms
+from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms, routed_nothing
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,21 +42,40 @@ class PruneStats:
 
 
 def measure(model: nn.Module, target: float, timings: dict, info: dict | None = None) -> PruneStats:
-    """Achieved sparsity of every block linear, counted from the weights themselves."""
+    """Achieved sparsity over every prunable block weight (linears and each expert of fused 3-D
+    experts), counted from the weights themselves. Every other ≥ 2-D weight inside the blocks is
+    listed in info['excluded_weights'] with the reason (routers are excluded by rule); one that no
+    rule covers is named in a warning, so achieved_sparsity never silently leaves weights out."""
     per, zeros, total = {}, 0, 0
+    excluded: dict[str, str] = {}
     for i, block in enumerate(find_blocks(model)):
-        for name, layer in block_linears(block).items():
+        weights = block_weights(block)
+        for name, layer in weights.items():
             z = int((layer.weight == 0).sum())
             per[f"{i}.{name}"] = z / layer.weight.numel()
             zeros, total = zeros + z, total + layer.weight.numel()
-    return PruneStats(target, zeros / max(total, 1), per, timings, info or {})
+        covered = {id(w.param if isinstance(w, ExpertSlice) else w.weight) for w in weights.values()}
+        rules = routers(block)
+        for pname, p in block.named_parameters():
+            if p.dim() >= 2 and id(p) not in covered:
+                excluded[f"{i}.{pname}"] = "router (never pruned)" if pname in rules else "not handled"
+    info = dict(info or {})
+    if excluded:
+        info["excluded_weights"] = excluded
+    if unhandled := [n for n, why in excluded.items() if why == "not handled"]:
+        more = ", ..." if len(unhandled) > 4 else ""
+        log.warning(
+            "%d weight(s) inside the blocks are neither pruned nor excluded by rule (%s%s); achieved_sparsity"
+            " counts only the pruned ones", len(unhandled), ", ".join(unhandled[:4]), more,
+        )  # fmt: skip
+    return PruneStats(target, zeros / max(total, 1), per, timings, info)
 
 
 def mask_agreement(a: nn.Module, b: nn.Module) -> float:
-    """Fraction of identical mask entries (weight == 0) over the block linears of two models of
+    """Fraction of identical mask entries (weight == 0) over the prunable block weights of two models of
     one architecture: how far a precision, device or placement change moves the masks."""
     same = total = 0
-    for x, y in zip(prunable_linears(a).values(), prunable_linears(b).values(), strict=True):
+    for x, y in zip(prunable_weights(a).values(), prunable_weights(b).values(), strict=True):
         same += int(((x.weight == 0) == (y.weight == 0).to(x.weight.device)).sum())
         total += x.weight.numel()
     return same / max(total, 1)
@@ -137,6 +159,18 @@ class MaskPruner:
         mask = make_mask(score, self.sparsity, self.nm, self.group)
         layer.weight[mask] = 0
 
+    @torch.no_grad()
+    def prune_weight(self, name: str, layer, stat) -> None:
+        """`prune_layer`, except for an expert that no calibration token reached: its statistics are
+        empty, so it is pruned by magnitude |W| under the method's mask rule (its comparison group:
+        row for Wanda and GBLM, the whole matrix for SparseGPT; N:M as set) with no weight update,
+        and named in info['experts_without_tokens']."""
+        if isinstance(layer, ExpertSlice) and routed_nothing(stat):
+            self.info.setdefault("experts_without_tokens", []).append(name)
+            layer.weight[make_mask(layer.weight.abs().float(), self.sparsity, self.nm, self.group)] = 0
+            return
+        self.prune_layer(name, layer, stat)
+
     def __call__(self, model: nn.Module, calib) -> PruneStats:
         if calib is None:
             raise PrunebenchError(f"{self.name} needs calibration data")
@@ -151,7 +185,7 @@ class MaskPruner:
             def edit(i, block, collect):
                 linears, stats = collect_stats(block, collect, self.make_stat)
                 for name, layer in linears.items():
-                    self.prune_layer(f"{i}.{name}", layer, stats[name])
+                    self.prune_weight(f"{i}.{name}", layer, stats[name])
 
             runner.run(edit)
             timings["forward"] = runner.forward_s
@@ -161,7 +195,7 @@ class MaskPruner:
             norms, reused = dense_input_norms(model, calib)
             self.info["dense_norms_reused"] = reused
             timings["forward"] = time.perf_counter() - t
-            for name, layer in prunable_linears(model).items():
-                self.prune_layer(name, layer, InputNorms.of(norms[name]))
+            for name, layer in prunable_weights(model).items():
+                self.prune_weight(name, layer, InputNorms.of(norms[name]))
         timings["score_and_mask"] = time.perf_counter() - t - timings["forward"]
         return measure(model, self.sparsity, timings, dict(self.info))

@@ -17,7 +17,7 @@ import time
 import torch
 from torch import nn
 
-from prunebench.models.blocks import prunable_linears
+from prunebench.models.blocks import prunable_weights
 from prunebench.pruners.base import MaskPruner, PruneStats, measure
 
 
@@ -39,6 +39,6 @@ class Magnitude(MaskPruner):
 
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:
         start = time.perf_counter()
-        for name, layer in prunable_linears(model).items():  # no data needed: no forward passes
+        for name, layer in prunable_weights(model).items():  # no data needed: no forward passes
             self.prune_layer(name, layer, None)
         return measure(model, self.sparsity, {"forward": 0.0, "score_and_mask": time.perf_counter() - start})

@@ -50,6 +50,7 @@ from prunebench import PrunebenchError
 from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
+from prunebench.pruners import minitron_experts as mexperts
 from prunebench.pruners import minitron_importance as importance
 from prunebench.pruners import minitron_search as msearch
 from prunebench.pruners.base import PruneStats, ShapePruner
@@ -63,9 +64,10 @@ from prunebench.pruners.minitron_plan import (
     plan,
     ranking,
     resolve_groups,
+    top_k,
 )
 
-TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden")
+TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden", "experts")  # experts: minitron_experts.py
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,10 @@ class Minitron(ShapePruner):
         self.target_params = msearch.parse_target_params(target_params)
         self.axes = msearch.parse_axes(axes)
         self.search = msearch.SearchKnobs.parse(search)
+        if self.target["experts"] is not None and self.target_params is not None:
+            raise PrunebenchError(
+                "pruner.target.experts is not an axis the target_params search varies; set pruner.target_params=null"
+            )
         h, g = self._fixed()["heads"], self.target["kv_heads"]
         if h is not None and g is not None and h % g:
             raise PrunebenchError(
@@ -207,6 +213,17 @@ class Minitron(ShapePruner):
         t = self._fixed()
         if (n := t["layers"]) is not None and n > num_layers:
             raise PrunebenchError(f"pruner.target.layers={n} is more than the model's {num_layers} layers")
+        if dims and dims.get("model_type"):  # a mixture of experts is known from its config
+            moe = any(dims.get(k) for k in mexperts.CONFIG_KEYS)
+            if moe and t["ffn"] is not None:
+                raise PrunebenchError(
+                    f"pruner.target.ffn: {dims['model_type']} is a mixture of experts (its MLPs are fused 3-D experts);"
+                    " trim whole experts with pruner.target.experts, or set pruner.target.ffn=null"
+                )
+            if not moe and t["experts"] is not None:
+                raise PrunebenchError(
+                    f"pruner.target.experts: {dims['model_type']} has no experts; drop pruner.target.experts"
+                )
         if dims and all(dims.get(k) for k in ("hidden_size", "num_attention_heads", "intermediate_size")):
             heads = dims["num_attention_heads"]
             d = Dims(
@@ -279,6 +296,8 @@ class Minitron(ShapePruner):
                     raise PrunebenchError(
                         f"{knob}: {err}; minitron trims Llama-family and Nemotron decoders (set {knob}=null)"
                     ) from None
+        if t["experts"] is not None:
+            mexperts.check(model, t["experts"])
         if "hidden" in wants and model.get_output_embeddings() is None:
             knob = "pruner.target.hidden" if t["hidden"] is not None else "pruner.axes with emb"
             raise PrunebenchError(f"{knob} needs a causal LM (embedding and LM head); drop it")
@@ -373,9 +392,16 @@ class Minitron(ShapePruner):
             )
             timings = {"importance": time.perf_counter() - t0}
             p = plan(imp, dims, t, self.contiguous, self.head_merge)
+        experts = None  # scored on the model as loaded, like every other axis
+        if t.get("experts") is not None:
+            experts = mexperts.expert_scores(model, calib.input_ids, calib.batch_size)
+            p.experts = {i: top_k(s, t["experts"]) for i, s in experts.items() if i in set(p.layers)}
         self.importance = imp
         t1 = time.perf_counter()
         apply_plan(model, p, self.hidden_norm_rescale)
+        for new, old in enumerate(p.layers):
+            if experts is not None and old in p.experts:
+                mexperts.trim_experts(model, new, p.experts[old])
         timings["trim"] = time.perf_counter() - t1
         params_after = count_params(model)[0]
         c = model.config
@@ -412,10 +438,12 @@ class Minitron(ShapePruner):
             "heads_merged": {str(i): [list(x) for x in v] for i, v in p.merges.items()},
             "neurons_kept": {str(i): v for i, v in p.neurons.items()},
             "channels_kept": p.channels,
+            **({"experts_kept": {str(i): v for i, v in p.experts.items()}} if experts is not None else {}),
             "params_before": params_before,
             "params_after": params_after,
             "param_ratio": params_after / params_before,
-            "scores": self._scores(imp, p.layers),
+            "scores": self._scores(imp, p.layers)
+            | ({"experts": _summary([experts[i] for i in sorted(experts)])} if experts else {}),
             "saveable": bool(saveable),
         }
         if search is not None:

@@ -261,8 +261,8 @@ def compute_importance(
                 hook = lambda _m, a, acc=acc: acc.add(reduce_seq(a[0], seq))  # noqa: E731
                 handles.append(mlp.down_proj.register_forward_pre_hook(hook))
             else:  # X·W1: the gate's output in a gated MLP, else the up projection's
-                first = getattr(mlp, "gate_proj", None) or mlp.up_proj
-                hook = lambda _m, _a, out, acc=acc: acc.add(reduce_seq(out, seq))  # noqa: E731
+                first, size = trim_ops.first_mlp_proj(mlp), trim_ops.ffn_size(mlp)  # fused gate_up: the gate half
+                hook = lambda _m, _a, out, acc=acc, n=size: acc.add(reduce_seq(out[..., :n], seq))  # noqa: E731
                 handles.append(first.register_forward_hook(hook))
     norms = trim_ops.residual_norms(model)
     if "hidden" in axes:

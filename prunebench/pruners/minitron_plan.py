@@ -123,6 +123,7 @@ class Plan:
     merges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     channels: list[int] | None = None
+    experts: dict[int, list[int]] = field(default_factory=dict)  # applied by minitron_experts.trim_experts
 
 
 def resolve_groups(dims: Dims, heads: int | None, kv_heads: int | None) -> tuple[int, int]:
@@ -167,7 +168,7 @@ def plan(
 @torch.no_grad()
 def merge_heads(model: nn.Module, layer: int, pairs: Sequence[tuple[int, int]]) -> None:
     """head_i ← head_i + (head_i − head_j) on the query projection (rows and bias) of one layer."""
-    q = trim_ops._attn(find_blocks(model)[layer]).q_proj
+    q = trim_ops.query_proj(trim_ops._attn(find_blocks(model)[layer]))  # fused qkv: the query rows come first
     d = trim_ops.head_dim(model)
     for params in (q.weight, q.bias):
         if params is None:
@@ -263,10 +264,10 @@ class Arch:
             vocab=embed.num_embeddings,
             head_dim=trim_ops.head_dim(model),
             tied=head is None or head.weight is embed.weight,
-            gated=hasattr(mlp, "gate_proj"),
-            qkv_bias=attn.q_proj.bias is not None,
+            gated=hasattr(mlp, "gate_proj") or hasattr(mlp, "gate_up_proj"),
+            qkv_bias=trim_ops.query_proj(attn).bias is not None,
             o_bias=attn.o_proj.bias is not None,
-            mlp_bias=mlp.up_proj.bias is not None,
+            mlp_bias=trim_ops.first_mlp_proj(mlp).bias is not None,
             down_bias=mlp.down_proj.bias is not None,
             norms_per_layer=len(layer_norms),
             final_norms=len(final),

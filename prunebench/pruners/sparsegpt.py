@@ -34,8 +34,9 @@ class Hessian:
         self.xtx = torch.zeros(cols, cols, dtype=torch.float32, device=layer.weight.device)
         self.nsamples = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        self.nsamples += x.shape[0] if x.dim() == 3 else 1
+    def add(self, x: torch.Tensor, samples: int | None = None) -> None:
+        """`samples`: calibration samples behind flattened tokens (an expert's), as InputNorms.add."""
+        self.nsamples += samples if samples is not None else (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1]).float()
         self.xtx.addmm_(x.T, x)
 

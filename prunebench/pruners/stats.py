@@ -22,7 +22,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
-from prunebench.models.blocks import block_linears, find_blocks, prunable_linears
+from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-exported for callers)
+    ExpertSlice,
+    block_weights,
+    find_blocks,
+    fused_experts,
+    prunable_linears,
+    prunable_weights,
+)
 from prunebench.placement import compute_device, offloaded, on_device
 
 log = logging.getLogger(__name__)
@@ -40,8 +47,10 @@ class InputNorms:
         self.sum = torch.zeros(layer.in_features, dtype=torch.float32, device=layer.weight.device)
         self.nsamples = 0
 
-    def add(self, x: torch.Tensor) -> None:
-        self.nsamples += x.shape[0] if x.dim() == 3 else 1
+    def add(self, x: torch.Tensor, samples: int | None = None) -> None:
+        """`samples`: how many calibration samples `x` came from, when its tokens are flattened (an
+        expert's routed tokens); otherwise the batch dimension of a 3-D `x`."""
+        self.nsamples += samples if samples is not None else (x.shape[0] if x.dim() == 3 else 1)
         x = x.reshape(-1, x.shape[-1]).float()
         self.sum += (x * x).sum(0)
 
@@ -54,7 +63,16 @@ class InputNorms:
         """Wrap a stored ||X_j||² (e.g. from the one-shot cache)."""
         stat = cls.__new__(cls)
         stat.sum, stat.nsamples = norm_sq, 1
+        stat.tokens = None  # unknown: `routed_nothing` reads an all-zero norm as no tokens
         return stat
+
+
+def routed_nothing(stat) -> bool:
+    """True for an expert's statistic that saw no calibration token (its router never picked it)."""
+    tokens = getattr(stat, "tokens", None)
+    if tokens is None and hasattr(stat, "norm_sq"):
+        return not bool(stat.norm_sq.any())
+    return tokens == 0
 
 
 def _first(out: Any) -> torch.Tensor:
@@ -139,26 +157,69 @@ class Layerwise:
                     self.forward(block, hidden, calls, keep=True)
 
 
-def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
-    """Hook every linear in `block`, run `collect()`, return (linears, stats)."""
-    linears = block_linears(block)
-    stats = {name: make_stat(layer) for name, layer in linears.items()}
+def hook_block(block: nn.Module, stats: dict, make_stat, prefix: str = "") -> tuple[dict, list]:
+    """Create `stats[prefix + name]` for every prunable weight of `block` and hook what feeds it:
+    a linear's input, and for fused experts the tokens routed to each expert (gate_up's input) and
+    act(gate)·up of those tokens (down's input, computed from the weights as they are). An expert
+    statistic also counts its tokens (`stat.tokens`) and averages over calibration samples, not
+    tokens, like the dense linears. Returns (weights, hook handles)."""
+    weights = block_weights(block)
+    for name, layer in weights.items():
+        stats[prefix + name] = make_stat(layer)
     handles = [
-        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
-        for name, layer in linears.items()
+        layer.register_forward_hook(lambda _m, inp, _out, s=stats[prefix + name]: s.add(inp[0]))
+        for name, layer in weights.items()
+        if isinstance(layer, nn.Module)
     ]
+    experts = fused_experts(block)
+    if experts:
+        samples = [1]  # the batch size of the block's current call (experts see flattened tokens)
+
+        def batch(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            samples[0] = h.shape[0] if h.dim() == 3 else 1
+
+        handles.append(block.register_forward_pre_hook(batch, with_kwargs=True))
+        for name, m in experts.items():
+            hook = _expert_hook(m, f"{prefix}{name}", stats, samples)
+            handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    return weights, handles
+
+
+def _expert_hook(m: nn.Module, name: str, stats: dict, samples: list):
+    def grab(_m, args, kwargs):
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        given = dict(zip(names, args, strict=False)) | kwargs
+        x, index = given["hidden_states"], given["top_k_index"]
+        x = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            for e in range(m.gate_up_proj.shape[0]):
+                xe = x[(index == e).any(-1)]
+                gate, up = nn.functional.linear(xe, m.gate_up_proj[e]).chunk(2, dim=-1)
+                for kind, inp in (("gate_up_proj", xe), ("down_proj", m.act_fn(gate) * up)):
+                    stat = stats[f"{name}.{kind}.{e}"]
+                    stat.add(inp, samples=samples[0])
+                    stat.tokens = getattr(stat, "tokens", 0) + xe.shape[0]
+
+    return grab
+
+
+def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
+    """Hook every prunable weight in `block`, run `collect()`, return (weights, stats)."""
+    stats: dict = {}
+    weights, handles = hook_block(block, stats, make_stat)
     try:
         collect()
     finally:
         for h in handles:
             h.remove()
-    return linears, stats
+    return weights, stats
 
 
 @torch.no_grad()
 def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: int, make_stat) -> dict:
-    """Statistics of every block linear from plain full-model forwards on the dense model (the
-    one-shot protocol; also the reference the layer-wise path is tested against). An offloaded
+    """Statistics of every prunable block weight from plain full-model forwards on the dense model
+    (the one-shot protocol; also the reference the layer-wise path is tested against). An offloaded
     model runs block by block instead: with no edits in between that is the same computation."""
     if offloaded(model):
         stats = {}
@@ -169,12 +230,9 @@ def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: 
 
         Layerwise(model, input_ids, batch_size, desc="statistics").run(grab)
         return stats
-    linears = prunable_linears(model)
-    stats = {name: make_stat(layer) for name, layer in linears.items()}
-    handles = [
-        layer.register_forward_hook(lambda _m, inp, _out, s=stats[name]: s.add(inp[0]))
-        for name, layer in linears.items()
-    ]
+    stats, handles = {}, []
+    for i, block in enumerate(find_blocks(model)):
+        handles += hook_block(block, stats, make_stat, f"{i}.")[1]
     device = compute_device(model)
     try:
         for batch in input_ids.split(batch_size):
@@ -234,11 +292,11 @@ def dense_input_norms(model: nn.Module, calib) -> tuple[dict[str, torch.Tensor],
 def gradient_norms(
     model: nn.Module, input_ids: torch.Tensor, norm: str, fp16_scale: float | None = None
 ) -> dict[str, torch.Tensor]:
-    """Per-sample gradient norms of every block linear's weight (GBLM-Pruner's G).
+    """Per-sample gradient norms of every prunable block weight (GBLM-Pruner's G), experts included.
 
     One window at a time (batch 1), causal-LM loss with labels = inputs; each sample's gradient is
     folded into the accumulator the moment it is computed (a post-accumulate hook) and freed, so at
-    most one sample's gradient exists beside the accumulators. Only block linears require grad.
+    most one sample's gradient exists beside the accumulators. Only the pruned weights require grad.
 
     norm='l1': Σ_s |g_s|;  norm='l2': sqrt(Σ_s g_s²), in fp32 and unscaled: the reference's α·g
     scaling is linear, so α is applied at scoring time and one cache serves every α.
@@ -250,27 +308,31 @@ def gradient_norms(
         raise PrunebenchError(
             "gblm's gradient pass needs the whole model on the device: use placement=device or device_map"
         )
-    linears = prunable_linears(model)
+    # One accumulator per parameter: a fused experts tensor is one parameter holding every
+    # expert's matrix, and per-sample |g| or g² is elementwise, so its slices are the experts' G.
+    targets = {n: (w.param, w.index) if isinstance(w, ExpertSlice) else (w.weight, None)
+               for n, w in prunable_weights(model).items()}  # fmt: skip
+    params = {id(p): p for p, _ in targets.values()}
     acc_dtype = torch.float16 if fp16_scale else torch.float32
-    acc = {n: torch.zeros_like(layer.weight, dtype=acc_dtype) for n, layer in linears.items()}
+    acc = {k: torch.zeros_like(p, dtype=acc_dtype) for k, p in params.items()}
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def fold(name: str):
+    def fold(key: int):
         def hook(p: torch.Tensor) -> None:
             g = p.grad.to(acc_dtype)
             if fp16_scale:
                 g = g * fp16_scale
-            acc[name] += g.abs() if norm == "l1" else g * g
+            acc[key] += g.abs() if norm == "l1" else g * g
             p.grad = None
 
         return hook
 
     handles = []
-    for name, layer in linears.items():
-        layer.weight.requires_grad_(True)
-        handles.append(layer.weight.register_post_accumulate_grad_hook(fold(name)))
+    for key, p in params.items():
+        p.requires_grad_(True)
+        handles.append(p.register_post_accumulate_grad_hook(fold(key)))
     device = compute_device(model)
     try:
         for window in tqdm(input_ids, desc="gradients", unit="sample", leave=False):
@@ -281,4 +343,5 @@ def gradient_norms(
             h.remove()
         for p, flag in saved.items():
             p.requires_grad_(flag)
-    return {n: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for n, a in acc.items()}
+    out = {k: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for k, a in acc.items()}
+    return {n: out[id(p)] if e is None else out[id(p)][e].clone() for n, (p, e) in targets.items()}

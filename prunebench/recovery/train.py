@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
-from prunebench.models.blocks import prunable_linears
+from prunebench.models.blocks import prunable_weights
 
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -82,11 +82,12 @@ def adamw(
 
 
 class MaskKeeper:
-    """Remembers which block-linear weights are exactly zero and sets them back to zero after each
-    optimiser step, so unstructured and N:M sparsity survive training."""
+    """Remembers which prunable block weights (linears, each expert of fused experts) are exactly
+    zero and sets them back to zero after each optimiser step, so unstructured and N:M sparsity
+    survive training."""
 
     def __init__(self, model: nn.Module, enabled: bool = True):
-        self.linears = prunable_linears(model) if enabled else {}
+        self.linears = prunable_weights(model) if enabled else {}  # experts of fused MoE tensors too
         self.masks = {n: m.weight == 0 for n, m in self.linears.items()}
 
     @torch.no_grad()
