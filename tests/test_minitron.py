@@ -516,7 +516,7 @@ def test_default_config_targets_smollm2_shape():
     from prunebench.config import instantiate
 
     pruner = instantiate(compose_cfg("pruner=minitron").pruner)
-    assert pruner.target == {"layers": None, "heads": 6, "kv_heads": None, "ffn": 1024, "hidden": None}
+    assert pruner.target == {"layers": None, "heads": 6, "kv_heads": None, "ffn": 1024, "hidden": None, "experts": None}
     assert (pruner.batch, pruner.seq, pruner.metric, pruner.head_merge) == ("l2", "mean", "bi", False)
     smollm2 = {"hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3, "intermediate_size": 1536}
     pruner.check(30, smollm2)

@@ -312,7 +312,8 @@ def test_searched_axes_override_target_and_others_stay_fixed():
     assert default.target["heads"] == 6 and default._fixed()["heads"] is None  # att is searched
     default.check(30, SMOLLM2)
     depth = Minitron(target={"heads": 6, "ffn": 1024}, target_params=0.6, axes=["depth"])
-    assert depth._fixed() == {"layers": None, "heads": 6, "kv_heads": None, "ffn": 1024, "hidden": None}
+    fixed = {"layers": None, "heads": 6, "kv_heads": None, "ffn": 1024, "hidden": None, "experts": None}
+    assert depth._fixed() == fixed
     depth.check(30, SMOLLM2)
 
 

