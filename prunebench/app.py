@@ -71,6 +71,8 @@ def summary(result: dict, run_dir: Path) -> str:
     lines.append(
         "seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()) + f"; peak RSS {result['peak_rss_mb']:.0f} MB"
     )
+    if result.get("non_finite"):  # kept, not dropped: an overflowed metric is a result
+        lines.append(f"warning: {', '.join(result['non_finite'])} overflowed to inf (metrics.json non_finite)")
     lines.append(f"wrote {run_dir / 'metrics.json'}")
     return "\n".join(lines)
 

@@ -265,13 +265,20 @@ class TensorBoard:
     the jobs of a sweep). Written into the run directory by default, beside metrics.json."""
 
     def __init__(self, name: str = "tensorboard", log_dir: str | None = None):
-        self.name, self.log_dir = name, log_dir
+        from prunebench.cache import output_folder
+
+        self.name, self.log_dir = name, output_folder(log_dir, "logger.log_dir") if log_dir else None
 
     def log(self, run: Run) -> str:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        where = Path(self.log_dir) / run.run_dir.relative_to(run.root) if self.log_dir else run.run_dir
+        if self.log_dir is None:
+            where = run.run_dir
+        elif self.log_dir.is_absolute():  # a shared log dir: one subfolder per run, as the runs are laid out
+            where = self.log_dir / run.run_dir.relative_to(run.root)
+        else:  # a relative output folder lands inside the run dir (issue 23)
+            where = run.run_dir / self.log_dir
         writer = SummaryWriter(log_dir=str(where))
         try:
             for k, v in run.metrics.items():
@@ -308,12 +315,15 @@ class WandB:
     ):
         if mode not in self.MODES:
             raise PrunebenchError(f"logger.mode={mode!r} must be one of {', '.join(self.MODES)}")
-        self.name, self.mode, self.project, self.group, self.dir = name, mode, project, group, dir
+        from prunebench.cache import output_folder
+
+        self.name, self.mode, self.project, self.group = name, mode, project, group
+        self.dir = output_folder(dir, "logger.dir") if dir else None  # relative: inside the run dir
 
     def log(self, run: Run) -> str:
         import wandb
 
-        where = Path(self.dir) if self.dir else run.run_dir
+        where = run.run_dir / self.dir if self.dir else run.run_dir  # an absolute dir replaces the run dir
         where.mkdir(parents=True, exist_ok=True)
         settings = wandb.Settings(silent=True, console="off", disable_git=True, x_disable_stats=True)
         # W&B's own cache, config, data and artifact folders (its service's debug log lands in the cache

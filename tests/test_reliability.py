@@ -325,3 +325,27 @@ def test_data_fetch_offline_is_one_line(runner, tmp_path, monkeypatch):
         "error: could not download wikitext2: the Hugging Face Hub is unreachable; run this where it is"
     ]
     assert not (tmp_path / "data").exists()
+
+
+def test_tracker_folders_relative_to_the_run_dir(tmp_path):
+    run = tracking.Run(name="r", group="g", root=tmp_path, run_dir=tmp_path / "run", config={})
+    with pytest.raises(PrunebenchError, match=r"logger.log_dir=../tb leaves the run directory"):
+        tracking.TensorBoard(log_dir="../tb")
+    with pytest.raises(PrunebenchError, match=r"logger.dir=../../w leaves the run directory"):
+        tracking.WandB(dir="../../w")
+    pytest.importorskip("torch.utils.tensorboard")
+    assert tracking.TensorBoard(log_dir="tb").log(run) == f"event files in {tmp_path / 'run' / 'tb'}"
+    assert list((tmp_path / "run" / "tb").glob("events.out.tfevents.*"))
+    shared = tmp_path / "shared"
+    assert tracking.TensorBoard(log_dir=str(shared)).log(run) == f"event files in {shared / 'run'}"
+
+
+def test_summary_says_which_metrics_overflowed():
+    from prunebench.app import summary
+
+    result = {"config": {"model": {"name": "m"}}, "prune": {"method": "wanda", "pattern": "unstructured",
+              "target_sparsity": 0.5, "achieved_sparsity": 0.5, "nonzero_before": 2, "nonzero_after": 1},
+              "metrics": {"wikitext2/ppl": math.inf}, "baseline": {"wikitext2/ppl": 10.0}, "timings": {},
+              "peak_rss_mb": 1.0, "non_finite": ["wikitext2/ppl"]}  # fmt: skip
+    text = summary(result, Path("run"))
+    assert "inf" in text and "warning: wikitext2/ppl overflowed to inf (metrics.json non_finite)" in text
