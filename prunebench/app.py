@@ -64,6 +64,8 @@ def summary(result: dict, run_dir: Path) -> str:
     # The quick profile only shortens calibration and WikiText-2; say so only where they ran.
     if cfg.get("profile") == "quick" and (result.get("calibration") or any(k.endswith("/windows") for k in metrics)):
         lines.append("quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'")
+    if result.get("profile_note"):
+        lines.append(result["profile_note"])
     if dev := result.get("device"):
         peak = f", peak {dev['peak_allocated_mb']:.0f} MB allocated" if "peak_allocated_mb" in dev else ""
         lines.append(f"device {dev['device']} ({dev['name']}), {dev['dtype']}, placement={dev['placement']}{peak}")

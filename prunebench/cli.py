@@ -101,7 +101,7 @@ def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
     from omegaconf import open_dict
     from omegaconf.errors import OmegaConfBaseException
 
-    from prunebench.config import initialize, validate
+    from prunebench.config import fit_quick_profile, initialize, validate
     from prunebench.registry import check_hydra
 
     if long := next((o for o in overrides if len(o) > MAX_OVERRIDE), None):
@@ -136,6 +136,7 @@ def check_overrides(overrides: list[str], dirs: tuple[Path, ...] = ()) -> int:
                 check_hydra(cfg.get("hydra"))
                 with open_dict(cfg):
                     del cfg["hydra"]
+                fit_quick_profile(cfg, list(point))
                 validate(cfg, build=True)
             except (HydraException, OmegaConfBaseException) as err:
                 raise PrunebenchError(" ".join(str(err).split("\n")[0:2])) from None

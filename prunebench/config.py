@@ -181,6 +181,37 @@ def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, dims: dict 
                 )
 
 
+QUICK_LENGTHS = ("calib.seqlen", "eval.wikitext2.seqlen")  # the quick profile's 512-token windows
+
+
+def fit_quick_profile(cfg: DictConfig, overrides: list[str] | None) -> str | None:
+    """The quick profile's 512-token windows on a model with a shorter context (tiny-llama's 256):
+    where the user did not set the length (no override names it), use the model's context instead,
+    and say so (the returned line). A length the user set beyond the context is still refused by
+    `validate`. Nothing changes outside the quick profile or when the context is unknown."""
+    if cfg.get("profile") != "quick":
+        return None
+    from prunebench import placement
+
+    try:
+        ctx = knobs.context_of(placement.hf_config(cfg.model, cfg.paths.get("cache_dir")))
+    except (ValueError, OSError, OmegaConfBaseException):  # validate says what is wrong with it
+        return None
+    named = {o.lstrip("+~").split("=", 1)[0] for o in overrides or []}
+    changed = []
+    for key in QUICK_LENGTHS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if ctx and key not in named and isinstance(value, int) and value > ctx:
+            OmegaConf.update(cfg, key, ctx)
+            changed.append(f"{key}={ctx}")
+    if not changed:
+        return None
+    return (
+        f"quick profile: {', '.join(changed)}, model {cfg.model.name}'s context (the profile's 512 is longer);"
+        " set the length to choose another"
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def top_level_keys() -> frozenset[str]:
     """The keys a run's config may hold at its top: conf/config.yaml's, the groups', and hydra."""

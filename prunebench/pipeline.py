@@ -14,7 +14,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError, cache, models, placement
-from prunebench.config import fingerprint, instantiate, selected_evals, validate
+from prunebench.config import fingerprint, fit_quick_profile, instantiate, selected_evals, validate
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
@@ -126,6 +126,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         # Data files are verified (SHA-256) as they are read, and recorded for metrics.json.
         verify.configure(verify=OmegaConf.select(cfg, "data.verify", default=True), cache_dir=cfg.paths.cache_dir)
         cache.usable_dir(cfg.paths.cache_dir, "paths.cache_dir", "set PRUNEBENCH_CACHE or paths.cache_dir to a folder")
+        if profile_note := fit_quick_profile(cfg, overrides):  # 512-token windows on a shorter context
+            log.info(profile_note)
         validate(cfg)
         text.data_roots()  # a PRUNEBENCH_DATA that does not exist stops here, before anything loads
         out = run_dir / "metrics.json"
@@ -221,6 +223,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         "data": verify.used(),
         "recovery": train,
         "model_note": models.weights_note(cfg.model),
+        "profile_note": profile_note,
         "device": {
             "name": placement.device_name(device),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),

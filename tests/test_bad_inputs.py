@@ -139,6 +139,7 @@ RUN_ROWS = [
     ),  # fmt: skip
     # issue 23: unknown top-level keys, absurd overrides, knobs the chosen mode ignores
     ("unknown-top-level-key", [*TINY, "+nosuchtop=1"], "unknown top-level key 'nosuchtop'"),
+    ("quick-seqlen-set-beyond-context", ["model=tiny-llama", "calib.seqlen=512"], "calib.seqlen=512 is beyond"),
     ("override-too-long", [*TINY, "+pruner.x=" + "a" * 100_000], "an override of 100,010 characters"),
     (
         "adapter-dir-with-masked-merge",

@@ -214,3 +214,15 @@ def test_summary_says_when_nothing_was_evaluated(tmp_path):
     assert "nothing evaluated (eval=[])" in summary(result, tmp_path)
     result["config"]["eval"] = {"wikitext2": {"_target_": "prunebench.evals.perplexity.Perplexity"}}
     assert "nothing evaluated" not in summary(result, tmp_path)
+
+
+def test_quick_profile_fits_its_windows_to_a_shorter_context(cli, tmp_path):
+    """`prunebench run model=tiny-llama pruner=wanda`: the quick profile's 512-token windows exceed the
+    model's 256 positions; with no length set, the run uses 256 and says so."""
+    out = tmp_path / "quick"
+    r = cli("run", "model=tiny-llama", "pruner=wanda", "calib.nsamples=2", "eval.wikitext2.max_windows=2",
+            f"hydra.run.dir={out}")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "calib.seqlen=256, eval.wikitext2.seqlen=256, model tiny-llama's context" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["calibration"]["shape"] == [2, 256] and m["metrics"]["wikitext2/seqlen"] == 256
