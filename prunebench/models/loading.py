@@ -368,7 +368,7 @@ def _gguf_chunks(cfg: DictConfig, cache_dir: Path, load):
     parts = [package_dir(p) / cfg.part.format(file=cfg.file, i=i) for i, p in enumerate(cfg.package)]
     if missing := [str(p) for p in parts if not p.exists()]:
         raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
-    target = cache_dir / "models" / cfg.name
+    target = cache_dir / "models" / safe_name(cfg.name)
 
     def write(tmp: Path) -> None:
         log.info("joining %d GGUF chunks of %s, converting to safetensors at %s (once)", len(parts), cfg.name, target)
