@@ -14,9 +14,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from prunebench import PrunebenchError, tracking
+from prunebench import CONF_DIR, PrunebenchError, tracking
 from prunebench.cache import RunDirBusy, run_dir_lock
-from prunebench.config import CONF_DIR
 
 
 def summary(result: dict, run_dir: Path) -> str:

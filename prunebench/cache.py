@@ -37,7 +37,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError
 
@@ -338,3 +340,13 @@ def run_dir_lock(folder: str | os.PathLike) -> Iterator[None]:
             del _HELD[key]
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable short hash of config fragments, used as a cache key."""
+    blob = json.dumps(
+        [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -197,8 +197,7 @@ def data(ctx: typer.Context) -> None:
     the Hub) and verify it against its SOURCE.md SHA-256: ok | mismatch | missing | unverified | hub."""
     if ctx.invoked_subcommand is None:
         from prunebench.data.labelled import FILES
-        from prunebench.data.text import LOCAL
-        from prunebench.data.verify import survey
+        from prunebench.data.text import LOCAL, survey
         from prunebench.evals.opencompass import FILES as TASKS
 
         tasks = {**TASKS, "piqa_labels": "piqa/valid-labels.lst"}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -23,12 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field
 
-from prunebench import PrunebenchError, knobs
+from prunebench import CONF_DIR, PrunebenchError, knobs
 from prunebench.cache import safe_name
 from prunebench.knobs import Batch, Flag, Positions, Seed
 from prunebench.registry import check_targets
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # `${safe_name:${name}}` in conf/config.yaml's run dir: a name (`model.name=../../x`) never becomes a path.
 OmegaConf.register_new_resolver("safe_name", safe_name, replace=True)
 GROUPS = ("model", "calib", "pruner", "recovery", "eval", "logger", "experiment")
@@ -270,16 +268,6 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
 
         check_available(cfg.model)
         placement.plan(cfg, pruner, evaluators, recovery)  # the memory plan: stops before loading
-
-
-def fingerprint(*parts: Any) -> str:
-    """Stable short hash of config fragments, used as a cache key."""
-    blob = json.dumps(
-        [OmegaConf.to_container(p, resolve=True) if isinstance(p, DictConfig) else p for p in parts],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def group_options(group: str, roots: tuple[Path, ...] = ()) -> dict[str, str]:

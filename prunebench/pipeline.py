@@ -14,7 +14,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError, cache, models, placement
-from prunebench.config import fingerprint, fit_quick_profile, instantiate, selected_evals, validate
+from prunebench.cache import fingerprint
+from prunebench.config import fit_quick_profile, instantiate, selected_evals, validate
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage

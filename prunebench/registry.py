@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from prunebench import PrunebenchError
+from prunebench import CONF_DIR, PrunebenchError
 
 # prunebench classes that code (not a YAML) may instantiate; none today.
 ALLOWED_IN_CODE: frozenset[str] = frozenset()
@@ -59,8 +59,6 @@ _TARGET = re.compile(r"""(?:^|[\s{,])_target_:\s*["']?([\w.]+)""", re.MULTILINE)
 def registry() -> frozenset[str]:
     """Every `_target_` of the shipped conf/ YAML files (Hydra's own conf/hydra excepted) plus
     ALLOWED_IN_CODE: the components a run may instantiate."""
-    from prunebench.config import CONF_DIR
-
     found: set[str] = set(ALLOWED_IN_CODE)
     for path in CONF_DIR.rglob("*.yaml"):
         if path.relative_to(CONF_DIR).parts[0] != "hydra":

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prunebench import PrunebenchError
-from prunebench.config import CONF_DIR
+from prunebench import CONF_DIR, PrunebenchError
 
 log = logging.getLogger(__name__)
 

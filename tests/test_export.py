@@ -11,7 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from prunebench import PrunebenchError, models
-from prunebench.models.export import BITMASK, BITMASK_24, load_compressed, save_checkpoint, write_model_card
+from prunebench.models.export import BITMASK, BITMASK_24, load_compressed, write_model_card
+from prunebench.models.loading import save_checkpoint
 from prunebench.pruners.wanda import Wanda
 from tests.conftest import compose_cfg, random_calib
 from tests.test_cli import prunebench

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from prunebench import PrunebenchError
-from prunebench.config import CONF_DIR
+from prunebench import CONF_DIR, PrunebenchError
 from prunebench.data import verify
 
 log = logging.getLogger(__name__)
@@ -232,3 +231,25 @@ def where(name: str) -> str:
         return f"Hub {HUB[name][0]} (no local copy)"
     root, path = found
     return str(path) if path else f"{root / LOCAL[name][-1]} (missing)"
+
+
+# --- `prunebench data` ---------------------------------------------------------------------------
+
+
+def survey(files: dict[str, str | tuple[str, ...]]) -> list[dict]:
+    """Where each named file resolves and whether it verifies, for `prunebench data`: rows of
+    {name, status (ok | mismatch | missing | unverified | hub), where, expected, actual}."""
+    rows = []
+    for name, rels in files.items():
+        found = locate(rels)
+        if found is None:
+            rows.append({"name": name, "status": "hub", "where": "no local copy (Hub, where one exists)"})
+            continue
+        root, path = found
+        if path is None:
+            last = rels if isinstance(rels, str) else rels[-1]
+            rows.append({"name": name, "status": "missing", "where": str(root / last)})
+            continue
+        state, want, got = verify.status(path, root)
+        rows.append({"name": name, "status": state, "where": str(path), "expected": want, "actual": got})
+    return rows

@@ -210,27 +210,3 @@ def parsing(path: Path):
         raise PrunebenchError(
             f"data file {path} could not be parsed ({type(err).__name__}: {str(err)[:80]}); restore it"
         ) from None
-
-
-# --- `prunebench data` ---------------------------------------------------------------------------
-
-
-def survey(files: dict[str, str | tuple[str, ...]]) -> list[dict]:
-    """Where each named file resolves and whether it verifies, for `prunebench data`: rows of
-    {name, status (ok | mismatch | missing | unverified | hub), where, expected, actual}."""
-    from prunebench.data.text import locate
-
-    rows = []
-    for name, rels in files.items():
-        found = locate(rels)
-        if found is None:
-            rows.append({"name": name, "status": "hub", "where": "no local copy (Hub, where one exists)"})
-            continue
-        root, path = found
-        if path is None:
-            last = rels if isinstance(rels, str) else rels[-1]
-            rows.append({"name": name, "status": "missing", "where": str(root / last)})
-            continue
-        state, want, got = status(path, root)
-        rows.append({"name": name, "status": state, "where": str(path), "expected": want, "actual": got})
-    return rows

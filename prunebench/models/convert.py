@@ -49,9 +49,8 @@ def converted(
     under a lock, and `load` runs under that lock too, so a concurrent job never replaces the folder
     while this one reads it. An interrupted conversion leaves no temporary folder behind."""
     from prunebench import cache
-    from prunebench.config import fingerprint
 
-    key = fingerprint(VERSION, [(p.name, p.stat().st_size, cache.file_digest(p, memo_dir)) for p in sources])
+    key = cache.fingerprint(VERSION, [(p.name, p.stat().st_size, cache.file_digest(p, memo_dir)) for p in sources])
     load = load or (lambda folder: folder)
     value, _ = cache.entry(target, key, lambda tmp: write(tmp), load, what, folder=True)
     return value

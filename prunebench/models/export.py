@@ -49,27 +49,6 @@ def check_format(fmt: str) -> str:
     return fmt
 
 
-def save_checkpoint(model: nn.Module, tokenizer, folder: str | Path, model_cfg, fmt: str = "hf") -> dict:
-    """Save the pruned model to `folder` (see `loading.save`), then, for `compressed-tensors`, rewrite
-    its Linear weights in the sparse layout. Returns what was written: format, layout, weight bytes."""
-    from prunebench.models.bridges import has_bridges
-    from prunebench.models.loading import save
-
-    check_format(fmt)
-    folder = Path(folder)
-    save(model, tokenizer, folder, model_cfg)
-    info = {"format": "hf", "layout": None}
-    if fmt == "compressed-tensors":
-        if has_bridges(model):  # BridgeBlocks are prunebench modules: only its own loader reads them
-            log.warning("save_format=compressed-tensors: a model with low-rank bridges is saved as hf instead")
-        else:
-            info = {"format": fmt, "layout": compress_folder(model, folder)}
-    info["weight_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-    log.info("saved the %s checkpoint to %s (%.2f MB of weights)", info["layout"] or "hf", folder,
-             info["weight_bytes"] / 2**20)  # fmt: skip
-    return info
-
-
 def is_24(weight: torch.Tensor) -> bool:
     """At most 2 non-zeros in every group of 4 consecutive inputs of every row (NVIDIA 2:4)."""
     if weight.ndim != 2 or weight.shape[1] % 4:

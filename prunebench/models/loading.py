@@ -409,8 +409,7 @@ def weights_digest(model: torch.nn.Module, memo_dir: Path | None = None) -> str:
     file of the folder they were read from (hashed once, then remembered by stat), the Hub id and
     revision of a Hub model, or 'random' for the seeded random models (their config and seed are in
     the key already)."""
-    from prunebench.cache import file_digest
-    from prunebench.config import fingerprint
+    from prunebench.cache import file_digest, fingerprint
 
     config = getattr(model, "config", None)
     src = str(getattr(config, "_name_or_path", "") or "")
@@ -461,3 +460,24 @@ def count_params(model: torch.nn.Module) -> tuple[int, int]:
 def max_context(model: torch.nn.Module) -> int:
     cfg = model.config
     return int(getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2048)
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer, folder: str | Path, model_cfg, fmt: str = "hf") -> dict:
+    """Save the pruned model to `folder` (see `save`), then, for `compressed-tensors`, rewrite
+    its Linear weights in the sparse layout. Returns what was written: format, layout, weight bytes."""
+    from prunebench.models.bridges import has_bridges
+    from prunebench.models.export import check_format, compress_folder
+
+    check_format(fmt)
+    folder = Path(folder)
+    save(model, tokenizer, folder, model_cfg)
+    info = {"format": "hf", "layout": None}
+    if fmt == "compressed-tensors":
+        if has_bridges(model):  # BridgeBlocks are prunebench modules: only its own loader reads them
+            log.warning("save_format=compressed-tensors: a model with low-rank bridges is saved as hf instead")
+        else:
+            info = {"format": fmt, "layout": compress_folder(model, folder)}
+    info["weight_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    log.info("saved the %s checkpoint to %s (%.2f MB of weights)", info["layout"] or "hf", folder,
+             info["weight_bytes"] / 2**20)  # fmt: skip
+    return info

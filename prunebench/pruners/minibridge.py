@@ -71,7 +71,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError, placement
-from prunebench.config import fingerprint
+from prunebench.cache import fingerprint
 from prunebench.data.labelled import classification
 from prunebench.evals.finetune import batches, classifier_logits, mcc
 from prunebench.knobs import LR, Batch, Fraction, Positions, Seed

@@ -249,7 +249,8 @@ class KD:
 
 def _teacher_cfg(teacher: str):
     """The model config of a teacher given as a conf/model name or a saved Hugging Face folder."""
-    from prunebench.config import CONF_DIR, compose
+    from prunebench import CONF_DIR
+    from prunebench.config import compose
 
     if (CONF_DIR / "model" / f"{teacher}.yaml").exists():
         return compose(f"model={teacher}").model
