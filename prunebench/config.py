@@ -162,6 +162,10 @@ def _check_model_fit(cfg: DictConfig, pruner: Any, evaluators: dict, dims: dict 
                 f"{name} ({what}) needs an encoder; model={cfg.model.name} is model.kind={kind}:"
                 " use model=tiny-bert, mpnet-base, bert-base-uncased, ..."
             )
+    if getattr(pruner, "needs_calibration", False):
+        from prunebench.data.text import check_dataset
+
+        check_dataset(cfg.calib.source, "calib.source")
     ctx = knobs.context_of(dims)
     if not ctx:
         return

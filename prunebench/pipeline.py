@@ -55,6 +55,19 @@ def data_digests(evaluators: dict) -> dict[str, str]:
     return {str(f.resolve()): verify.sha256(f) for f in sorted(set(files))}
 
 
+def verify_texts(cfg: DictConfig, pruner, recovery, evaluators: dict) -> None:
+    """Check every local text file the run will read against its SOURCE.md digest before any model
+    loads (reading verifies it again, from the digest cache): calibration, LaCo's D, training and
+    held-out text, perplexity. A dataset that no data root holds is left to the Hub fallback."""
+    from prunebench.data import text
+
+    names = {cfg.calib.source} if getattr(pruner, "needs_calibration", False) else set()
+    for part in (pruner, recovery, *evaluators.values()):
+        names |= {getattr(part, a, None) for a in ("dataset", "calib_source", "source", "val_source")}
+    for name in sorted(n for n in names if isinstance(n, str) and n in text.LOCAL):
+        text.find(text.LOCAL[name])
+
+
 def dense_baseline(cfg: DictConfig, model, tokenizer, evaluators: dict, dtype) -> tuple[dict, bool]:
     """Metrics of the unpruned model. Cacheable evaluators (quality metrics) are cached per (model
     config, weights digest, eval config, data file digests, seed, resolved dtype) so sweeps compute
@@ -137,6 +150,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         pruner = instantiate(cfg.pruner)
         recovery = instantiate(cfg.recovery)
         evaluators = {name: instantiate(ev) for name, ev in selected_evals(cfg).items()}
+        verify_texts(cfg, pruner, recovery, evaluators)  # a corrupted data file stops here, not after loading
         plan = placement.plan(cfg, pruner, evaluators, recovery)  # before loading: stops here if it cannot fit
     log.info(plan.line())
     device, timings = plan.device, {}

@@ -316,3 +316,60 @@ def test_report_on_corrupt_metrics_subprocess(earlier, tmp_path):
     (tmp_path / "runs" / "0" / "metrics.json").write_text('{"status": "compl')
     r = prunebench("report", str(tmp_path / "runs"), cache=tmp_path / "cache", cwd=tmp_path)
     assert_one_line(r.returncode, r.stderr, "metrics.json", tmp_path / "none", earlier)
+
+
+# Refused before any model loads (issue 23, item 10): loading is made to fail loudly, so a check that
+# came after it would end in another error than the expected line.
+BEFORE_LOAD_ROWS = [
+    (
+        "unknown-eval-dataset",
+        [*TINY, "eval.wikitext2.dataset=nosuch"],
+        "eval.wikitext2.dataset='nosuch' is not a known",
+    ),
+    ("unknown-calib-source", [*TINY, "calib.source=nosuch"], "calib.source='nosuch' is not a known dataset"),
+    (
+        "unknown-laco-source",
+        [*TINY, "pruner=laco", "model.hf_config.num_hidden_layers=4", "pruner.calib_source=x"],
+        "pruner.calib_source='x'",
+    ),  # fmt: skip
+    ("unknown-lm-eval-task", [*TINY, "eval=[lm_eval]", "eval.lm_eval.tasks=[nosuchtask]"], "unknown lm-eval task"),
+    ("lora-on-encoder", [*BERT, "recovery=lora"], "recovery (LoRA trains on next-token logits) needs a causal"),
+    ("laco-on-2-layers", [*TINY, "pruner=laco"], "the model has 2 layers, LaCo needs at least 3"),
+    (
+        "laco-C-too-large",
+        [*TINY, "pruner=laco", "model.hf_config.num_hidden_layers=4", "pruner.C=4"],
+        "use 2 ≤ pruner.C ≤ 2",
+    ),  # fmt: skip
+]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    def load(*_a, **_k):
+        raise AssertionError("a model was loaded before the refusal")
+
+    monkeypatch.setattr("prunebench.models.load", load)
+
+
+@pytest.mark.parametrize("args,needle", [r[1:] for r in BEFORE_LOAD_ROWS], ids=[r[0] for r in BEFORE_LOAD_ROWS])
+def test_refused_before_loading(runner, earlier, tmp_path, no_loading, args, needle):
+    result = runner.invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+def test_data_checksum_mismatch_is_refused_before_loading(runner, earlier, tmp_path, monkeypatch, no_loading):
+    """A data file that does not match its SOURCE.md digest stops the run before the model loads."""
+    import shutil
+
+    from prunebench.data import text
+
+    shipped = text.locate(text.LOCAL["wikitext2_test"])[0]
+    root = tmp_path / "data"
+    for folder in ("wikitext2", "c4"):
+        shutil.copytree(shipped / folder, root / folder)
+    with open(root / "wikitext2" / "wikitext-2-raw" / "wiki.test.raw", "ab") as f:
+        f.write(b"tampered\n")
+    monkeypatch.setenv("PRUNEBENCH_DATA", str(root))
+    monkeypatch.setattr("prunebench.cli.check_overrides", lambda *a, **k: 1)  # the run's own setup must catch it
+    result = runner.invoke(app, ["run", *TINY, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, "does not match the sha256", tmp_path, earlier)

@@ -76,6 +76,12 @@ def find(relpath: str | tuple[str, ...]) -> Path | None:
     return verify.check(path, root)
 
 
+def check_dataset(name: str, knob: str) -> None:
+    """An unknown dataset name ends in one line naming the knob, before any model loads."""
+    if name not in LOCAL:
+        raise PrunebenchError(f"{knob}={name!r} is not a known dataset; known: {', '.join(sorted(LOCAL))}")
+
+
 def load_texts(name: str) -> list[str]:
     """The dataset's rows as strings (WikiText-2: the Hugging Face rows, "" for blank lines)."""
     if name not in LOCAL:

@@ -194,6 +194,18 @@ class LMEval:
         self.local, self.bootstrap_iters, self.mode = local, bootstrap_iters, "ppl"
         self.cache_dir = Path(cache_dir or Path.home() / ".cache" / "prunebench") / "lmeval"
 
+    def check(self, num_layers: int, dims=None) -> None:
+        """Before any model loads (config.validate): every task name lm-eval does not know."""
+        self._check_tasks([name for name in self.tasks if not (self.local and name in FILES)])
+
+    def _check_tasks(self, hub: list[str]):
+        manager = task_manager(bool(hub))  # built once per process: the run reuses the index
+        if unknown := [t for t in hub if t not in set(manager.all_tasks)]:
+            raise PrunebenchError(
+                f"eval.{self.key}.tasks: unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`"
+            )
+        return manager
+
     def _specs(self) -> tuple[list, dict[str, str]]:
         """lm-eval task specs (a config dict for a local task, the name otherwise) and the lm-eval
         name -> our name of the local ones."""
@@ -221,11 +233,7 @@ class LMEval:
             )
         specs, names = self._specs()
         hub = [s for s in specs if isinstance(s, str)]
-        manager = task_manager(bool(hub))
-        if unknown := [t for t in hub if t not in set(manager.all_tasks)]:
-            raise PrunebenchError(
-                f"eval.{self.key}.tasks: unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`"
-            )
+        manager = self._check_tasks(hub)
         try:
             loaded = manager.load(specs)  # builds the tasks: reads their data (local files, cache or Hub)
         except Exception as e:  # noqa: BLE001 - any failure to get a task's data becomes one line

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
+from prunebench.data.text import check_dataset
 from prunebench.knobs import Batch, Positions, Windows
 from prunebench.models import max_context
 from prunebench.models.blocks import final_norm, find_blocks
@@ -70,6 +71,7 @@ class Perplexity:
         max_windows: Windows | None = None,
         batch_size: Batch | None = 1,
     ):
+        check_dataset(dataset, "eval.wikitext2.dataset")  # before loading, not after the model is up
         self.dataset, self.seqlen, self.max_seqlen = dataset, seqlen, max_seqlen
         self.max_windows, self.batch_size = max_windows, batch_size
         self._tokens: tuple[object, torch.Tensor] | None = None

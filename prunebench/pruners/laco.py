@@ -190,17 +190,26 @@ class LaCo(ShapePruner):
                 raise PrunebenchError(f"pruner.{knob}={value} must be a positive integer (D needs a sentence)")
         self.name, self.C, self.L, self.H, self.I, self.T = name, C, L, H, I, float(T)
         self.merge, self.rule_based = merge, rule_based
+        from prunebench.data.text import check_dataset
+
+        check_dataset(calib_source, "pruner.calib_source")
         self.calib_source, self.calib_n, self.calib_chars = calib_source, calib_n, calib_chars
         self.tokenizer = None
 
     def check(self, num_layers: int, dims: Mapping | None = None) -> None:
         H = num_layers - 1 if self.H is None else self.H
+        if num_layers < 3:  # the smallest merge (C=2, two layers into one) needs H − L ≥ 2, so L=0, H=2
+            raise PrunebenchError(
+                f"pruner=laco merges at least 2 layers (pruner.C ≥ 2) between pruner.L and pruner.H: the model has"
+                f" {num_layers} layers, LaCo needs at least 3"
+            )
         if not 0 <= self.L < H < num_layers:
             raise PrunebenchError(f"pruner.L={self.L}, pruner.H={H} must satisfy 0 ≤ L < H < {num_layers} layers")
         if H - self.C < self.L:  # Algorithm 1 starts at l = H − C and stops below L: not one merge would be tried
             raise PrunebenchError(
                 f"pruner.C={self.C} leaves nothing to merge on {num_layers} layers (the first merge starts at"
-                f" H−C={H - self.C}, below L={self.L}); use pruner.C ≤ {H - self.L}"
+                f" H−C={H - self.C}, below L={self.L}); use 2 ≤ pruner.C ≤ {H - self.L}"
+                + ("" if H - self.L >= 2 else f" with pruner.L ≤ {H - 2}")
             )
 
     def __call__(self, model: nn.Module, calib=None) -> PruneStats:

@@ -53,6 +53,8 @@ MERGES = ("masked", "separate")
 
 
 class LoRA:
+    needs_lm = "LoRA trains on next-token logits"  # an encoder is refused before loading (config.validate)
+
     def __init__(
         self,
         name: str = "lora",
