@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 import threading
@@ -110,6 +112,10 @@ def interrupts() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 _FINISHED: list[Path] = []  # run directories of this process's jobs that wrote their metrics.json
 
 
@@ -143,7 +149,10 @@ def task(cfg: DictConfig) -> float | None:
             # Unresolved: iterating the ListConfig would resolve `key=${oc.env:TOKEN}` into the token.
             overrides = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
             try:
-                with run_dir_lock(run_dir):  # two runs into one folder: the second refuses at once
+                # Two runs into one folder: the second refuses at once. The ranks of one multi-process
+                # job share the folder: rank 0 holds the lock for all of them.
+                lock = run_dir_lock(run_dir) if _rank() == 0 else contextlib.nullcontext()
+                with lock:
                     result = pipeline.run(cfg, run_dir, overrides, signals=got)
             except RunDirBusy:
                 print(f"error: {busy_message(run_dir)}", file=sys.stderr)  # the folder is the other run's
@@ -162,6 +171,8 @@ def task(cfg: DictConfig) -> float | None:
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)
             raise
     _FINISHED.append(run_dir)
+    if result.get("rank"):  # a non-zero rank of a multi-process job: rank 0 reports, logs and writes
+        return None
     print(summary(result, run_dir))
     tracking.log_run(cfg, result, run_dir)  # logger=...: one warning if the tracker fails, never an error
     # The first metric is the sweep objective (Optuna and friends minimise or maximise it).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -157,6 +158,21 @@ def _check_output_dirs(overrides: list[str]) -> list[tuple[str, Path]]:
     return named
 
 
+def _rank_overrides(overrides: list[str]) -> list[str]:
+    """Hydra settings for one process of a multi-process job (torchrun, accelerate launch, SLURM):
+    all ranks share one run dir (named after the launcher's job id, since each rank's clock differs),
+    and only rank 0 writes Hydra's .hydra/ folder and log there."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return []
+    extra = []
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID") or os.environ["MASTER_PORT"]
+        extra.append(f"hydra.run.dir=outputs/${{now:%Y-%m-%d}}/dist-{job}_${{name}}")
+    if int(os.environ.get("RANK", "0")) > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    return extra
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
@@ -177,9 +193,9 @@ def run(ctx: typer.Context) -> None:
     from prunebench.app import busy_message, run_task
     from prunebench.cache import RunDirBusy, run_dir_lock
 
-    sys.argv = ["prunebench", *args]
+    sys.argv = ["prunebench", *args, *_rank_overrides(overrides)]
     with contextlib.ExitStack() as held:  # a folder named on the command line: locked before Hydra writes there
-        for knob, folder in named:
+        for knob, folder in named if os.environ.get("RANK", "0") == "0" else ():  # rank 0 locks for all ranks
             try:
                 held.enter_context(run_dir_lock(folder))
             except RunDirBusy:

@@ -19,6 +19,7 @@ from prunebench.config import fit_quick_profile, instantiate, selected_evals, va
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
+from prunebench.recovery import engine
 from prunebench.results import (
     check_metrics,
     check_numbers,
@@ -161,8 +162,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         check_weights(model, "load")
     params_before, nonzero_before = models.count_params(model)
 
+    # Several processes (torchrun, accelerate launch, SLURM): every rank loads and prunes the same way
+    # (deterministic), recovery trains data-parallel, and only rank 0 evaluates and writes.
+    engine.init_distributed(device)
+    rank, world_size = engine.world()
     baseline, reused = {}, False
-    if cfg.baseline:
+    if cfg.baseline and rank == 0:
         with step("baseline", timings, device):
             baseline, reused = dense_baseline(cfg, model, tokenizer, evaluators, plan.dtype)
     flagged = [f"baseline/{k}" for k in check_metrics(baseline, "baseline")]  # NaN: error; inf: flagged
@@ -182,9 +187,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         stats = pruner(model, calib)
         check_weights(model, "prune")
     with step("recover", timings, device):
+        start_digest = engine.check_same_weights(model)  # all ranks start from identical weights
         train = recovery(model, teacher, cfg)
         check_numbers(train, "recover", "recovery")  # losses, KL, curves: a diverged run is no result
         check_weights(model, "recover")
+    if rank != 0:
+        return {"rank": rank, "recovery": train}
     if getattr(recovery, "reprune", False):
         with step("reprune", timings, device):
             train["reprune"] = pruner(model, calib).to_dict()
@@ -237,6 +245,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         },
         "data": verify.used(),
         "recovery": train,
+        "world_size": world_size,
+        "start_digest": start_digest,
         "model_note": models.weights_note(cfg.model),
         "profile_note": profile_note,
         "device": {

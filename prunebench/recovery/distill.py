@@ -289,7 +289,8 @@ def distill_step(student: nn.Module, teacher: nn.Module, batch: dict, loss: Dist
     ctx = autocast if autocast is not None else contextlib.nullcontext()
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     hidden = {"output_hidden_states": True} if loss.wants_hidden_states else {}
-    extra = {"use_cache": False} if student.can_generate() else {}
+    bare = getattr(student, "module", student)  # a DDP-wrapped student forwards, but has no can_generate
+    extra = {"use_cache": False} if bare.can_generate() else {}
     with ctx:
         t_out = None
         if loss.kind != "none":  # loss=none (conventional training) never runs the teacher

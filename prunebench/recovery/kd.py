@@ -29,6 +29,7 @@ from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import Plan, compute_device
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
+from prunebench.recovery.engine import check_engine, describe, make_engine, world
 from prunebench.recovery.train import (
     PRECISIONS,
     MaskKeeper,
@@ -70,7 +71,10 @@ class KD:
         keep_masks: Flag = True,
         chunk: Annotated[int | None, Field(ge=1)] = None,
         seed: Seed = 0,
+        engine: str = "ddp",
     ):
+        check_engine(engine, precision)
+        _, world_size = world()
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
         for knob, value in (
             ("seqlen", seqlen),
@@ -81,11 +85,11 @@ class KD:
         ):
             if not isinstance(value, int) or value < 1:
                 raise PrunebenchError(f"recovery.{knob}={value} must be a positive integer")
-        step_tokens = seqlen * batch_size * grad_accum
+        step_tokens = seqlen * batch_size * grad_accum * world_size
         if not isinstance(tokens, int) or tokens < step_tokens:
             raise PrunebenchError(
                 f"recovery.tokens={tokens} is less than one optimiser step of {step_tokens} tokens"
-                " (seqlen × batch_size × grad_accum); raise recovery.tokens"
+                f" (seqlen × batch_size × grad_accum × {world_size} processes); raise recovery.tokens"
             )
         if lr <= 0 or not 0 <= min_lr <= lr:
             raise PrunebenchError(f"recovery.lr={lr}, recovery.min_lr={min_lr}: need lr > 0 and 0 ≤ min_lr ≤ lr")
@@ -111,7 +115,7 @@ class KD:
         self.tokens, self.seqlen, self.batch_size, self.grad_accum = tokens, seqlen, batch_size, grad_accum
         self.lr, self.min_lr, self.warmup, self.weight_decay, self.clip = lr, min_lr, warmup, weight_decay, clip
         self.precision, self.source, self.val_source, self.val_windows = precision, source, val_source, val_windows
-        self.log_every, self.keep_masks, self.seed = log_every, keep_masks, seed
+        self.log_every, self.keep_masks, self.seed, self.engine = log_every, keep_masks, seed, engine
         self.steps = tokens // step_tokens
         self.tokenizer = None
 
@@ -156,25 +160,34 @@ class KD:
         torch.manual_seed(self.seed)
         windows = text_windows(self.tokenizer, self.source, self.seqlen)
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows]
-        per_step = self.batch_size * self.grad_accum
+        engine = make_engine(self.engine, self.precision, self.batch_size, self.grad_accum, device)
+        per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
         order = window_order(len(windows), self.steps * per_step, self.seed)
 
         start = time.perf_counter()
         before = self.validate(model, teacher, val)
         val_seconds = time.perf_counter() - start
 
-        keep = MaskKeeper(model, self.keep_masks)
         extra = self.loss.setup_projection(model.config.hidden_size, teacher.config.hidden_size, device)
+        if extra and engine is not None:
+            raise PrunebenchError(
+                "recovery.intermediate with a projection (student and teacher widths differ) runs in one process"
+                " only: the projection is outside the engine's wrapped model"
+            )
         params = [p for p in model.parameters() if p.requires_grad] + extra
         opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, "cosine", self.min_lr)
+        bare, student = model, model
+        if engine is not None:
+            student, opt = engine.prepare(model, opt)
+        keep = MaskKeeper(bare, self.keep_masks)
         scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         ctx = autocast(device, self.precision)
         last: dict = {}
 
         def loss_fn(step: int, micro: int) -> torch.Tensor:
-            k = step * per_step + micro * self.batch_size
+            k = engine.index(step, micro) if engine is not None else step * per_step + micro * self.batch_size
             batch = windows[order[k : k + self.batch_size]].to(device)
-            parts = distill_step(model, teacher, {"input_ids": batch}, self.loss, ctx)
+            parts = distill_step(student, teacher, {"input_ids": batch}, self.loss, ctx)
             last.update({name: v for name, v in parts.items() if name != "loss"})
             return parts["loss"]
 
@@ -191,7 +204,7 @@ class KD:
 
         t0 = time.perf_counter()
         curve = fit(
-            model,
+            student,
             self.steps,
             loss_fn,
             opt,
@@ -203,6 +216,7 @@ class KD:
             log_every=self.log_every,
             desc=f"kd ({self.kind})",
             on_step=on_step,
+            engine=engine,
         )
         seconds = time.perf_counter() - t0 - val_time[0]
         t1 = time.perf_counter()
@@ -229,6 +243,7 @@ class KD:
             "seconds": round(seconds, 2),
             "val_seconds": round(val_seconds, 2),
             "precision": self.precision,
+            **describe(engine, self.batch_size, self.grad_accum),
             "kept_masks": self.keep_masks,
             "last_step": {k: round(v, 5) for k, v in last.items()},
             "metrics": {"kd_val_before": before["kd"], "kd_val_after": after["kd"], "lm_val_loss": after["lm"]},

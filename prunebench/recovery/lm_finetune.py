@@ -20,6 +20,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import compute_device
+from prunebench.recovery.engine import check_engine, describe, make_engine, world
 from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, window_order
 
 
@@ -44,31 +45,45 @@ class LMFinetune:
         reprune: Flag = False,
         log_every: Annotated[int, Field(ge=1)] = 10,
         seed: Seed = 0,
+        engine: str = "ddp",
     ):
-        if tokens < seqlen * batch_size:
-            raise PrunebenchError(f"recovery.tokens={tokens} is less than one batch of {seqlen * batch_size} tokens")
+        check_engine(engine)
+        step_tokens = seqlen * batch_size * world()[1]
+        if tokens < step_tokens:
+            raise PrunebenchError(
+                f"recovery.tokens={tokens} is less than one batch of {step_tokens} tokens"
+                f" (seqlen × batch_size × {world()[1]} processes)"
+            )
         self.name, self.source, self.tokens, self.seqlen, self.batch_size = name, source, tokens, seqlen, batch_size
         self.lr, self.warmup, self.weight_decay, self.keep_masks = lr, warmup, weight_decay, keep_masks
-        self.reprune, self.log_every, self.seed = reprune, log_every, seed
+        self.reprune, self.log_every, self.seed, self.engine = reprune, log_every, seed, engine
         self.tokenizer = None
 
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
             raise PrunebenchError("lm_finetune needs the tokenizer (set by the pipeline)")
         windows = text_windows(self.tokenizer, self.source, self.seqlen)
-        steps = self.tokens // (self.seqlen * self.batch_size)
-        order = window_order(len(windows), steps * self.batch_size, self.seed)
+        engine = make_engine(self.engine, "fp32", self.batch_size, 1, compute_device(model))
+        per_step = engine.global_batch if engine is not None else self.batch_size
+        steps = self.tokens // (self.seqlen * per_step)
+        order = window_order(len(windows), steps * per_step, self.seed)
         keep = MaskKeeper(model, self.keep_masks)
         params = [p for p in model.parameters() if p.requires_grad]
         opt, sched = adamw(params, self.lr, self.weight_decay, steps, self.warmup, decay="linear")
         device = compute_device(model)
+        student = model
+        if engine is not None:
+            student, opt = engine.prepare(model, opt)
 
         def loss_fn(step: int, micro: int):
-            batch = windows[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
+            k = engine.index(step, micro) if engine is not None else step * self.batch_size
+            batch = windows[order[k : k + self.batch_size]].to(device)
+            return student(input_ids=batch, labels=batch, use_cache=False).loss
 
         start = time.perf_counter()
-        curve = fit(model, steps, loss_fn, opt, sched, keep=keep, log_every=self.log_every, desc="lm_finetune")
+        curve = fit(
+            student, steps, loss_fn, opt, sched, keep=keep, log_every=self.log_every, desc="lm_finetune", engine=engine
+        )
         return {
             "steps": steps,
             "tokens": steps * self.batch_size * self.seqlen,
@@ -77,4 +92,5 @@ class LMFinetune:
             "loss_curve": curve,
             "seconds": round(time.perf_counter() - start, 2),
             "kept_masks": self.keep_masks,
+            **describe(engine, self.batch_size, 1),
         }

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models.blocks import prunable_weights
+from prunebench.recovery.engine import is_main
 
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -88,12 +89,17 @@ class MaskKeeper:
 
     def __init__(self, model: nn.Module, enabled: bool = True):
         self.linears = prunable_weights(model) if enabled else {}  # experts of fused MoE tensors too
-        self.masks = {n: m.weight == 0 for n, m in self.linears.items()}
+        self.masks = {n: _local(m.weight) == 0 for n, m in self.linears.items()}
 
     @torch.no_grad()
     def apply(self) -> None:
         for name, mask in self.masks.items():
-            self.linears[name].weight[mask] = 0
+            _local(self.linears[name].weight)[mask] = 0
+
+
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) weight; the weight itself otherwise."""
+    return weight.to_local() if hasattr(weight, "to_local") else weight
 
 
 def autocast(device: torch.device, precision: str):
@@ -118,25 +124,41 @@ def fit(
     log_every: int = 10,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
+    engine=None,
+    start: int = 0,
 ) -> list[list]:
     """`steps` optimiser steps; `loss_fn(step, micro)` returns the loss of one micro-batch. Each step
     accumulates `grad_accum` micro-batches, clips the gradient norm to `clip`, steps the optimiser
     and scheduler and re-applies the masks. `on_step(done)` runs after each step (checkpoints).
-    Returns the loss curve [[step, loss], ...] every `log_every` steps and at the last one."""
+    Returns the loss curve [[step, loss], ...] every `log_every` steps and at the last one.
+
+    `engine` (recovery/engine.py, several processes or a sharding engine): `model` and `opt` are the
+    engine's wrapped ones; gradients are all-reduced on the last micro-batch only, the engine
+    backpropagates and clips (mixed precision is its own), and the logged loss is the mean over
+    ranks. `start`: the first step (a resumed run)."""
     params = [p for group in opt.param_groups for p in group["params"]]
     curve = []
     model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step", leave=False)
+    bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not is_main())
     for step in bar:
         total = 0.0
         for micro in range(grad_accum):
-            loss = loss_fn(step, micro)
-            scaled = loss / grad_accum if grad_accum > 1 else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            if engine is not None:
+                with engine.no_sync(model, micro == grad_accum - 1):
+                    loss = loss_fn(step, micro)
+                    engine.backward(loss / grad_accum if grad_accum > 1 else loss)
+            else:
+                loss = loss_fn(step, micro)
+                scaled = loss / grad_accum if grad_accum > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
             total += float(loss.detach()) / grad_accum
+        if engine is not None:
+            total = engine.mean(total)
         if scaler is not None:
             scaler.unscale_(opt)
-        if clip:
+        if clip and engine is not None:
+            engine.clip(model, clip)
+        elif clip:
             torch.nn.utils.clip_grad_norm_(params, clip)
         if scaler is not None:
             scaler.step(opt)
