@@ -321,3 +321,14 @@ def test_embedded_gemma3_270m_is_a_real_gemma3(tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert float(loss) < 6  # a trained model, not random weights (ln 262144 = 12.5)
+
+
+@pytest.mark.parametrize("name", DECODERS)
+def test_run_configs_pass_the_checks_before_loading(name):
+    """What `prunebench run` checks before loading (knobs against the family's config) lets the
+    tested methods through: N:M against every linear width, depth and width targets."""
+    runs = [("pruner=wanda", "pruner.pattern=2:4", "pruner.sparsity=0.5"), ("pruner=shortgpt", "pruner.n=1")]
+    runs.append(("pruner=minitron", "pruner.target.heads=null", "pruner.target.ffn=null", "pruner.target.experts=2")
+                if name in MOE else ("pruner=minitron", "pruner.target.heads=2", "pruner.target.ffn=96"))  # fmt: skip
+    for overrides in runs:
+        validate(compose("experiment=smoke/tiny", f"model={name}", *overrides), build=True)
