@@ -28,6 +28,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import Plan, compute_device
+from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
 from prunebench.recovery.engine import check_engine, describe, make_engine, world
 from prunebench.recovery.train import (
@@ -72,6 +73,7 @@ class KD:
         chunk: Annotated[int | None, Field(ge=1)] = None,
         seed: Seed = 0,
         engine: str = "ddp",
+        text_field: str = "text",
     ):
         check_engine(engine, precision)
         _, world_size = world()
@@ -115,7 +117,13 @@ class KD:
         self.tokens, self.seqlen, self.batch_size, self.grad_accum = tokens, seqlen, batch_size, grad_accum
         self.lr, self.min_lr, self.warmup, self.weight_decay, self.clip = lr, min_lr, warmup, weight_decay, clip
         self.precision, self.source, self.val_source, self.val_windows = precision, source, val_source, val_windows
-        self.log_every, self.keep_masks, self.seed, self.engine = log_every, keep_masks, seed, engine
+        self.log_every, self.keep_masks, self.seed, self.engine, self.text_field = (
+            log_every,
+            keep_masks,
+            seed,
+            engine,
+            text_field,
+        )
         self.steps = tokens // step_tokens
         self.tokenizer = None
 
@@ -158,7 +166,7 @@ class KD:
         device = compute_device(model)
         teacher.eval().requires_grad_(False)
         torch.manual_seed(self.seed)
-        windows = text_windows(self.tokenizer, self.source, self.seqlen)
+        windows = text_windows(self.tokenizer, self.source, self.seqlen, self.text_field)
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows]
         engine = make_engine(self.engine, self.precision, self.batch_size, self.grad_accum, device)
         per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
@@ -234,6 +242,7 @@ class KD:
             "intermediate": self.loss.intermediate,
             "teacher": self.teacher or "unpruned model (copied before pruning)",
             "source": self.source,
+            "source_digest": corpus.digest(self.source) if corpus.is_path(self.source) else None,
             "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "distillation_loss": {"before": before["kd"], "after": after["kd"]},
             "lm_val_loss": {"before": before["lm"], "after": after["lm"]},

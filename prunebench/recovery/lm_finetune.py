@@ -20,8 +20,9 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import compute_device
+from prunebench.recovery import corpus
 from prunebench.recovery.engine import check_engine, describe, make_engine, world
-from prunebench.recovery.train import MaskKeeper, adamw, fit, text_windows, window_order
+from prunebench.recovery.train import MaskKeeper, adamw, check_source, fit, text_windows, window_order
 
 
 class LMFinetune:
@@ -46,6 +47,7 @@ class LMFinetune:
         log_every: Annotated[int, Field(ge=1)] = 10,
         seed: Seed = 0,
         engine: str = "ddp",
+        text_field: str = "text",
     ):
         check_engine(engine)
         step_tokens = seqlen * batch_size * world()[1]
@@ -54,15 +56,22 @@ class LMFinetune:
                 f"recovery.tokens={tokens} is less than one batch of {step_tokens} tokens"
                 f" (seqlen × batch_size × {world()[1]} processes)"
             )
+        check_source(source, "recovery.source")
         self.name, self.source, self.tokens, self.seqlen, self.batch_size = name, source, tokens, seqlen, batch_size
         self.lr, self.warmup, self.weight_decay, self.keep_masks = lr, warmup, weight_decay, keep_masks
-        self.reprune, self.log_every, self.seed, self.engine = reprune, log_every, seed, engine
+        self.reprune, self.log_every, self.seed, self.engine, self.text_field = (
+            reprune,
+            log_every,
+            seed,
+            engine,
+            text_field,
+        )
         self.tokenizer = None
 
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
             raise PrunebenchError("lm_finetune needs the tokenizer (set by the pipeline)")
-        windows = text_windows(self.tokenizer, self.source, self.seqlen)
+        windows = text_windows(self.tokenizer, self.source, self.seqlen, self.text_field)
         engine = make_engine(self.engine, "fp32", self.batch_size, 1, compute_device(model))
         per_step = engine.global_batch if engine is not None else self.batch_size
         steps = self.tokens // (self.seqlen * per_step)
@@ -92,5 +101,7 @@ class LMFinetune:
             "loss_curve": curve,
             "seconds": round(time.perf_counter() - start, 2),
             "kept_masks": self.keep_masks,
+            "source": self.source,
+            "source_digest": corpus.digest(self.source) if corpus.is_path(self.source) else None,
             **describe(engine, self.batch_size, 1),
         }

@@ -27,7 +27,11 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check_source(source: str, knob: str = "recovery.source") -> None:
     """Refuse an evaluation split (or an unknown name) as training text, before anything loads."""
     from prunebench.data.text import LOCAL
+    from prunebench.recovery import corpus
 
+    if corpus.is_path(source):  # the user's own files: exist, readable kinds, not an evaluation split
+        corpus.files(source, knob)
+        return
     if source in EVAL_SPLITS:
         raise PrunebenchError(
             f"{knob}={source} is an evaluation split and must never be trained on; use {knob}=c4 (or wikitext2_valid)"
@@ -36,9 +40,15 @@ def check_source(source: str, knob: str = "recovery.source") -> None:
         raise PrunebenchError(f"{knob}={source!r} is not a known text source; use one of: c4, wikitext2_valid")
 
 
-def text_windows(tokenizer, source: str, seqlen: int) -> torch.Tensor:
-    """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines."""
-    ids = tokenize(tokenizer, "\n\n".join(t for t in load_texts(source) if t))
+def text_windows(tokenizer, source: str, seqlen: int, text_field: str = "text") -> torch.Tensor:
+    """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines (a
+    built-in name, or files: recovery/corpus.py)."""
+    from prunebench.recovery import corpus
+
+    if corpus.is_path(source):
+        ids = corpus.token_ids(tokenizer, source, text_field)
+    else:
+        ids = tokenize(tokenizer, "\n\n".join(t for t in load_texts(source) if t))
     n = len(ids) // seqlen
     if n == 0:
         raise PrunebenchError(f"{source} has only {len(ids)} tokens, less than one window of {seqlen}")
