@@ -84,7 +84,7 @@ from prunebench.pruners.base import PruneStats, ShapePruner
 from prunebench.pruners.stats import model_digest
 from prunebench.recovery.distill import DistillLoss, clm_loss, state_loss
 from prunebench.recovery.train import adamw, fit
-from prunebench.results import proc_status_mb, reset_peak_rss
+from prunebench.results import peak_rss_mb, proc_status_mb, reset_peak_rss
 
 log = logging.getLogger(__name__)
 
@@ -434,9 +434,9 @@ class MiniBridge(ShapePruner):
                 "blocks": len(find_blocks(model)) - bridges,
                 "dev_mcc": round(self._score(student, dev), 4),
                 "teacher_step": teacher_step,
-                "seconds": round(time.perf_counter() - t0, 1),
+                "seconds": round(time.perf_counter() - t0, 3),  # a fast step (a tiny model) still shows > 0
                 # this step's peak (reset when it began): RSS on the CPU, allocator peaks on a GPU
-                "peak_rss_mb": proc_status_mb("VmHWM"),
+                "peak_rss_mb": proc_status_mb("VmHWM") or peak_rss_mb(),  # off Linux: the process's peak
                 **placement.peak_memory(device),
                 **extra,
             }
