@@ -183,6 +183,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
     for part in (pruner, recovery):  # stages that read their own text (LaCo's D, fine-tuning data)
         if hasattr(part, "tokenizer"):
             part.tokenizer = tokenizer
+    if hasattr(recovery, "run_dir"):  # training checkpoints (recovery.checkpoint_every) live in the run dir
+        recovery.run_dir = run_dir
     with step("prune", timings, device):
         stats = pruner(model, calib)
         check_weights(model, "prune")

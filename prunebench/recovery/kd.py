@@ -29,8 +29,9 @@ from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import Plan, compute_device
 from prunebench.recovery import corpus
+from prunebench.recovery import resume as resume_mod
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
-from prunebench.recovery.engine import check_engine, describe, make_engine, world
+from prunebench.recovery.engine import check_engine, describe, is_main, make_engine, world
 from prunebench.recovery.train import (
     PRECISIONS,
     MaskKeeper,
@@ -74,7 +75,11 @@ class KD:
         seed: Seed = 0,
         engine: str = "ddp",
         text_field: str = "text",
+        checkpoint_every: int | None = None,
+        keep_checkpoints: int = 2,
+        resume: str = "auto",
     ):
+        resume_mod.check(checkpoint_every, keep_checkpoints, resume)
         check_engine(engine, precision)
         _, world_size = world()
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
@@ -117,13 +122,10 @@ class KD:
         self.tokens, self.seqlen, self.batch_size, self.grad_accum = tokens, seqlen, batch_size, grad_accum
         self.lr, self.min_lr, self.warmup, self.weight_decay, self.clip = lr, min_lr, warmup, weight_decay, clip
         self.precision, self.source, self.val_source, self.val_windows = precision, source, val_source, val_windows
-        self.log_every, self.keep_masks, self.seed, self.engine, self.text_field = (
-            log_every,
-            keep_masks,
-            seed,
-            engine,
-            text_field,
-        )
+        self.log_every, self.keep_masks, self.seed = log_every, keep_masks, seed
+        self.engine, self.text_field = engine, text_field
+        self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
+        self.run_dir = None  # set by the pipeline: where checkpoints live
         self.steps = tokens // step_tokens
         self.tokenizer = None
 
@@ -201,8 +203,15 @@ class KD:
 
         marks, wanted = [], set(checkpoints) - {self.steps}
         val_time = [0.0]
+        start, curve = 0, []
+        found = resume_mod.latest(self.run_dir) if self.resume == "auto" else None
+        if found is not None:
+            start, curve = resume_mod.load(found, bare, opt, sched)
+        every = self.checkpoint_every
 
         def on_step(done: int) -> None:
+            if every and self.run_dir is not None and done % every == 0 and done < self.steps and is_main():
+                resume_mod.save(self.run_dir, done, bare, opt, sched, curve, self.keep_checkpoints)
             if done in wanted:
                 t0 = time.perf_counter()
                 marks.append(
@@ -225,6 +234,8 @@ class KD:
             desc=f"kd ({self.kind})",
             on_step=on_step,
             engine=engine,
+            start=start,
+            curve=curve,
         )
         seconds = time.perf_counter() - t0 - val_time[0]
         t1 = time.perf_counter()
@@ -254,6 +265,7 @@ class KD:
             "precision": self.precision,
             **describe(engine, self.batch_size, self.grad_accum),
             "kept_masks": self.keep_masks,
+            "resumed_from_step": start or None,
             "last_step": {k: round(v, 5) for k, v in last.items()},
             "metrics": {"kd_val_before": before["kd"], "kd_val_after": after["kd"], "lm_val_loss": after["lm"]},
         }

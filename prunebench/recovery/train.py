@@ -136,6 +136,7 @@ def fit(
     on_step: Callable[[int], None] | None = None,
     engine=None,
     start: int = 0,
+    curve: list | None = None,
 ) -> list[list]:
     """`steps` optimiser steps; `loss_fn(step, micro)` returns the loss of one micro-batch. Each step
     accumulates `grad_accum` micro-batches, clips the gradient norm to `clip`, steps the optimiser
@@ -145,9 +146,10 @@ def fit(
     `engine` (recovery/engine.py, several processes or a sharding engine): `model` and `opt` are the
     engine's wrapped ones; gradients are all-reduced on the last micro-batch only, the engine
     backpropagates and clips (mixed precision is its own), and the logged loss is the mean over
-    ranks. `start`: the first step (a resumed run)."""
+    ranks. `start`: the first step and `curve` the curve so far (a resumed run); the points are
+    appended to `curve` as they come, so `on_step` can checkpoint it."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    curve = []
+    curve = [] if curve is None else curve
     model.train()
     bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not is_main())
     for step in bar:
