@@ -7,6 +7,7 @@ test shows ✘; a cell no test covers shows "—".
 
     python scripts/support_matrix.py                 # run the tests, write docs/support_matrix.md
     python scripts/support_matrix.py -k mixtral      # a subset (cells outside it show —)
+    python scripts/support_matrix.py -k mixtral --update   # rerun a subset, keep the other cells
 """
 
 from __future__ import annotations
@@ -20,12 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests" / "test_families.py"
 OUT = ROOT / "docs" / "support_matrix.md"
-
-# Why a refusal test refuses (its `match`), shown in the cell.
-REFUSALS = {
-    "test_mask_pruner": "no LM head for the gradient loss",
-    "test_minitron_ffn_on_experts_is_refused": "MLP is fused 3-D experts: use pruner.target.experts",
-}
 
 
 def cell(name: str, params: dict) -> tuple[str, str] | None:
@@ -97,13 +92,33 @@ def render(cells: dict[tuple[str, str], str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read(path: Path) -> dict[tuple[str, str], str]:
+    """The cells of an existing support matrix (for --update)."""
+    rows = [line.strip().strip("|").split(" | ") for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("| ")]  # fmt: skip
+    if not rows:
+        return {}
+    header = [c.strip() for c in rows[0]]
+    cells = {}
+    for row in rows[1:]:
+        for col, value in zip(header[1:], row[1:], strict=False):
+            if value.strip() != "—":
+                cells[(row[0].strip(), col)] = value.strip()
+    return cells
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("-k", default=None, help="pytest -k expression (a subset)")
+    parser.add_argument("ids", nargs="*", help="test ids of tests/test_families.py to run (a subset)")
     parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--update", action="store_true", help="keep the cells of --out this run does not cover")
     args = parser.parse_args()
     collector = Collector()
-    argv = [str(TESTS), "-q", "-p", "no:cacheprovider", *(["-k", args.k] if args.k else [])]
+    if args.update and args.out.exists():
+        collector.cells.update(read(args.out))
+    tests = [f"{TESTS}::{i}" for i in args.ids] or [str(TESTS)]
+    argv = [*tests, "-q", "-p", "no:cacheprovider", "-m", "not slow", *(["-k", args.k] if args.k else [])]
     code = pytest.main(argv, plugins=[collector])
     args.out.write_text(render(collector.cells), encoding="utf-8")
     print(f"wrote {args.out} ({len(collector.cells)} cells)")
