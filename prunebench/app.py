@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import threading
@@ -113,7 +112,10 @@ def interrupts() -> Iterator[list[int]]:
 
 
 def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank in a multi-process job (torchrun, accelerate launch, SLURM tasks); 0 alone."""
+    from prunebench.recovery.engine import world
+
+    return world()[0]
 
 
 _FINISHED: list[Path] = []  # run directories of this process's jobs that wrote their metrics.json

@@ -30,3 +30,12 @@ def test_sweep_through_submitit_local_executor(tmp_path):
             f"hydra.sweep.dir={tmp_path / 'sweep'}", "hydra.launcher.timeout_min=10", cwd=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     assert sorted(p.parent.name for p in (tmp_path / "sweep").rglob("metrics.json")) == ["0", "1"]
+
+
+def test_slurm_gpu_launcher_composes_one_task_per_gpu(tmp_path):
+    """hydra/launcher=slurm_gpu: N tasks x M nodes, one per GPU, from config (no SLURM here)."""
+    r = run("hydra/launcher=slurm_gpu", "hydra.launcher.nodes=2", "--cfg", "hydra", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    launcher = r.stdout.split("  launcher:\n", 1)[1]
+    for line in ("nodes: 2", "tasks_per_node: 8", "gpus_per_node: 8", "SlurmLauncher"):
+        assert line in launcher, line

@@ -26,8 +26,13 @@ ENGINES = ("ddp", "fsdp", "deepspeed")
 
 
 def world() -> tuple[int, int]:
-    """(rank, world size) from the launcher's environment (torchrun, accelerate launch, SLURM via
-    submitit all set RANK and WORLD_SIZE); (0, 1) for a plain process."""
+    """(rank, world size) from the launcher's environment (torchrun and accelerate launch set RANK
+    and WORLD_SIZE); a SLURM job of several tasks (hydra/launcher=slurm_gpu, submitit) has them
+    exported from SLURM's own variables first (rendezvous on the first node); (0, 1) for a plain process."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
