@@ -19,6 +19,7 @@ from prunebench import PrunebenchError
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 TOKEN_SUFFIXES = (".npy",)
+EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
 
 
 def is_path(source: str) -> bool:
@@ -49,7 +50,6 @@ def files(source: str, knob: str = "recovery.source") -> list[Path]:
 def _refuse_eval(found: list[Path], knob: str) -> None:
     """An evaluation split given as a path (or a copy of it) is refused: by path, then by checksum."""
     from prunebench.data import text, verify
-    from prunebench.recovery.train import EVAL_SPLITS
 
     for name in EVAL_SPLITS:
         held = text.find(text.LOCAL[name]) if name in text.LOCAL else None

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models.blocks import prunable_weights
+from prunebench.recovery.corpus import EVAL_SPLITS  # evaluation data: never a training source
 from prunebench.recovery.engine import is_main
 
-EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
