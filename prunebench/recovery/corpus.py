@@ -17,7 +17,6 @@ import torch
 
 from prunebench import PrunebenchError
 
-EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source (recovery/train.py re-exports it)
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 TOKEN_SUFFIXES = (".npy",)
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
