@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -14,6 +16,19 @@ def tiny(request):
     name = getattr(request, "param", "tiny-llama")
     cfg = compose_cfg(f"model={name}")
     return models.load(cfg.model, cache_dir="/nonexistent", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging():
+    """Each test starts with the root logger's handlers as they were: an in-process CLI run
+    (typer's CliRunner) leaves Hydra's job handlers bound to that run's captured, later closed,
+    streams, and a warning logged by the next run's pre-load checks would then print a logging
+    traceback into its stderr. Tests must not depend on which runs came before them."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def random_calib(vocab: int = 259, n: int = 4, seqlen: int = 32, batch_size: int = 2, seed: int = 0) -> Calibration:
