@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -29,6 +30,12 @@ def _root_logging():
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One intra-op thread per pytest worker: two workers with two threads each on two cores
+    # spin against each other (OpenMP busy-waits). Subprocesses a test starts keep the default.
+    torch.set_num_threads(1)
 
 
 def random_calib(vocab: int = 259, n: int = 4, seqlen: int = 32, batch_size: int = 2, seed: int = 0) -> Calibration:
