@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
+import prunebench.data.verify as verify  # the module, not the package: data/__init__ imports this file
 from prunebench import CONF_DIR, PrunebenchError
-from prunebench.data import verify
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks, fused_experts
-from prunebench.placement import compute_device
+from prunebench.pruners.stats import forward_windows
 
 CONFIG_KEYS = ("num_local_experts", "num_experts")  # Mixtral | Qwen2/3-MoE, OLMoE
 
@@ -76,13 +76,7 @@ def expert_scores(model: nn.Module, input_ids: torch.Tensor, batch_size: int) ->
         return grab
 
     handles = [m.register_forward_pre_hook(hook(i, m), with_kwargs=True) for i, (m, _) in layers.items()]
-    device = compute_device(model)
-    try:
-        for batch in input_ids.split(batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    forward_windows(model, input_ids, batch_size, handles)
     return scores
 
 

@@ -233,6 +233,13 @@ def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     stats, handles = {}, []
     for i, block in enumerate(find_blocks(model)):
         handles += hook_block(block, stats, make_stat, f"{i}.")[1]
+    forward_windows(model, input_ids, batch_size, handles)
+    return stats
+
+
+def forward_windows(model: nn.Module, input_ids: torch.Tensor, batch_size: int, handles: list) -> None:
+    """One whole-model forward over the windows, batch by batch on the model's device, for the
+    hooks in `handles` to observe; the hooks are removed afterwards, also on an error."""
     device = compute_device(model)
     try:
         for batch in input_ids.split(batch_size):
@@ -240,7 +247,6 @@ def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     finally:
         for h in handles:
             h.remove()
-    return stats
 
 
 def model_digest(model: nn.Module) -> str:
