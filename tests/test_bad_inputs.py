@@ -178,7 +178,8 @@ def assert_one_line(code: int, stderr: str, needle: str, out, earlier) -> None:
 
 
 def test_catalogue_is_large_enough():
-    assert len(RUN_ROWS) + len(DATA_ROWS) + len(REPORT_ROWS) + len(SUBPROCESS_ROWS) + len(FOLDER_ROWS) >= 60
+    rows = RUN_ROWS, DATA_ROWS, REPORT_ROWS, SUBPROCESS_ROWS, FOLDER_ROWS, CORPUS_ROWS
+    assert sum(map(len, rows)) >= 60
 
 
 @pytest.mark.parametrize("args,needle", [r[1:] for r in RUN_ROWS], ids=[r[0] for r in RUN_ROWS])
@@ -373,3 +374,63 @@ def test_data_checksum_mismatch_is_refused_before_loading(runner, earlier, tmp_p
     monkeypatch.setattr("prunebench.cli.check_overrides", lambda *a, **k: 1)  # the run's own setup must catch it
     result = runner.invoke(app, ["run", *TINY, f"hydra.run.dir={tmp_path / 'o'}"])
     assert_one_line(result.exit_code, result.stderr, "does not match the sha256", tmp_path, earlier)
+
+
+# recovery.source as the user's data (issue 21): (id, files to write under tmp_path, arguments, needle);
+# "{tmp}" stands for tmp_path. All refused before any model loads, with the Hub unreachable.
+CORPUS_ROWS = [
+    ("corpus-missing-file", {}, [*KD, "recovery.source={tmp}/missing.jsonl"], "missing.jsonl: no such file or folder"),
+    (
+        "corpus-no-text-field",
+        {"c.jsonl": '{"body": "x"}\n'},
+        [*KD, "recovery.source={tmp}/c.jsonl"],
+        "c.jsonl has no field 'text' (fields: body); set recovery.text_field",
+    ),
+    (
+        "corpus-hub-offline",
+        {},
+        [
+            *KD,
+            "recovery.source=hf:HuggingFaceFW/fineweb-edu",
+            "recovery.source_config=sample-10BT",
+            "recovery.streaming=true",
+        ],  # fmt: skip
+        "recovery.source=hf:HuggingFaceFW/fineweb-edu: the Hugging Face Hub is unreachable",
+    ),
+    (
+        "corpus-hub-eval-split",
+        {},
+        [*KD, "recovery.source=hf:wikitext", "recovery.source_config=wikitext-2-raw-v1", "recovery.source_split=test"],
+        "the test split of wikitext is evaluation data",
+    ),
+    (
+        "corpus-split-ignored",
+        {"c.jsonl": '{"text": "x"}\n'},
+        [*TINY, "recovery=lm_finetune", "recovery.source={tmp}/c.jsonl", "recovery.source_split=train"],
+        "recovery.source_split=train is ignored",
+    ),
+]
+
+
+@pytest.mark.parametrize("files,args,needle", [r[1:] for r in CORPUS_ROWS], ids=[r[0] for r in CORPUS_ROWS])
+def test_corpus_refused_before_loading(runner, earlier, tmp_path, monkeypatch, no_loading, files, args, needle):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # no Hub, whatever this machine's network
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+def test_corpus_token_ids_outside_the_vocabulary(runner, earlier, tmp_path):
+    """A .bin shard written with another tokenizer (ids ≥ the tokenizer's vocabulary) is refused when
+    it is read, naming the file: the vocabulary is known once the tokenizer has loaded."""
+    import numpy as np
+
+    np.array([5, 6, 65535, 7] * 32, dtype="<u2").tofile(tmp_path / "c.bin")  # 65535: beyond any uint16-read vocabulary
+    source = tmp_path / "c.bin"
+    args = [*TINY, "pruner=magnitude", "baseline=false", "recovery=lm_finetune", "recovery.tokens=64",
+            "recovery.seqlen=16", f"recovery.source={source}", f"hydra.run.dir={tmp_path / 'o'}"]  # fmt: skip
+    result = runner.invoke(app, ["run", *args])
+    assert_one_line(result.exit_code, result.stderr, "c.bin holds token id 65535, outside the tokenizer's", tmp_path,
+                    earlier)  # fmt: skip

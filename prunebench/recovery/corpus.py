@@ -1,34 +1,79 @@
-"""Training text from the user's own files: `recovery.source` = a file, a folder or a glob of
-.jsonl / .json / .parquet / .txt (rows' `recovery.text_field`, default `text`; a .txt file is one
-document), or pre-tokenized .npy arrays of token ids. Files are read in sorted path order, so one
-corpus given in any of these formats yields the same token stream and the same windows.
+"""Training text beyond the built-in names: `recovery.source` = a file, a folder or a glob of the
+user's own data, or a Hugging Face dataset id `hf:<id>`. Files are read in sorted path order, so one
+corpus given in any of the formats below yields the same token stream and the same windows.
+
+Text (joined with blank lines and tokenized once, as the built-in sources are):
+  .jsonl / .json rows' `recovery.text_field` (default `text`); .txt, one document per file;
+  .parquet / .arrow tables with a `text_field` column.
+Pre-tokenized (token ids concatenated as they are; an id outside the tokenizer's vocabulary, or a
+negative one, is refused naming the file):
+  .npy integer arrays;
+  .bin raw little-endian token ids, as nanoGPT-style packers write them: uint16 when the tokenizer's
+    vocabulary has fewer than 65,536 entries, else uint32 (an int32 file of ids < 2^31, Megatron's
+    choice for large vocabularies, reads the same). A sibling Megatron `.idx` (header `MMIDIDX`)
+    names the dtype instead (its codes 1-5 and 8: uint8, int8, int16, int32, int64, uint16);
+  .parquet / .arrow tables with an `input_ids` column (a list of ids per row, or one id per row):
+    such a table is pre-tokenized whatever `text_field` says.
+Arrow files are Arrow IPC streams as `datasets`' `save_to_disk` writes them (its state.json and
+dataset_info.json are skipped) or IPC/Feather files. A saved DatasetDict (dataset_dict.json beside
+one folder per split) is refused: name one split's folder, so a test split is never read by accident.
+One corpus is one kind: text files and pre-tokenized files together are refused.
+
+Hugging Face Hub (`hf:<id>`, `recovery.source_config`, `recovery.source_split` = train when unset,
+`recovery.streaming`): the split is loaded with `datasets.load_dataset`, or, streaming, read only up to
+the first documents whose tokens cover the job's token budget. A split named `test`, and the test and
+validation splits of WikiText (prunebench's perplexity set and its held-out set), are refused. Without
+the Hub (HF_HUB_OFFLINE, or no connection within 3 s) the run stops in one line before any model loads.
 
 An evaluation split stays refused also when given as a path: by resolved path and by SHA-256
-against the evaluation files found in the data roots. metrics.json names the files and a digest.
+against the evaluation files found in the data roots. metrics.json names the files and a digest
+(for `hf:` sources: the id, config, split, documents read and a SHA-256 of what was read).
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import re
+import struct
 from pathlib import Path
 
 import torch
 
 from prunebench import PrunebenchError
 
-TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
-TOKEN_SUFFIXES = (".npy",)
+TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".arrow")
+TOKEN_SUFFIXES = (".npy", ".bin")  # always token ids; .parquet / .arrow are when they hold `input_ids`
+TABLES = (".parquet", ".arrow")
+IDS_COLUMN = "input_ids"
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
+HUB_EVAL = {"wikitext": ("test", "validation"), "Salesforce/wikitext": ("test", "validation")}
+SAVE_TO_DISK_META = ("state.json", "dataset_info.json")  # beside the .arrow files of a saved Dataset
+MEGATRON_IDX = b"MMIDIDX\x00\x00"
+MEGATRON_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_hub_read: dict[str, dict] = {}  # hf: source -> what the last read of it took (metrics.json's digest)
+
+
+def is_hub(source: str) -> bool:
+    """A Hugging Face dataset id, `hf:<id>`."""
+    return source.startswith("hf:")
 
 
 def is_path(source: str) -> bool:
-    """A source that names files rather than a built-in dataset."""
+    """A source that names files rather than a built-in dataset or a Hub id."""
+    if is_hub(source):
+        return False
     return "/" in source or "*" in source or source.endswith(TEXT_SUFFIXES + TOKEN_SUFFIXES)
 
 
+# --- files -----------------------------------------------------------------------------------------
+
+
 def files(source: str, knob: str = "recovery.source") -> list[Path]:
-    """The corpus files a file / folder / glob names, sorted; refuses none, mixed kinds, or unknown suffixes."""
+    """The corpus files a file / folder / glob names, sorted; refuses none, unknown suffixes, a saved
+    DatasetDict, or an evaluation file."""
     p = Path(source).expanduser()
     if "*" in source:
         found = [Path(f) for f in glob.glob(str(p), recursive=True)]
@@ -39,11 +84,20 @@ def files(source: str, knob: str = "recovery.source") -> list[Path]:
     else:
         raise PrunebenchError(f"{knob}={source}: no such file or folder")
     _refuse_eval(found, knob)  # before the suffix filter: wiki.test.raw named directly is refused as what it is
-    found = sorted(f for f in found if f.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES)
+    if dicts := sorted(f for f in found if f.name == "dataset_dict.json"):
+        splits = sorted(d.name for d in dicts[0].parent.iterdir() if d.is_dir())
+        raise PrunebenchError(
+            f"{knob}={source}: {dicts[0].parent} is a saved DatasetDict (splits: {', '.join(splits)}); name one split's"
+            f" folder, e.g. {knob}={dicts[0].parent / (splits[0] if splits else 'train')}"
+        )
+    arrow_dirs = {f.parent for f in found if f.suffix == ".arrow"}
+    found = sorted(
+        f
+        for f in found
+        if f.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES and not (f.name in SAVE_TO_DISK_META and f.parent in arrow_dirs)
+    )
     if not found:
         raise PrunebenchError(f"{knob}={source}: no {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)} files there")
-    if len({f.suffix in TOKEN_SUFFIXES for f in found}) > 1:
-        raise PrunebenchError(f"{knob}={source}: mixes text files and pre-tokenized .npy shards; give one kind")
     return found
 
 
@@ -63,19 +117,118 @@ def _refuse_eval(found: list[Path], knob: str) -> None:
                 raise PrunebenchError(f"{knob}: {f} is the evaluation split {name} and must never be trained on")
 
 
+def _arrow(f: Path, knob: str, schema_only: bool = False):
+    """An .arrow file's table (or schema): an IPC stream (`datasets`' save_to_disk), else an IPC file."""
+    import pyarrow as pa
+
+    for opener in (pa.ipc.open_stream, pa.ipc.open_file):
+        try:
+            with pa.OSFile(str(f), "rb") as src:
+                reader = opener(src)
+                return reader.schema if schema_only else reader.read_all()
+        except pa.ArrowInvalid:
+            continue
+    raise PrunebenchError(f"{knob}: {f} is not an Arrow IPC stream or file (as datasets' save_to_disk writes)")
+
+
+def _schema_names(f: Path, knob: str) -> list[str]:
+    if f.suffix == ".arrow":
+        return list(_arrow(f, knob, schema_only=True).names)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return list(pq.read_schema(f).names)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise PrunebenchError(f"{knob}: {f} is not a readable Parquet file ({str(err).splitlines()[0]})") from None
+
+
+def _no_field(f: Path, field: str, names: list[str], knob: str, what: str = "column") -> PrunebenchError:
+    return PrunebenchError(
+        f"{knob}: {f} has no {what} {field!r} (nor {IDS_COLUMN!r}; {what}s: {', '.join(map(str, names))});"
+        " set recovery.text_field"
+    )
+
+
+def kind(f: Path, text_field: str, knob: str = "recovery.source") -> str:
+    """'ids' (pre-tokenized) or 'text', read cheaply (a table's schema, a .jsonl's first row), so a
+    missing text field stops the run before any model loads."""
+    if f.suffix in TOKEN_SUFFIXES:
+        return "ids"
+    if f.suffix in TABLES:
+        names = _schema_names(f, knob)
+        if IDS_COLUMN in names:
+            return "ids"
+        if text_field not in names:
+            raise _no_field(f, text_field, names, knob)
+        return "text"
+    if f.suffix == ".jsonl":
+        with f.open(encoding="utf-8", errors="replace") as lines:
+            first = next((line for line in lines if line.strip()), None)
+        try:
+            row = json.loads(first) if first is not None else {}
+        except json.JSONDecodeError as err:
+            raise PrunebenchError(f"{knob}: {f} is not valid JSON lines ({err.msg} in its first row)") from None
+        if isinstance(row, dict) and row and text_field not in row:
+            raise PrunebenchError(
+                f"{knob}: a row of {f} has no field {text_field!r} (fields: {', '.join(row)}); set recovery.text_field"
+            )
+    return "text"
+
+
+def check(source: str, text_field: str = "text", knob: str = "recovery.source") -> str:
+    """Before any model loads: the files exist, are of known kinds, all text or all token ids, hold
+    the text field; returns 'text' or 'ids'."""
+    return _checked(source, text_field, knob)[1]
+
+
+def _checked(source: str, text_field: str, knob: str) -> tuple[list[Path], str]:
+    found = files(source, knob)
+    kinds = {f: kind(f, text_field, knob) for f in found}
+    if len(set(kinds.values())) > 1:
+        t = next(f for f, k in kinds.items() if k == "text")
+        i = next(f for f, k in kinds.items() if k == "ids")
+        raise PrunebenchError(
+            f"{knob}={source}: mixes text ({t.name}) and pre-tokenized token ids ({i.name}); give one kind"
+        )
+    return found, next(iter(kinds.values()))
+
+
+# --- reading -----------------------------------------------------------------------------------------
+
+
+def _table_texts(table, f: Path, text_field: str, knob: str) -> list[str]:
+    if text_field not in table.column_names:
+        raise _no_field(f, text_field, table.column_names, knob)
+    return [t if isinstance(t, str) else "" if t is None else str(t) for t in table.column(text_field).to_pylist()]
+
+
+def _table_ids(table, f: Path, knob: str):
+    """The `input_ids` column flattened: lists of ids per row (offsets respected), or one id per row."""
+    import numpy as np
+    import pyarrow as pa
+
+    col = table.column(IDS_COLUMN)
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
+        chunks = [c.flatten() for c in col.chunks]
+    else:
+        chunks = list(col.chunks)
+    if not all(pa.types.is_integer(c.type) for c in chunks) or any(c.null_count for c in chunks):
+        raise PrunebenchError(f"{knob}: {f}'s {IDS_COLUMN} column holds {col.type}, not integer token ids")
+    return np.concatenate([c.to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0, np.int64)
+
+
 def _rows(f: Path, text_field: str, knob: str) -> list[str]:
     if f.suffix == ".txt":
         return [f.read_text(encoding="utf-8")]
     if f.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        table = pq.read_table(f)
-        if text_field not in table.column_names:
-            raise PrunebenchError(
-                f"{knob}: {f} has no column {text_field!r} (columns: {', '.join(table.column_names)});"
-                " set recovery.text_field"
-            )
-        return [str(t) for t in table.column(text_field).to_pylist()]
+        if text_field not in (names := _schema_names(f, knob)):
+            raise _no_field(f, text_field, names, knob)
+        return _table_texts(pq.read_table(f, columns=[text_field]), f, text_field, knob)
+    if f.suffix == ".arrow":
+        return _table_texts(_arrow(f, knob), f, text_field, knob)
     raw = f.read_text(encoding="utf-8")
     try:
         rows = (
@@ -92,24 +245,86 @@ def _rows(f: Path, text_field: str, knob: str) -> list[str]:
     return [str(r[text_field]) for r in rows]
 
 
+def vocab_size(tokenizer) -> int:
+    """The number of token ids a tokenizer can produce (added tokens included)."""
+    try:
+        return len(tokenizer)
+    except TypeError:  # prunebench's ByteTokenizer (tiny models) has no len()
+        return int(tokenizer.vocab_size)
+
+
+def bin_dtype(f: Path, vocab: int) -> str:
+    """The numpy dtype of a .bin shard: a Megatron .idx beside it names it; else uint16 below a
+    vocabulary of 65,536, uint32 from there (little-endian)."""
+    idx = f.with_suffix(".idx")
+    if idx.is_file():
+        with idx.open("rb") as h:
+            head = h.read(len(MEGATRON_IDX) + 9)
+        if head[: len(MEGATRON_IDX)] == MEGATRON_IDX and len(head) == len(MEGATRON_IDX) + 9:
+            code = struct.unpack("<B", head[-1:])[0]
+            if code not in MEGATRON_DTYPES:
+                raise PrunebenchError(f"recovery.source: {idx} names dtype code {code}, not integer token ids")
+            return MEGATRON_DTYPES[code]
+    return "<u2" if vocab < 65536 else "<u4"
+
+
+def _ids(f: Path, vocab: int, knob: str):
+    """One pre-tokenized file's token ids (numpy, int64), checked against the vocabulary."""
+    import numpy as np
+
+    if f.suffix == ".npy":
+        try:
+            arr = np.load(f, allow_pickle=False).reshape(-1)
+        except ValueError as err:
+            raise PrunebenchError(f"{knob}: {f} is not a readable .npy array ({err})") from None
+        if arr.dtype.kind not in "iu":
+            raise PrunebenchError(f"{knob}: {f} holds {arr.dtype} values, not integer token ids")
+    elif f.suffix == ".bin":
+        dtype = np.dtype(bin_dtype(f, vocab))
+        size = f.stat().st_size
+        if size % dtype.itemsize:
+            raise PrunebenchError(
+                f"{knob}: {f} is {size} bytes, not a whole number of {dtype.name} token ids"
+                f" ({dtype.itemsize} bytes each)"
+            )
+        arr = np.fromfile(f, dtype=dtype)
+    else:  # a table with input_ids
+        import pyarrow.parquet as pq
+
+        arr = _table_ids(_arrow(f, knob) if f.suffix == ".arrow" else pq.read_table(f, columns=[IDS_COLUMN]), f, knob)
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and (int(arr.max()) >= vocab or int(arr.min()) < 0):
+        bad = int(arr.max()) if int(arr.max()) >= vocab else int(arr.min())
+        how = f", read as {np.dtype(bin_dtype(f, vocab)).name} ids" if f.suffix == ".bin" else ""
+        raise PrunebenchError(
+            f"{knob}: {f} holds token id {bad}, outside the tokenizer's vocabulary of {vocab}{how}; was it written"
+            " with another tokenizer (or dtype)?"
+        )
+    return arr
+
+
 def token_ids(tokenizer, source: str, text_field: str = "text", knob: str = "recovery.source") -> torch.Tensor:
     """The corpus as one 1-D stream of token ids: text rows joined with blank lines and tokenized as
-    the built-in sources are, or the .npy shards' ids concatenated as they are."""
+    the built-in sources are, or the pre-tokenized files' ids concatenated as they are."""
     import numpy as np
 
     from prunebench.data import tokenize
 
-    found = files(source, knob)
-    if found[0].suffix in TOKEN_SUFFIXES:
-        return torch.from_numpy(np.concatenate([np.load(f, allow_pickle=False).reshape(-1) for f in found])).long()
+    found, what = _checked(source, text_field, knob)
+    if what == "ids":
+        vocab = vocab_size(tokenizer)
+        return torch.from_numpy(np.concatenate([_ids(f, vocab, knob) for f in found]))
     texts = [t for f in found for t in _rows(f, text_field, knob) if t]
     return tokenize(tokenizer, "\n\n".join(texts))
 
 
-def digest(source: str, knob: str = "recovery.source") -> dict:
-    """What metrics.json records: the files and one SHA-256 over their contents, in order."""
-    import hashlib
-
+def digest(source: str, knob: str = "recovery.source") -> dict | None:
+    """What metrics.json records: for files, the files and one SHA-256 over their contents in order;
+    for `hf:` sources, what was read (`hub_token_ids`); None for a built-in name."""
+    if is_hub(source):
+        return _hub_read.get(source)
+    if not is_path(source):
+        return None
     from prunebench.data import verify
 
     found = files(source, knob)
@@ -117,3 +332,129 @@ def digest(source: str, knob: str = "recovery.source") -> dict:
     for f in found:
         h.update(verify.sha256(f).encode())
     return {"files": [str(f) for f in found], "sha256": h.hexdigest()}
+
+
+# --- the Hugging Face Hub ----------------------------------------------------------------------------
+
+
+def _split_names(split: str) -> list[str]:
+    """The splits a `datasets` split expression reads: "train[:10%]+test" -> ["train", "test"]."""
+    return [part.split("[", 1)[0].strip() for part in split.split("+")]
+
+
+def check_hub(source: str, config: str | None, split: str | None, knob: str = "recovery.source") -> None:
+    """Before any model loads: a well-formed id, no evaluation split, `datasets` installed, the Hub
+    reachable (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, else one short connection attempt)."""
+    import importlib.util
+
+    name = source[3:]
+    if not _HUB_ID.match(name):
+        raise PrunebenchError(f"{knob}={source}: give a Hugging Face dataset id, e.g. hf:HuggingFaceFW/fineweb-edu")
+    split = split or "train"
+    for part in _split_names(split):
+        if part == "test" or part in HUB_EVAL.get(name, ()):
+            raise PrunebenchError(
+                f"recovery.source_split={split}: the {part} split of {name} is evaluation data and must never be"
+                " trained on; use recovery.source_split=train"
+            )
+    if importlib.util.find_spec("datasets") is None:
+        raise PrunebenchError(f"{knob}={source} needs the datasets package (pip install datasets)")
+    from prunebench.models import hub_reachable
+
+    if not hub_reachable():
+        raise PrunebenchError(
+            f"{knob}={source}: the Hugging Face Hub is unreachable (offline); where it is reachable, save the split"
+            " (datasets' save_to_disk, or to_parquet / to_json) and give that folder or file as recovery.source"
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def hub_token_ids(
+    tokenizer,
+    source: str,
+    text_field: str = "text",
+    config: str | None = None,
+    split: str | None = None,
+    streaming: bool = False,
+    tokens: int | None = None,
+    knob: str = "recovery.source",
+) -> torch.Tensor:
+    """A Hub split as one stream of token ids, as `token_ids` makes it from files (rows with an
+    `input_ids` field are pre-tokenized). Streaming reads rows in order until their tokens cover
+    `tokens` (the job's budget), then stops; otherwise the whole split is loaded (and cached by datasets)."""
+    import datasets
+    import numpy as np
+
+    from prunebench.data import tokenize, verify
+
+    check_hub(source, config, split, knob)
+    name, split = source[3:], split or "train"
+    where = f"{knob}={source} (config {config}, split {split})"
+    if streaming and not tokens:
+        raise PrunebenchError(f"{where}: streaming needs the token budget (recovery.tokens)")
+    try:
+        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
+        if streaming:
+            texts, ids, docs = _stream(ds, tokenizer, text_field, tokens, where)
+        else:
+            table = ds.with_format("arrow")[:]
+            docs = table.num_rows
+            if IDS_COLUMN in table.column_names:
+                texts, ids = [], [_table_ids(table, Path(f"hf:{name}"), knob)]
+            else:
+                texts, ids = [t for t in _table_texts(table, Path(f"hf:{name}"), text_field, knob) if t], []
+    except PrunebenchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a missing config, split, repo or connection: one line
+        why = f"{type(err).__name__}: {_first_line(err)}"
+        raise PrunebenchError(f"{where}: datasets could not read it ({why})") from None
+    verify.record_hub(source, name, config, split, ds)
+    h = hashlib.sha256()
+    if ids:
+        stream = np.concatenate(ids).astype(np.int64)
+        vocab = vocab_size(tokenizer)
+        if stream.size and (int(stream.max()) >= vocab or int(stream.min()) < 0):
+            raise PrunebenchError(f"{where}: its {IDS_COLUMN} hold ids outside the tokenizer's vocabulary of {vocab}")
+        h.update(stream.tobytes())
+        out = torch.from_numpy(stream)
+    else:
+        joined = "\n\n".join(texts)
+        h.update(joined.encode("utf-8"))
+        out = tokenize(tokenizer, joined) if joined else torch.zeros(0, dtype=torch.long)
+    _hub_read[source] = {"hub": name, "config": config, "split": split, "streaming": streaming, "documents": docs,
+                         "tokens": len(out), "sha256": h.hexdigest()}  # fmt: skip
+    return out
+
+
+def _stream(ds, tokenizer, text_field: str, tokens: int, where: str) -> tuple[list[str], list, int]:
+    """The first rows of a streamed split whose tokens cover `tokens`: (texts, id arrays, rows read).
+    Text rows are counted one by one (with their separator), then their joined tokenization is checked
+    (tokens may merge across a boundary), reading on while it falls short."""
+    import numpy as np
+
+    from prunebench.data import tokenize
+
+    texts, ids, docs, counted = [], [], 0, 0
+    rows = iter(ds)
+    for row in rows:
+        docs += 1
+        if IDS_COLUMN in row:
+            ids.append(np.asarray(row[IDS_COLUMN], dtype=np.int64).reshape(-1))
+            counted += len(ids[-1])
+        elif text_field in row:
+            if t := row[text_field]:
+                piece = ("\n\n" if texts else "") + str(t)  # as it appears in the joined text
+                texts.append(str(t))
+                counted += len(tokenizer(piece, add_special_tokens=False).input_ids)
+        else:
+            raise PrunebenchError(
+                f"{where}: a row has no field {text_field!r} (fields: {', '.join(row)}); set recovery.text_field"
+            )
+        if counted >= tokens and (ids or len(tokenize(tokenizer, "\n\n".join(texts))) >= tokens):
+            break
+    if texts and ids:
+        raise PrunebenchError(f"{where}: some rows hold text, others {IDS_COLUMN}; give one kind")
+    return texts, ids, docs

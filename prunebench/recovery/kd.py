@@ -75,6 +75,9 @@ class KD:
         seed: Seed = 0,
         engine: str = "ddp",
         text_field: str = "text",
+        source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
+        source_split: str | None = None,
+        streaming: Flag = False,
         checkpoint_every: int | None = None,
         keep_checkpoints: int = 2,
         resume: str = "auto",
@@ -108,7 +111,8 @@ class KD:
             raise PrunebenchError(f"recovery.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
         if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
             raise PrunebenchError(f"recovery.chunk={chunk} must be a positive number of tokens or null")
-        check_source(source, "recovery.source")
+        self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
+        check_source(source, "recovery.source", text_field, **self.hub)
         check_source(val_source, "recovery.val_source")  # model selection on the test split would leak too
         if val_source == source:
             raise PrunebenchError(
@@ -168,7 +172,9 @@ class KD:
         device = compute_device(model)
         teacher.eval().requires_grad_(False)
         torch.manual_seed(self.seed)
-        windows = text_windows(self.tokenizer, self.source, self.seqlen, self.text_field)
+        windows = text_windows(
+            self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
+        )
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows]
         engine = make_engine(self.engine, self.precision, self.batch_size, self.grad_accum, device)
         per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
@@ -253,7 +259,7 @@ class KD:
             "intermediate": self.loss.intermediate,
             "teacher": self.teacher or "unpruned model (copied before pruning)",
             "source": self.source,
-            "source_digest": corpus.digest(self.source) if corpus.is_path(self.source) else None,
+            "source_digest": corpus.digest(self.source),
             "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "distillation_loss": {"before": before["kd"], "after": after["kd"]},
             "lm_val_loss": {"before": before["lm"], "after": after["lm"]},

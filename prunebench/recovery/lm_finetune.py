@@ -48,6 +48,9 @@ class LMFinetune:
         seed: Seed = 0,
         engine: str = "ddp",
         text_field: str = "text",
+        source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
+        source_split: str | None = None,
+        streaming: Flag = False,
     ):
         check_engine(engine)
         step_tokens = seqlen * batch_size * world()[1]
@@ -56,7 +59,8 @@ class LMFinetune:
                 f"recovery.tokens={tokens} is less than one batch of {step_tokens} tokens"
                 f" (seqlen × batch_size × {world()[1]} processes)"
             )
-        check_source(source, "recovery.source")
+        self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
+        check_source(source, "recovery.source", text_field, **self.hub)
         self.name, self.source, self.tokens, self.seqlen, self.batch_size = name, source, tokens, seqlen, batch_size
         self.lr, self.warmup, self.weight_decay, self.keep_masks = lr, warmup, weight_decay, keep_masks
         self.reprune, self.log_every, self.seed, self.engine, self.text_field = (
@@ -71,7 +75,9 @@ class LMFinetune:
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
             raise PrunebenchError("lm_finetune needs the tokenizer (set by the pipeline)")
-        windows = text_windows(self.tokenizer, self.source, self.seqlen, self.text_field)
+        windows = text_windows(
+            self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
+        )
         engine = make_engine(self.engine, "fp32", self.batch_size, 1, compute_device(model))
         per_step = engine.global_batch if engine is not None else self.batch_size
         steps = self.tokens // (self.seqlen * per_step)
@@ -102,6 +108,6 @@ class LMFinetune:
             "seconds": round(time.perf_counter() - start, 2),
             "kept_masks": self.keep_masks,
             "source": self.source,
-            "source_digest": corpus.digest(self.source) if corpus.is_path(self.source) else None,
+            "source_digest": corpus.digest(self.source),
             **describe(engine, self.batch_size, 1),
         }

@@ -40,9 +40,10 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.cache import output_folder
-from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
+from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
+from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
 from prunebench.recovery.train import adamw, check_source, fit, text_windows, window_order
 
@@ -78,6 +79,10 @@ class LoRA:
         clip: Annotated[float | None, Field(gt=0.0)] = 1.0,
         log_every: Annotated[int, Field(ge=1)] = 10,
         seed: Seed = 0,
+        text_field: str = "text",  # recovery.source as files: the field holding the text (recovery/corpus.py)
+        source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
+        source_split: str | None = None,
+        streaming: Flag = False,
     ):
         for knob, value in (("r", r), ("seqlen", seqlen), ("batch_size", batch_size), ("log_every", log_every)):
             if not isinstance(value, int) or value < 1:
@@ -106,7 +111,9 @@ class LoRA:
                 f"recovery.target_modules={target_modules!r} must be null (all block linears)"
                 " or a list of names, e.g. [q_proj,v_proj]"
             )
-        check_source(source, "recovery.source")
+        self.text_field = text_field
+        self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
+        check_source(source, "recovery.source", text_field, **self.hub)
         check_source(val_source, "recovery.val_source")
         if adapter_dir and merge != "separate":  # merge=masked folds the adapter in: no folder to write
             raise PrunebenchError(
@@ -204,7 +211,9 @@ class LoRA:
         adapter_dir = self._adapter_dir(data)
         device = compute_device(model)
         torch.manual_seed(self.seed)  # A's random init and the dropout masks
-        windows = text_windows(self.tokenizer, self.source, self.seqlen)
+        windows = text_windows(
+            self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
+        )
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows] if self.val_windows else []
         order = window_order(len(windows), self.steps * self.batch_size, self.seed)
         if teacher is not None:
@@ -267,6 +276,7 @@ class LoRA:
             "adapted_linears": len(targets),
             "trainable_params": trainable,
             "source": self.source,
+            "source_digest": corpus.digest(self.source),
             "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "lm_val_loss": {"before": before.get("lm"), "after": after.get("lm")},
             "loss_first": curve[0][1],

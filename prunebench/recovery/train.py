@@ -24,28 +24,70 @@ from prunebench.recovery.engine import is_main
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def check_source(source: str, knob: str = "recovery.source") -> None:
-    """Refuse an evaluation split (or an unknown name) as training text, before anything loads."""
+def check_source(
+    source: str,
+    knob: str = "recovery.source",
+    text_field: str = "text",
+    source_config: str | None = None,
+    source_split: str | None = None,
+    streaming: bool = False,
+) -> None:
+    """Refuse, before anything loads: an evaluation split (or an unknown name) as training text, files
+    that are missing, unreadable kinds or lack the text field, a Hub id without the Hub, and a knob
+    the source ignores (`source_config` / `source_split` / `streaming` only mean something for `hf:`
+    ids; `text_field` nothing for built-in names or token ids). See recovery/corpus.py."""
     from prunebench.data.text import LOCAL
     from prunebench.recovery import corpus
 
-    if corpus.is_path(source):  # the user's own files: exist, readable kinds, not an evaluation split
-        corpus.files(source, knob)
+    if not corpus.is_hub(source):
+        hub_only = {"source_config": (source_config, None), "source_split": (source_split, None),
+                    "streaming": (streaming, False)}  # fmt: skip
+        for name, (value, unset) in hub_only.items():
+            if value != unset:
+                raise PrunebenchError(
+                    f"recovery.{name}={value} is ignored: it only applies to a Hugging Face dataset,"
+                    f" {knob}=hf:<id> ({knob}={source})"
+                )
+    elif knob != "recovery.source":
+        raise PrunebenchError(f"{knob}={source}: a Hub dataset can only be recovery.source; give a name or files")
+    if corpus.is_hub(source):
+        corpus.check_hub(source, source_config, source_split, knob)
         return
+    if corpus.is_path(source):  # the user's own files: exist, readable kinds, not an evaluation split
+        if corpus.check(source, text_field, knob) == "ids" and text_field != "text":
+            raise PrunebenchError(f"recovery.text_field={text_field} is ignored: {knob}={source} holds token ids")
+        return
+    if text_field != "text":
+        raise PrunebenchError(f"recovery.text_field={text_field} is ignored by the built-in {knob}={source}")
     if source in EVAL_SPLITS:
         raise PrunebenchError(
             f"{knob}={source} is an evaluation split and must never be trained on; use {knob}=c4 (or wikitext2_valid)"
         )
     if source not in LOCAL:
-        raise PrunebenchError(f"{knob}={source!r} is not a known text source; use one of: c4, wikitext2_valid")
+        raise PrunebenchError(
+            f"{knob}={source!r} is not a known text source; use one of: c4, wikitext2_valid, a file, folder or glob,"
+            " or hf:<dataset id>"
+        )
 
 
-def text_windows(tokenizer, source: str, seqlen: int, text_field: str = "text") -> torch.Tensor:
-    """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines (a
-    built-in name, or files: recovery/corpus.py)."""
+def text_windows(
+    tokenizer,
+    source: str,
+    seqlen: int,
+    text_field: str = "text",
+    source_config: str | None = None,
+    source_split: str | None = None,
+    streaming: bool = False,
+    tokens: int | None = None,
+) -> torch.Tensor:
+    """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines: a
+    built-in name, files or a Hub id (recovery/corpus.py). `tokens`: the job's token budget, which
+    a streamed Hub split is read up to."""
     from prunebench.recovery import corpus
 
-    if corpus.is_path(source):
+    if corpus.is_hub(source):
+        ids = corpus.hub_token_ids(tokenizer, source, text_field, source_config, source_split, streaming, tokens)
+    elif corpus.is_path(source):
         ids = corpus.token_ids(tokenizer, source, text_field)
     else:
         ids = tokenize(tokenizer, "\n\n".join(t for t in load_texts(source) if t))
