@@ -233,6 +233,8 @@ def test_a_hub_split_loads_or_streams_up_to_the_token_budget(tmp_path, tok, fake
     needed = next(k for k in range(1, len(DOCS)) if len(tokenize(tok, "\n\n".join(DOCS[:k]))) >= budget)
     assert read["documents"] == needed  # ... by the first documents that cover it, and not one more
     assert streamed[:-1].equal(ref[: len(streamed) - 1])  # the same stream's beginning (the last window may differ)
+    assert text_windows(tok, "hf:me/corpus", 32, **kw, streaming=True, tokens=10**9).equal(ref)  # a split too short
+    assert corpus.digest("hf:me/corpus")["documents"] == len(DOCS)  # for the budget: all of it (windows recur)
     with pytest.raises(PrunebenchError, match=r"hf:me/corpus \(config en, split other\): datasets could not read it"):
         text_windows(tok, "hf:me/corpus", 32, **kw, source_split="other")
     with pytest.raises(PrunebenchError, match="no column 'body'"):

@@ -398,8 +398,9 @@ def hub_token_ids(
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
         if streaming:
-            texts, ids, docs = _stream(ds, tokenizer, text_field, tokens, where)
+            texts, ids, docs, done = _stream(ds, tokenizer, text_field, tokens, where)
         else:
+            done = None
             table = ds.with_format("arrow")[:]
             docs = table.num_rows
             if IDS_COLUMN in table.column_names:
@@ -423,23 +424,25 @@ def hub_token_ids(
     else:
         joined = "\n\n".join(texts)
         h.update(joined.encode("utf-8"))
-        out = tokenize(tokenizer, joined) if joined else torch.zeros(0, dtype=torch.long)
+        out = done if done is not None else tokenize(tokenizer, joined) if joined else torch.zeros(0, dtype=torch.long)
     _hub_read[source] = {"hub": name, "config": config, "split": split, "streaming": streaming, "documents": docs,
                          "tokens": len(out), "sha256": h.hexdigest()}  # fmt: skip
     return out
 
 
-def _stream(ds, tokenizer, text_field: str, tokens: int, where: str) -> tuple[list[str], list, int]:
-    """The first rows of a streamed split whose tokens cover `tokens`: (texts, id arrays, rows read).
-    Text rows are counted one by one (with their separator), then their joined tokenization is checked
-    (tokens may merge across a boundary), reading on while it falls short."""
+def _stream(
+    ds, tokenizer, text_field: str, tokens: int, where: str
+) -> tuple[list[str], list, int, torch.Tensor | None]:
+    """The first rows of a streamed split whose tokens cover `tokens`: (texts, id arrays, rows read,
+    the texts' joined token ids when that check ran). Text rows are counted one by one (with their
+    separator), then their joined tokenization is checked (tokens may merge across a boundary),
+    reading on while it falls short."""
     import numpy as np
 
     from prunebench.data import tokenize
 
-    texts, ids, docs, counted = [], [], 0, 0
-    rows = iter(ds)
-    for row in rows:
+    texts, ids, docs, counted, done = [], [], 0, 0, None
+    for row in ds:
         docs += 1
         if IDS_COLUMN in row:
             ids.append(np.asarray(row[IDS_COLUMN], dtype=np.int64).reshape(-1))
@@ -453,8 +456,13 @@ def _stream(ds, tokenizer, text_field: str, tokens: int, where: str) -> tuple[li
             raise PrunebenchError(
                 f"{where}: a row has no field {text_field!r} (fields: {', '.join(row)}); set recovery.text_field"
             )
-        if counted >= tokens and (ids or len(tokenize(tokenizer, "\n\n".join(texts))) >= tokens):
-            break
+        if counted >= tokens:
+            if ids:
+                break
+            if len(done := tokenize(tokenizer, "\n\n".join(texts))) >= tokens:
+                break
+    else:
+        done = None  # the split ended short of the budget: the caller tokenizes what there is
     if texts and ids:
         raise PrunebenchError(f"{where}: some rows hold text, others {IDS_COLUMN}; give one kind")
-    return texts, ids, docs
+    return texts, ids, docs, done if texts and not ids else None
