@@ -1,13 +1,20 @@
-"""Recovery training on several processes through Hugging Face `accelerate`: DDP (the default when
-torchrun / accelerate launch / SLURM start more than one process), FSDP2 full-shard wrapped per
-transformer block, or DeepSpeed ZeRO (only when `deepspeed` is installed).
+"""Recovery training on several processes: DDP through Hugging Face `accelerate` (the default when
+torchrun / accelerate launch / SLURM start more than one process), torch's FSDP2 full-shard wrapped
+per transformer block (CPU/gloo and GPU), or DeepSpeed ZeRO-3 through accelerate (GPUs only, and
+only when `deepspeed` is installed).
 
-One process with `recovery.engine=ddp` never builds an Accelerator: `train.fit` runs its own loop
+One process with `recovery.engine=ddp` (or fsdp) never builds an engine: `train.fit` runs its own loop
 exactly as before, so the single-process numbers do not change. With N processes every rank reads
 its own micro-batches of the same seeded window order: at optimiser step s, micro-batch m, rank r
 takes windows `order[s·G + (m·N + r)·b : … + b]` with G = b·accum·N the global batch. Averaging the
 gradients over ranks (DDP's all-reduce) then equals one process accumulating the same G windows:
 the same update up to the order of floating-point additions.
+
+Precision: a student loaded in bf16/fp16 trains on fp32 master weights (`fp32_masters`), one design
+for the plain loop and every engine: its parameters are upcast in place before the optimiser and the
+engine see them, so gradients and AdamW's moments are fp32 as well, `recovery.precision` picks the
+autocast dtype the matmuls run in (accelerate's `mixed_precision` under an engine), and the trained
+weights are rounded back to the loaded dtype at the end.
 """
 
 from __future__ import annotations
@@ -41,9 +48,14 @@ def is_main() -> bool:
 
 
 def check_engine(engine: str, precision: str = "fp32") -> None:
-    """Refuse an unknown engine, or deepspeed without the package, before anything loads."""
+    """Refuse an unknown engine, deepspeed without the package, or fp16 under FSDP (no sharded loss
+    scaler here: use bf16), before anything loads."""
     if engine not in ENGINES:
         raise PrunebenchError(f"recovery.engine={engine!r} must be one of {', '.join(ENGINES)}")
+    if engine == "fsdp" and precision == "fp16":
+        raise PrunebenchError(
+            "recovery.engine=fsdp trains in fp32 or bf16 (fp16 needs loss scaling): use recovery.precision=bf16"
+        )
     if engine == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
         raise PrunebenchError("recovery.engine=deepspeed needs the deepspeed package (pip install deepspeed)")
 
@@ -90,6 +102,40 @@ def check_same_weights(model: nn.Module) -> str | None:
     return mine
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+def fp32_masters(model: nn.Module) -> dict[str, torch.dtype]:
+    """Mixed-precision training with fp32 master weights (Micikevicius et al., "Mixed Precision
+    Training", arXiv 1710.03740): every trainable bf16/fp16 parameter of `model` is upcast to fp32 in
+    place (`p.data = p.data.float()`: the same Parameter objects, so the optimiser built afterwards,
+    the pruning masks and the engine's wrapper all hold the masters). Gradients and AdamW's two
+    moments are then fp32 too; autocast (`recovery.precision`) decides the dtype the matmuls compute
+    in. An update smaller than half a bf16 ulp of its weight (at least |w|·2⁻⁹), which a bf16 weight updated
+    in place would round away, accumulates in the master. Returns {name: loaded dtype} for
+    `write_back`; {} (and nothing touched: bit-identical training) for an fp32 model.
+
+    Chosen over a separate fp32 copy beside the half weights: one copy of the weights instead of two,
+    no copy-back after every step, and the same code under DDP / FSDP / ZeRO (accelerate expects fp32
+    parameters for its mixed precision). Cost: 4 − 2 bytes more per parameter than the half weights
+    (counted by the memory plan)."""
+    upcast = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype in HALF:
+            upcast[name] = p.dtype
+            p.data = p.data.float()
+    return upcast
+
+
+@torch.no_grad()
+def write_back(model: nn.Module, upcast: dict[str, torch.dtype]) -> None:
+    """Round the fp32 masters of `fp32_masters` back to their loaded dtype (round to nearest even,
+    torch's cast), looked up by name so a re-wrapped model works too."""
+    for name, p in model.named_parameters():
+        if name in upcast:
+            p.data = p.data.to(upcast[name])
+
+
 def _block_class_names(model: nn.Module) -> list[str]:
     """The transformer-block classes FSDP wraps one by one (the `_no_split_modules` transformers declares)."""
     names = list(getattr(model, "_no_split_modules", None) or [])
@@ -99,25 +145,33 @@ def _block_class_names(model: nn.Module) -> list[str]:
 
 
 class Engine:
-    """An accelerate Accelerator configured for one recovery: engine, mixed precision (autocast with
-    fp32 master weights and optimiser state: the weights stay in their loaded dtype, fp32 on the CPU),
-    and the batch geometry. `fit` calls prepare / no_sync / backward / clip / mean."""
+    """One recovery's engine and batch geometry; `fit` calls prepare / no_sync / backward / clip / mean.
+    `ddp` and `deepspeed` run on an accelerate Accelerator (its `mixed_precision` autocasts; the
+    parameters are fp32 masters, see `fp32_masters`). `fsdp` is torch's FSDP2 (`fully_shard` on each
+    transformer block, then the root, full-shard over every rank) called directly: accelerate 1.16
+    applies its FSDP plugin only on accelerators (on the CPU it silently runs DDP), while torch's
+    FSDP2 also shards over gloo, so the one code path is tested on the CPU (tests/test_distributed.py)
+    and on GPUs (tests/test_gpu.py)."""
 
     def __init__(self, engine: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device):
         check_engine(engine, precision)
         init_distributed(device)
+        self.engine, self.rank, self.world = engine, *world()
+        self.micro_batch, self.grad_accum, self.device = micro_batch, grad_accum, device
+        self._fsdp, self._twin, self._home = engine == "fsdp", None, None
+        self.accelerator = None
+        if self._fsdp:
+            return
         from accelerate import Accelerator
 
-        self.engine, self.rank, self.world = engine, *world()
-        self.micro_batch, self.grad_accum = micro_batch, grad_accum
         kw: dict = {"mixed_precision": {"fp32": "no"}.get(precision, precision), "cpu": device.type == "cpu"}
         if engine == "deepspeed":
             from accelerate.utils import DeepSpeedPlugin
 
             kw["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=grad_accum)
-        self._fsdp = engine == "fsdp"
-        self.accelerator = Accelerator(**kw) if not self._fsdp else None
-        self._kw = kw
+        self.accelerator = Accelerator(**kw)
+        if engine == "deepspeed" and self.accelerator.distributed_type.value != "DEEPSPEED":
+            raise PrunebenchError(f"recovery.engine=deepspeed: accelerate chose {self.accelerator.distributed_type}")
 
     @property
     def global_batch(self) -> int:
@@ -131,62 +185,112 @@ class Engine:
         """Wrap the student (never the teacher: it is replicated, never trained) and its optimiser.
         The LR scheduler stays ours: accelerate's would step once per process."""
         if self._fsdp:
-            from accelerate import Accelerator
-            from accelerate.utils import FullyShardedDataParallelPlugin
-
-            plugin = FullyShardedDataParallelPlugin(
-                fsdp_version=2,
-                reshard_after_forward=True,  # FSDP2's FULL_SHARD
-                auto_wrap_policy="transformer_based_wrap",
-                transformer_cls_names_to_wrap=_block_class_names(model),
-                state_dict_type="FULL_STATE_DICT",
-            )
-            self.accelerator = Accelerator(fsdp_plugin=plugin, **self._kw)
+            return self._shard(model, opt), opt
         wrapped, opt = self.accelerator.prepare(model, opt)
         return wrapped, opt
 
+    def _shard(self, model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+        """FSDP2 full-shard of a copy of `model` (the twin): the caller's model is never sharded in
+        place, so after `finish` it is again an ordinary module that rank 0 evaluates and saves alone.
+        The copy is made in CPU memory and `model`'s own weights are released while the shards
+        train (a rank holds its shard, the teacher and the block being computed); the optimiser is
+        pointed at the twin's sharded parameters (by name), its state still empty."""
+        import copy
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(_block_class_names(model))
+        self._home = next(model.parameters()).device
+        with torch.no_grad():
+            for p in model.parameters():
+                p.data = p.data.to("cpu")
+            twin = copy.deepcopy(model)
+            for p in model.parameters():  # placeholders until finish() writes the trained weights back
+                p.data = torch.empty(0, dtype=p.dtype, device=self._home)
+        mesh = init_device_mesh(self.device.type, (self.world,))
+        for module in twin.modules():
+            if type(module).__name__ in blocks:
+                fully_shard(module, mesh=mesh, reshard_after_forward=True)
+        fully_shard(twin, mesh=mesh, reshard_after_forward=True)
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        sharded = dict(twin.named_parameters())
+        for group in opt.param_groups:
+            group["params"] = [sharded[name_of[id(p)]] for p in group["params"]]
+        self._twin = twin
+        self.params_per_rank = sum(p.to_local().numel() for p in twin.parameters())  # this rank's shard
+        return twin
+
+    def finish(self, model: nn.Module) -> None:
+        """After training: FSDP gathers the full trained weights on every rank into the caller's
+        `model` (back on its device); a no-op for the other engines, which trained `model` itself."""
+        if not self._fsdp or self._twin is None:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(self._twin, options=StateDictOptions(full_state_dict=True))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.data = full[name].to(self._home)
+        self._twin = None
+
     def no_sync(self, model: nn.Module, last_micro: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        return nullcontext() if last_micro or self.world == 1 else self.accelerator.no_sync(model)
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP); FSDP
+        reduce-scatters every micro-batch into the sharded gradients (no unsharded accumulation)."""
+        if last_micro or self.world == 1 or self._fsdp:
+            return nullcontext()
+        return self.accelerator.no_sync(model)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.accelerator.backward(loss)
+        if self._fsdp:
+            loss.backward()
+        else:
+            self.accelerator.backward(loss)
 
     def clip(self, model: nn.Module, clip: float) -> None:
-        self.accelerator.clip_grad_norm_(model.parameters(), clip)
+        if self._fsdp:  # torch's clip works on the sharded (DTensor) gradients: the norm is global
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        else:
+            self.accelerator.clip_grad_norm_(model.parameters(), clip)
 
     def mean(self, value: float) -> float:
         """The mean of a float over the ranks (the logged loss is the global batch's)."""
         if self.world == 1:
             return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.accelerator.device)
-        return float(self.accelerator.reduce(t, reduction="mean"))
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        """The module that trains: the twin under FSDP, the caller's model under DDP / ZeRO."""
+        return model if self._fsdp else self.accelerator.unwrap_model(model)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "engine": self.engine,
             "world_size": self.world,
             "micro_batch": self.micro_batch,
             "grad_accum": self.grad_accum,
             "global_batch": self.global_batch,
         }
+        if getattr(self, "params_per_rank", None):  # FSDP: the parameters rank 0 held while training
+            out["params_per_rank"] = self.params_per_rank
+        return out
 
 
 def make_engine(engine: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device) -> Engine | None:
-    """An Engine when there is more than one process or a sharding engine is asked for; None (the
-    plain loop, today's numbers) for DDP in one process."""
+    """An Engine when there is more than one process, or for DeepSpeed; None (the plain loop,
+    today's numbers) for DDP or FSDP in one process (one rank: nothing to shard or average)."""
     check_engine(engine, precision)
-    if engine == "ddp" and world()[1] == 1:
+    if engine in ("ddp", "fsdp") and world()[1] == 1:
         return None
     return Engine(engine, precision, micro_batch, grad_accum, device)
 
 
-def describe(engine: Engine | None, micro_batch: int, grad_accum: int) -> dict:
-    """What metrics.json records about the engine, also for the plain one-process loop."""
+def describe(engine: Engine | None, micro_batch: int, grad_accum: int, name: str = "ddp") -> dict:
+    """What metrics.json records about the engine, also for the plain one-process loop (`name`: the
+    configured engine)."""
     if engine is not None:
         return engine.describe()
-    return {"engine": "ddp", "world_size": 1, "micro_batch": micro_batch, "grad_accum": grad_accum,
+    return {"engine": name, "world_size": 1, "micro_batch": micro_batch, "grad_accum": grad_accum,
             "global_batch": micro_batch * grad_accum}  # fmt: skip

@@ -31,7 +31,7 @@ from prunebench.placement import Plan, compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery import resume as resume_mod
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
-from prunebench.recovery.engine import check_engine, describe, is_main, make_engine, world
+from prunebench.recovery.engine import check_engine, describe, fp32_masters, is_main, make_engine, world, write_back
 from prunebench.recovery.train import (
     PRECISIONS,
     MaskKeeper,
@@ -84,6 +84,11 @@ class KD:
     ):
         resume_mod.check(checkpoint_every, keep_checkpoints, resume)
         check_engine(engine, precision)
+        if engine == "fsdp" and checkpoint_every:
+            raise PrunebenchError(
+                "recovery.checkpoint_every is not supported under recovery.engine=fsdp yet (each rank holds a shard):"
+                " use recovery.engine=ddp, or no checkpoints"
+            )
         _, world_size = world()
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
         for knob, value in (
@@ -139,8 +144,9 @@ class KD:
         return self.teacher is None
 
     def training_bytes(self, shape: dict, elt: int) -> int:
-        """Gradients and AdamW's two moments of every weight (the memory plan; activations apart)."""
-        return 3 * int(shape["params"]) * elt
+        """fp32 gradients and AdamW's two fp32 moments of every weight, plus the fp32 masters' extra
+        4 − elt bytes of a half-precision model (engine.fp32_masters); activations apart."""
+        return (3 * 4 + 4 - elt) * int(shape["params"])
 
     # -- held-out losses -----------------------------------------------------------------------
     @torch.no_grad()
@@ -190,13 +196,16 @@ class KD:
                 "recovery.intermediate with a projection (student and teacher widths differ) runs in one process"
                 " only: the projection is outside the engine's wrapped model"
             )
+        upcast = fp32_masters(model)  # a bf16/fp16 student trains on fp32 masters, written back below
         params = [p for p in model.parameters() if p.requires_grad] + extra
         opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, "cosine", self.min_lr)
         bare, student = model, model
         if engine is not None:
             student, opt = engine.prepare(model, opt)
+            bare = engine.unwrap(student)  # what trains: `model` itself, or FSDP's sharded copy of it
         keep = MaskKeeper(bare, self.keep_masks)
-        scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        fp16_alone = self.precision == "fp16" and engine is None  # an engine scales the loss itself
+        scaler = torch.amp.GradScaler(device.type) if fp16_alone else None
         ctx = autocast(device, self.precision)
         last: dict = {}
 
@@ -221,7 +230,7 @@ class KD:
             if done in wanted:
                 t0 = time.perf_counter()
                 marks.append(
-                    {"step": done, "tokens": done * per_step * self.seqlen, **self.validate(model, teacher, val)}
+                    {"step": done, "tokens": done * per_step * self.seqlen, **self.validate(bare, teacher, val)}
                 )
                 val_time[0] += time.perf_counter() - t0
 
@@ -244,6 +253,9 @@ class KD:
             curve=curve,
         )
         seconds = time.perf_counter() - t0 - val_time[0]
+        if engine is not None:
+            engine.finish(model)  # FSDP: the trained full weights back into `model`, on every rank
+        write_back(model, upcast)
         t1 = time.perf_counter()
         after = self.validate(model, teacher, val)
         val_seconds += val_time[0] + time.perf_counter() - t1
@@ -269,7 +281,7 @@ class KD:
             "seconds": round(seconds, 2),
             "val_seconds": round(val_seconds, 2),
             "precision": self.precision,
-            **describe(engine, self.batch_size, self.grad_accum),
+            **describe(engine, self.batch_size, self.grad_accum, self.engine),
             "kept_masks": self.keep_masks,
             "resumed_from_step": start or None,
             "last_step": {k: round(v, 5) for k, v in last.items()},

@@ -89,6 +89,7 @@ class LMFinetune:
         student = model
         if engine is not None:
             student, opt = engine.prepare(model, opt)
+            keep = MaskKeeper(engine.unwrap(student), self.keep_masks)  # FSDP trains a sharded copy
 
         def loss_fn(step: int, micro: int):
             k = engine.index(step, micro) if engine is not None else step * self.batch_size
@@ -99,6 +100,8 @@ class LMFinetune:
         curve = fit(
             student, steps, loss_fn, opt, sched, keep=keep, log_every=self.log_every, desc="lm_finetune", engine=engine
         )
+        if engine is not None:
+            engine.finish(model)  # FSDP: the trained full weights back into `model`
         return {
             "steps": steps,
             "tokens": steps * self.batch_size * self.seqlen,
@@ -109,5 +112,5 @@ class LMFinetune:
             "kept_masks": self.keep_masks,
             "source": self.source,
             "source_digest": corpus.digest(self.source),
-            **describe(engine, self.batch_size, 1),
+            **describe(engine, self.batch_size, 1, self.engine),
         }
