@@ -152,7 +152,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         recovery = instantiate(cfg.recovery)
         evaluators = {name: instantiate(ev) for name, ev in selected_evals(cfg).items()}
         verify_texts(cfg, pruner, recovery, evaluators)  # a corrupted data file stops here, not after loading
-        plan = placement.plan(cfg, pruner, evaluators, recovery)  # before loading: stops here if it cannot fit
+        plan = placement.plan(cfg, pruner, evaluators, recovery, engine.world()[1])  # stops here if it cannot fit
     log.info(plan.line())
     device, timings = plan.device, {}
 

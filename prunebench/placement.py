@@ -12,12 +12,16 @@ module; none decides alone.
   capped by `max_memory`: evaluation and recovery of models that do not fit one card) | `auto`
   (`device` when the plan fits the free device memory, else `offload` where every stage supports
   it, else `device_map`).
+- Several processes (torchrun, accelerate launch, SLURM): each computes on its own GPU
+  (`cuda:LOCAL_RANK`); the memory plan is per process (see `plan`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +37,28 @@ log = logging.getLogger(__name__)
 PLACEMENTS = ("auto", "device", "offload", "device_map")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GiB = 2**30
+SHARDING = ("fsdp", "deepspeed")  # recovery engines that split weights, gradients and optimizer state over ranks
+
+
+def launch() -> tuple[int, int, int]:
+    """(world size, processes on this node, local rank) as the launcher exports them (torchrun,
+    accelerate launch; a SLURM job of several tasks gets them from recovery.engine.world());
+    (1, 1, 0) in a plain process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _rank_gpu(count: int) -> int | None:
+    """Under several processes each computes on its own GPU, cuda:LOCAL_RANK (None in one process)."""
+    world, _, local_rank = launch()
+    if world == 1:
+        return None
+    if local_rank >= count:
+        raise PrunebenchError(
+            f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s): start at most {count}"
+            " processes per node (torchrun --nproc_per_node)"
+        )
+    return local_rank
 
 
 def resolve_device(spec: str | None) -> torch.device:
@@ -40,7 +66,8 @@ def resolve_device(spec: str | None) -> torch.device:
     spec = str(spec or "auto").strip()
     if spec == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
+            rank_gpu = _rank_gpu(torch.cuda.device_count())
+            return torch.device("cuda", torch.cuda.current_device() if rank_gpu is None else rank_gpu)
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -54,7 +81,7 @@ def resolve_device(spec: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise PrunebenchError(f"device={spec}: CUDA is not available on this machine; use device=cpu or auto")
         count = torch.cuda.device_count()
-        index = 0 if device.index is None else device.index
+        index = device.index if device.index is not None else (_rank_gpu(count) or 0)
         if index >= count:
             raise PrunebenchError(f"device={spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
         return torch.device("cuda", index)
@@ -211,7 +238,8 @@ def _meta_params(hf: dict, model_cfg: DictConfig) -> int | None:
 
 @dataclass
 class Plan:
-    """What a run needs, in bytes, and where. `on_device` is the peak on the compute device."""
+    """What a run needs, in bytes, and where. `on_device` is the peak on the compute device (per
+    process: each rank holds its own)."""
 
     device: torch.device
     dtype: torch.dtype
@@ -219,24 +247,56 @@ class Plan:
     weights: int = 0
     activations: int = 0
     statistics: int = 0
-    recovery: int = 0  # the teacher's copy, gradients and optimizer state of the recovery stage
+    recovery: int = 0  # per process: the teacher's copy + this rank's share of the training state
     on_device: int = 0
     free: int = 0
     max_memory: dict | None = None
     notes: list[str] = field(default_factory=list)
+    teacher: int = 0  # the dense teacher copy (replicated on every rank)
+    training: int = 0  # gradients, AdamW moments (+ fp32 masters' extra) of the whole model, before sharding
+    training_activations: int = 0  # what one micro-batch keeps for the backward pass
+    engine: str | None = None  # the recovery engine (when recovery trains)
+    world: int = 1  # processes in the job
+    fit_world: int | None = None  # the smallest world size (under a sharding engine) whose share fits
+
+    @property
+    def shards(self) -> int:
+        """Ranks the training state is divided over: the world under FSDP / ZeRO-3, 1 under DDP."""
+        return self.world if self.engine in SHARDING else 1
 
     def line(self) -> str:
         if self.notes and not self.weights:
             free = f"{self.free / GiB:.1f} GiB free"
             return f"memory plan: {self.notes[0]}; {self.device}, {free}; placement={self.placement}"
         where = f"{self.device}" + (" (weights in CPU memory)" if self.placement == "offload" else "")
-        return (
+        head = (
             f"memory plan: weights {self.weights / GiB:.1f} GiB ({str(self.dtype).removeprefix('torch.')})"
             f" + activations {self.activations / GiB:.1f} GiB + statistics {self.statistics / GiB:.1f} GiB"
-            + (f" + recovery {self.recovery / GiB:.1f} GiB" if self.recovery else "")
-            + f" = ~{self.on_device / GiB:.1f} GiB on {where}, {self.free / GiB:.1f} GiB free;"
+        )
+        if not self.training:
+            return (
+                head
+                + (f" + recovery {self.recovery / GiB:.1f} GiB" if self.recovery else "")
+                + f" = ~{self.on_device / GiB:.1f} GiB on {where}, {self.free / GiB:.1f} GiB free;"
+                f" placement={self.placement}"
+            )
+        split = (
+            f" (weights too: ÷ {self.shards} ranks, {self.engine})"
+            if self.shards > 1
+            else f" (replicated on {self.world} ranks, {self.engine})"
+            if self.world > 1
+            else ""
+        )
+        per = f" per process ({self.world} processes)" if self.world > 1 else ""
+        out = (
+            f"{head}, then recovery: teacher {self.teacher / GiB:.1f} GiB + gradients/AdamW"
+            f" {self.training / GiB:.1f} GiB{split} + training activations {self.training_activations / GiB:.1f} GiB"
+            f" = ~{self.on_device / GiB:.1f} GiB peak{per} on {where}, {self.free / GiB:.1f} GiB free;"
             f" placement={self.placement}"
         )
+        if self.fit_world is not None and self.on_device > self.free:
+            out += f"; the training state fits one GPU each with recovery.engine=fsdp over >= {self.fit_world} GPUs"
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -249,7 +309,10 @@ class Plan:
             "recovery_gib": round(self.recovery / GiB, 3),
             "on_device_gib": round(self.on_device / GiB, 3),
             "free_gib": round(self.free / GiB, 3),
-        }
+            **({"training_gib": round(self.training / GiB, 3),
+                "training_activations_gib": round(self.training_activations / GiB, 3),
+                "engine": self.engine, "world_size": self.world} if self.training else {}),
+        }  # fmt: skip
 
 
 def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]:
@@ -282,23 +345,64 @@ def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]
     return act, stats, block
 
 
-def _recovery_needs(recovery, shape: dict, elt: int) -> int:
-    """Bytes the recovery stage adds: a copy of the dense model when it asks for one as teacher
-    (a teacher named in its config is not counted: its shape is not known here), plus what training
-    keeps (`training_bytes(shape, elt)` of the recovery: gradients and AdamW's two moments)."""
+def _recovery_needs(recovery, shape: dict, elt: int) -> tuple[int, int, int]:
+    """(teacher, training state, training activations) in bytes for the recovery stage. Teacher: a
+    copy of the dense model when the recovery asks for one (a teacher named in its config is not
+    counted: its shape is not known here). Training state: the recovery's `training_bytes(shape,
+    elt)` (gradients, AdamW's two moments, fp32 masters' extra), for the whole model before sharding;
+    the student is counted at its unpruned size, an upper bound after a trimming pruner."""
     teacher = int(shape["params"]) * elt if getattr(recovery, "needs_teacher", False) else 0
     training = getattr(recovery, "training_bytes", None)
-    return teacher + (int(training(shape, elt)) if training else 0)
+    state = int(training(shape, elt)) if training else 0
+    return teacher, state, _training_activations(recovery, shape, elt) if state else 0
 
 
-def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=None) -> Plan:
+def _training_activations(recovery, shape: dict, elt: int) -> int:
+    """What one micro-batch (`batch_size` windows of `seqlen` tokens) keeps for the backward pass,
+    approximately: per token and Llama block ≈ 6·hidden + 4·ffn saved values (two norm inputs, q/k/v,
+    attention in/out, MLP input; gate in/out, up out, down in) in the compute dtype (2 bytes under
+    bf16/fp16 autocast, 4 for fp32, the model's otherwise), only each block's input with
+    `gradient_checkpointing` (+ one block recomputed); plus the logits (student's and teacher's) and
+    ~4 fp32 tokens × vocab loss slabs (over `loss.chunk` tokens at a time). 0 without a geometry."""
+    b, s = getattr(recovery, "batch_size", None), getattr(recovery, "seqlen", None)
+    if not (isinstance(b, int) and isinstance(s, int)):
+        return 0
+    precision = getattr(recovery, "precision", None)
+    compute = 2 if precision in ("bf16", "fp16") else 4 if precision == "fp32" else elt
+    hidden, layers = int(shape["hidden"]), int(shape["layers"])
+    ffn, vocab = int(shape.get("ffn") or 4 * hidden), int(shape.get("vocab") or 32000)
+    tokens, block = b * s, 6 * hidden + 4 * ffn
+    if getattr(recovery, "gradient_checkpointing", False):
+        blocks = tokens * (layers * hidden + block) * compute
+    else:
+        blocks = tokens * layers * block * compute
+    teacher = getattr(recovery, "needs_teacher", False) or bool(getattr(recovery, "teacher", None))
+    chunk = getattr(getattr(recovery, "loss", None), "chunk", None) or tokens
+    logits = tokens * vocab * compute * (2 if teacher else 1) + min(tokens, chunk) * vocab * 4 * 4
+    return blocks + logits
+
+
+def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=None, world: int | None = None) -> Plan:
     """Resolve device, dtype and placement, estimate the memory the run needs, and stop with one
     line if it cannot fit. Called before any weights load. `pruner`/`evaluators`/`recovery` (the
-    instantiated stages) say whether they support `placement=offload`."""
+    instantiated stages) say whether they support `placement=offload`; `world`: processes in the job
+    (default: the launcher's WORLD_SIZE).
+
+    The peak per process is the larger of two phases: loading, pruning and evaluating (weights, the
+    teacher copy, activations, statistics) and training (the teacher, plus weights, gradients and
+    AdamW state: divided by the world size under FSDP / ZeRO-3, whole under DDP, plus one gathered
+    block for FSDP's forward, plus the training activations). Every rank loads the whole model (and
+    copies the teacher) before sharding, so the first phase never shrinks with more GPUs."""
     device = resolve_device(cfg.get("device", "auto"))
     placement = str(cfg.get("placement", "auto"))
     if placement not in PLACEMENTS:
         raise PrunebenchError(f"placement={placement!r} must be one of {', '.join(PLACEMENTS)}")
+    world = world or launch()[0]
+    if world > 1 and placement == "device_map":
+        raise PrunebenchError(
+            f"placement=device_map spreads one process over every GPU; under {world} processes each rank computes"
+            " on its own GPU: use placement=device (or auto)"
+        )
     shape = model_shape(cfg.model, cfg.paths.get("cache_dir"))
     dtype = resolve_dtype(cfg.model.dtype, device, (shape or {}).get("checkpoint_dtype"))
     max_memory = OmegaConf.to_container(cfg.max_memory) if cfg.get("max_memory") else None
@@ -311,7 +415,9 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
             f" {', '.join(map(str, names))} cannot (the whole model must be on the device): use placement=device"
             " or placement=device_map"
         )
-    p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory)
+    if getattr(recovery, "engine", None) == "deepspeed" and device.type == "cpu":  # accelerate would run DDP instead
+        raise PrunebenchError("recovery.engine=deepspeed runs on GPUs only; on the CPU use recovery.engine=ddp or fsdp")
+    p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory, world=world)
     if shape is None:
         p.notes.append("model shape unknown before loading: no memory estimate")
         if placement == "auto":
@@ -320,44 +426,67 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
     elt = torch.finfo(dtype).bits // 8
     p.weights = int(shape["params"]) * elt
     p.activations, p.statistics, block = _stage_needs(cfg, shape, elt)
-    p.recovery = _recovery_needs(recovery, shape, elt)
+    p.teacher, p.training, p.training_activations = _recovery_needs(recovery, shape, elt)
+    p.engine = getattr(recovery, "engine", "ddp") if p.training else None
+    p.recovery = p.teacher + math.ceil(p.training / p.shards)
     headroom = 1.1  # allocator fragmentation, kernels' workspaces
 
-    def need(where: str) -> int:
+    def need(where: str, shards: int | None = None) -> int:
         if where == "offload":  # embeddings + head on the device, one block, its activations and statistics
             embed = 2 * int(shape.get("vocab") or 32000) * int(shape["hidden"]) * elt
             return int(headroom * (embed + 2 * block + p.activations + p.statistics))
-        return int(headroom * (p.weights + p.activations + p.statistics + p.recovery))
+        shards = p.shards if shards is None else shards
+        before = p.weights + p.teacher + p.activations + p.statistics
+        during = 0
+        if p.training:  # FSDP gathers one block to compute with (and prefetches the next)
+            gathered = 2 * block if shards > 1 else 0
+            during = math.ceil((p.weights + p.training) / shards) + gathered + p.teacher + p.training_activations
+        return int(headroom * max(before, during))
 
+    _, local_world, _ = launch()
+    share = local_world if device.type == "cpu" else 1  # the processes of a CPU job share the host's memory
     if placement == "auto":
-        if need("device") <= p.free or device.type == "cpu":
+        if need("device") * share <= p.free or device.type == "cpu":
             p.placement = "device"
         elif offloadable:
             p.placement = "offload"
-        else:
-            p.placement = "device_map"
+        else:  # several processes: one GPU each, never spread
+            p.placement = "device" if world > 1 else "device_map"
     p.on_device = need(p.placement)
+    if p.training and device.type != "cpu":  # the smallest world size whose FSDP share would fit
+        p.fit_world = next((w for w in range(1, 4097) if need("device", w) <= p.free), None)
     if p.placement == "device_map":
         return p  # accelerate spreads the weights over every GPU (then CPU) itself
-    if p.on_device > p.free:
-        advice = (
-            "try placement=offload or model.dtype=float16"
-            if p.placement == "device" and dtype == torch.float32
-            else "try placement=offload"
-            if p.placement == "device"
-            else "lower calib.nsamples or calib.batch_size"
-        )
-        if device.type == "cpu":
-            advice = (
-                "use a machine with more memory, or a GPU (device=cuda, model.dtype=float16)"
-                if p.weights * headroom > p.free
-                else "lower calib.nsamples, calib.seqlen or the eval batch size"
-            )
-        raise PrunebenchError(
-            f"needs ~{p.on_device / GiB:.1f} GiB on {device}, {p.free / GiB:.1f} GiB free"
-            f" (weights {p.weights / GiB:.1f} GiB {str(dtype).removeprefix('torch.')}); {advice}"
-        )
+    if p.on_device * share > p.free:
+        raise PrunebenchError(_advice(p, share, headroom))
     return p
+
+
+def _advice(p: Plan, share: int, headroom: float) -> str:
+    """The one line of a plan that does not fit: what it needs, and what to change."""
+    dtype = str(p.dtype).removeprefix("torch.")
+    total = f"~{p.on_device * share / GiB:.1f} GiB" + (f" ({share} processes)" if share > 1 else "")
+    head = f"needs {total} on {p.device}, {p.free / GiB:.1f} GiB free (weights {p.weights / GiB:.1f} GiB {dtype})"
+    if p.training and p.device.type != "cpu":
+        where = f" under recovery.engine={p.engine}" + (f" on {p.world} GPUs" if p.world > 1 else "")
+        advice = (
+            f"recovery.engine=fsdp over >= {p.fit_world} GPUs would fit"
+            if p.fit_world is not None
+            else "no world size fits (every rank holds the whole model and the teacher before sharding, and its own"
+            " activations): lower recovery.batch_size or recovery.seqlen, or use GPUs with more memory"
+        )
+        return f"{head}{where}; {advice}"
+    if p.device.type == "cpu":
+        advice = (
+            "use a machine with more memory, or a GPU (device=cuda, model.dtype=float16)"
+            if p.weights * headroom * share > p.free
+            else "lower calib.nsamples, calib.seqlen, the eval batch size or recovery.batch_size"
+        )
+    elif p.placement == "device":
+        advice = "try placement=offload or model.dtype=float16" if p.dtype == torch.float32 else "try placement=offload"
+    else:
+        advice = "lower calib.nsamples or calib.batch_size"
+    return f"{head}; {advice}"
 
 
 # ---------------------------------------------------------------------------------------------

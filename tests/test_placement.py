@@ -165,3 +165,90 @@ def test_plan_counts_what_recovery_keeps():
     assert ft.recovery == 3 * weights and kd.recovery == 4 * weights  # + the dense teacher's copy
     assert 0 < lora.recovery < 0.1 * weights and kd.on_device > ft.on_device > lora.on_device > none.on_device
     assert "recovery" in kd.line() and kd.to_dict()["recovery_gib"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The memory plan of recovery on several processes (tiny-llama, numbers computed by hand)
+
+TINY_PARAMS = 2 * 259 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64  # untied head: 107,200
+TINY_BLOCK = 4 * 64 * 64 + 3 * 64 * 128  # the plan's one-block estimate (4·h² + 3·h·ffn), in values
+
+
+def _kd_plan(monkeypatch, free_bytes: int, world: int, *knobs: str, device: str = "meta"):
+    """The plan of tiny-llama, no pruner, no evaluator, recovery=kd (1 window x 32 tokens), on a fake
+    accelerator (the meta device) with `free_bytes` free."""
+    from prunebench.config import instantiate
+
+    monkeypatch.setattr(placement, "resolve_device", lambda spec: torch.device(device))
+    monkeypatch.setattr(placement, "free_bytes", lambda d: free_bytes)
+    cfg = compose_cfg(
+        "model=tiny-llama", "pruner=none", "eval=[]", "recovery=kd", "recovery.seqlen=32", "recovery.tokens=4096",
+        *knobs,
+    )  # fmt: skip
+    return placement.plan(cfg, instantiate(cfg.pruner), {}, instantiate(cfg.recovery), world)
+
+
+def _during(shards: int, elt: int = 4, precision_bytes: int = 4) -> int:
+    """Per-rank bytes while training, by hand: weights + gradients + AdamW (+ fp32 masters' extra)
+    divided over the shards, one gathered block (x2: prefetch) when sharded, the replicated teacher,
+    and one micro-batch's activations (2 blocks x 32 tokens x (6·64 + 4·128) values, student and
+    teacher logits 32 x 259, four fp32 loss slabs 32 x 259)."""
+    state = (elt + 12 + 4 - elt) * TINY_PARAMS  # fp32 masters/weights, gradients, two moments: 16 B each
+    gathered = 2 * TINY_BLOCK * elt if shards > 1 else 0
+    activations = 32 * 2 * (6 * 64 + 4 * 128) * precision_bytes + 32 * 259 * (2 * precision_bytes + 16)
+    return -(-state // shards) + gathered + TINY_PARAMS * elt + activations
+
+
+def test_plan_divides_the_training_state_under_fsdp(monkeypatch):
+    assert placement.model_shape(compose_cfg("model=tiny-llama").model)["params"] == TINY_PARAMS
+    need_fsdp4 = int(1.1 * _during(4))  # 1,774,924 bytes
+    p = _kd_plan(monkeypatch, need_fsdp4, 4, "recovery.engine=fsdp")
+    assert p.world == 4 and p.shards == 4 and p.engine == "fsdp"
+    assert p.weights == 4 * TINY_PARAMS and p.teacher == p.weights and p.training == 12 * TINY_PARAMS
+    assert p.recovery == p.teacher + 3 * TINY_PARAMS  # teacher + a quarter of the fp32 training state
+    assert p.on_device == need_fsdp4 and p.placement == "device" and p.fit_world == 4
+    assert "÷ 4 ranks, fsdp" in p.line() and "recovery" in p.line()
+    # DDP replicates the whole training state on every rank: the same 4 GPUs do not hold it, FSDP on >= 4 would.
+    with pytest.raises(PrunebenchError, match=r"under recovery.engine=ddp on 4 GPUs; recovery.engine=fsdp over >= 4"):
+        _kd_plan(monkeypatch, need_fsdp4, 4)
+    assert int(1.1 * _during(1)) > int(1.1 * _during(3)) > need_fsdp4  # why 3 GPUs are not enough
+    # One process on the same device: the line says how many GPUs it would take (device_map is the fallback).
+    one = _kd_plan(monkeypatch, need_fsdp4, 1)
+    assert one.placement == "device_map" and one.fit_world == 4 and "fsdp over >= 4 GPUs" in one.line()
+
+
+def test_plan_of_a_half_precision_student_counts_fp32_masters(monkeypatch):
+    p = _kd_plan(monkeypatch, 2**40, 2, "recovery.engine=fsdp", "model.dtype=bfloat16", "recovery.precision=bf16")
+    assert p.weights == 2 * TINY_PARAMS and p.training == (12 + 2) * TINY_PARAMS  # + 2 B a parameter of masters
+    assert p.on_device == int(1.1 * _during(2, elt=2, precision_bytes=2))
+
+
+def test_plan_when_no_world_size_fits(monkeypatch):
+    """Every rank loads the whole model and copies the teacher before sharding: below that, no world size helps."""
+    with pytest.raises(PrunebenchError, match="no world size fits") as err:
+        _kd_plan(monkeypatch, 2 * 4 * TINY_PARAMS, 8, "recovery.engine=fsdp")
+    assert "\n" not in str(err.value)
+
+
+def test_several_processes_take_a_gpu_each_and_no_device_map(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for k, v in {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
+        monkeypatch.setenv(k, v)
+    assert placement.resolve_device("auto") == placement.resolve_device("cuda") == torch.device("cuda", 3)
+    assert placement.resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
+    monkeypatch.setenv("LOCAL_RANK", "9")
+    with pytest.raises(PrunebenchError, match="at most 8 processes per node"):
+        placement.resolve_device("auto")
+    with pytest.raises(PrunebenchError, match="placement=device_map spreads one process"):
+        placement.plan(compose_cfg("model=tiny-llama", "device=cpu", "placement=device_map"), world=2)
+
+
+def test_cpu_processes_share_the_host_memory(monkeypatch):
+    """Two CPU ranks on one host each hold a copy: the plan compares twice the per-process need."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    p = _kd_plan(monkeypatch, 10 * 2**30, 2, device="cpu")
+    assert p.world == 2 and p.shards == 1 and "per process (2 processes)" in p.line()
+    with pytest.raises(PrunebenchError, match=r"\(2 processes\) on cpu"):
+        _kd_plan(monkeypatch, int(1.5 * p.on_device), 2, device="cpu")
