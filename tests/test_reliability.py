@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -296,6 +297,28 @@ def test_offline_data_fails_fast_in_one_line(tmp_path, monkeypatch, capfd, offli
     assert time.perf_counter() - start < 5
     out = capfd.readouterr()
     assert "retry" not in (out.out + out.err).lower()
+
+
+def test_offline_data_refused_before_the_model_loads(runner, tmp_path, monkeypatch):
+    """No data root and no Hub: the run stops at validation, naming the knob, before any model loads."""
+    from prunebench.data import text
+    from prunebench.models import loading
+
+    monkeypatch.setattr(text, "data_roots", lambda: [tmp_path / "empty"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    loaded = []
+    monkeypatch.setattr("prunebench.models.load", lambda *a, **k: loaded.append(1))
+    loading.hub_reachable.cache_clear()
+    try:
+        r = runner.invoke(app, ["run", "experiment=smoke/tiny", "pruner=wanda", f"hydra.run.dir={tmp_path / 'run'}"])
+    finally:
+        loading.hub_reachable.cache_clear()
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.match(
+        r"error: (calib\.source|eval\.wikitext2\.dataset): dataset \w+ not found: .*\(unreachable\)", last
+    ), last
+    assert not loaded and not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_two_resumes_of_one_table_do_not_both_run(runner, tmp_path):

@@ -77,9 +77,26 @@ def find(relpath: str | tuple[str, ...]) -> Path | None:
 
 
 def check_dataset(name: str, knob: str) -> None:
-    """An unknown dataset name ends in one line naming the knob, before any model loads."""
+    """An unknown dataset name, or one that is neither in a data root nor reachable on the Hub, ends
+    in one line naming the knob, before any model loads (not after the model is up)."""
     if name not in LOCAL:
         raise PrunebenchError(f"{knob}={name!r} is not a known dataset; known: {', '.join(sorted(LOCAL))}")
+    found = locate(LOCAL[name])
+    if found is not None and found[1] is None:
+        find(LOCAL[name])  # a root holds the folder but not the file: its own line
+    if found is None:
+        from prunebench.models import hub_reachable
+
+        if not hub_reachable():  # offline: say so now, in seconds
+            raise PrunebenchError(f"{knob}: " + _not_found(name, "unreachable"))
+
+
+def _not_found(name: str, why: str) -> str:
+    tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
+    return (
+        f"dataset {name} not found: tried {tried} and the Hub {HUB[name][0]} ({why});"
+        f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name][-1]}, or run: prunebench data fetch"
+    )
 
 
 def load_texts(name: str) -> list[str]:
@@ -104,12 +121,8 @@ def load_texts(name: str) -> list[str]:
         verify.record_hub(name, hub, config, split, ds)
         return list(ds["text"])
     except Exception as err:  # noqa: BLE001 - any Hub failure ends in the same advice
-        tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
         why = "unreachable" if str(err) == "offline" else type(err).__name__
-        raise PrunebenchError(
-            f"dataset {name} not found: tried {tried} and the Hub {hub} ({why});"
-            f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name][-1]}, or run: prunebench data fetch"
-        ) from None
+        raise PrunebenchError(_not_found(name, why)) from None
 
 
 def _wikitext_rows(path: Path) -> list[str]:

@@ -135,7 +135,9 @@ class FinalHidden:
                 ids[row, : self.lengths[i]], mask[row, : self.lengths[i]] = inputs[i][0], 1
             self.groups.append((idx, ids, mask))
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-        self.norm = next((getattr(decoder, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(decoder, a)), None)
+        self.norm = next(
+            (getattr(decoder, a) for a in ("norm", "final_layernorm", "ln_f") if hasattr(decoder, a)), None
+        )
         if self.norm is None and model.get_output_embeddings() is None:
             self.norm = nn.Identity()  # encoders (BERT): the last layer's output is the final state
         # per block (keyed by the module: merges detach blocks, they never replace one): per group,
