@@ -131,6 +131,36 @@ def test_nan_scores_stop_the_pruner(tiny):
         pruner.prune_layer("layer", model.model.layers[0].mlp.up_proj, None)
 
 
+def _overflowing(layers: int):
+    """A tiny Llama whose top MLP overflows fp32: finite weights, non-finite activations."""
+    from tests.test_depth import tiny_model
+
+    model = tiny_model("tiny-llama", layers)
+    with torch.no_grad():
+        for lin in ("gate_proj", "up_proj", "down_proj"):  # ~1e90 before the residual: inf, then NaN in the norms
+            getattr(model.model.layers[-1].mlp, lin).weight.mul_(1e30)
+    return model
+
+
+def test_nan_similarity_stops_laco():
+    from prunebench.models import ByteTokenizer
+    from prunebench.pruners import laco
+
+    pruner = laco.LaCo(C=3, L=0, I=1, T=0.5, calib_n=3, calib_chars=60)
+    pruner.tokenizer = ByteTokenizer()
+    with pytest.raises(PrunebenchError, match=r"prune: LaCo's similarity for merging layers \d+\.\.\d+ is nan"):
+        pruner(_overflowing(6))
+
+
+def test_non_finite_importance_stops_minitron():
+    from prunebench.pruners import minitron_importance as mimp
+    from tests.conftest import random_calib
+
+    calib = random_calib(n=4, seqlen=16)
+    with pytest.raises(PrunebenchError, match="prune: minitron's .* importance .* is not finite"):
+        mimp.compute_importance(_overflowing(4), calib.input_ids, 2)
+
+
 def test_report_marks_non_finite_rows_and_keeps_them(tmp_path):
     from prunebench import report
 

@@ -21,6 +21,7 @@ Default merge: `paper` (the published equation); `reference` reproduces the rele
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Mapping
 from typing import Annotated
@@ -285,6 +286,11 @@ class LaCo(ShapePruner):
                 merged = final(lowest[0], l)
                 pairs = zip(final.reference, merged, strict=True)
                 sim = float(sum(F.cosine_similarity(a, b, dim=0) for a, b in pairs)) / len(inputs)
+                if not math.isfinite(sim):  # NaN > T is False: every merge would be refused without a word
+                    raise PrunebenchError(
+                        f"prune: LaCo's similarity for merging layers {l}..{l + m} is {sim}: the merged model's hidden"
+                        " states are not finite (overflow in the model's dtype?); no result written"
+                    )
                 sims.append(round(sim, 6))
                 ok = sim > self.T
             if ok:

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from prunebench import PrunebenchError
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
 from prunebench.models.surgery import set_blocks, snapshot
@@ -350,4 +351,21 @@ def compute_importance(
         }
     elif depth is not None:
         raise ValueError(f"unknown depth metric {depth!r}; one of {DEPTH_METRICS}")
+    check_finite(imp)
     return imp
+
+
+def check_finite(imp: Importance) -> None:
+    """Scores from NaN or inf activations would rank channels arbitrarily (NaN compares false both
+    ways) and prune without a word: one line naming the score instead. A removal perplexity may be
+    inf (a model without that layer overflows: it is then the most important one), never NaN."""
+    width = [("head", imp.heads), ("neuron", imp.neurons), ("embedding-channel", list((imp.norms or {}).values()))]
+    for what, scores in width:
+        for i, s in enumerate(scores or []):
+            if not bool(torch.isfinite(s).all()):
+                raise PrunebenchError(
+                    f"prune: minitron's {what} importance ({i}) is not finite: the dense model's activations hold"
+                    " NaN or inf on the calibration windows (overflow in its dtype?); nothing was pruned"
+                )
+    if any(math.isnan(v) for v in imp.layers or []):
+        raise PrunebenchError("prune: minitron's depth importance is NaN (non-finite activations); nothing was pruned")
