@@ -46,6 +46,11 @@ def test_engine_refusals(monkeypatch):
     if eng.importlib.util.find_spec("deepspeed") is None:
         with pytest.raises(PrunebenchError, match="needs the deepspeed package"):
             KD(engine="deepspeed")
+    with pytest.raises(PrunebenchError, match="fp16 needs loss scaling"):
+        KD(engine="fsdp", precision="fp16")
+    with pytest.raises(PrunebenchError, match="checkpoint_every is not supported under recovery.engine=fsdp"):
+        KD(engine="fsdp", checkpoint_every=2)
+    assert eng.make_engine("fsdp", "bf16", 1, 1, None) is None  # one process: nothing to shard, the plain loop
     # The global batch counts every process: a budget below one global step is refused before loading.
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PrunebenchError, match="4 processes"):
