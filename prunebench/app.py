@@ -164,10 +164,15 @@ def task(cfg: DictConfig) -> float | None:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as err:
-            # One line, exit 128 + signal (130 SIGINT, 143 SIGTERM); no metrics.json was written.
-            signum = got[0] if got else signal.SIGINT
+            # One line, exit 128 + signal (130 SIGINT, 143 SIGTERM); no metrics.json was written. Training
+            # stopped by a signal saved a checkpoint first and says so itself (recovery/resume.Stopped).
+            signum = getattr(err, "signum", None) or (got[0] if got else signal.SIGINT)
             where = getattr(err, "stage", None) or stage
-            print(f"interrupted by {signal.Signals(signum).name} during {where}; no result written", file=sys.stderr)
+            line = getattr(err, "line", None)
+            if line is None:
+                line = f"interrupted by {signal.Signals(signum).name} during {where}; no result written"
+            if line:
+                print(line, file=sys.stderr)
             sys.exit(128 + signum)
         except Exception as err:  # a bug, an out-of-memory: the tracker shows the failed run, then the traceback
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)

@@ -6,8 +6,10 @@ constructor parameter with its range (pydantic's `Field` constraints inside `typ
 `config.validate` reads these declarations (`declared(cls)`) and checks a config's values before
 anything is built or loaded, with one line per error: `pruner.alpha=-1 is outside [0, 1e+09]`; an
 upper bound's `description` says why (`... (GBLM's gradient scale; the paper uses 100)`). Only
-parameters annotated this way are checked here; the constructor checks the rest (strings, choices,
-nested mappings) itself. `int | None` inside the `Annotated` (or `Annotated[...] | None`) allows null.
+parameters annotated this way are checked here; the constructor checks the rest (nested mappings, rules
+between knobs) itself. `int | None` inside the `Annotated` (or `Annotated[...] | None`) allows null.
+A choice among words is a `Literal` (`resume: Literal["auto", "never"] = "auto"`: `recovery.resume='x'
+must be auto or never`); a free word is `Annotated[str, Field(min_length=1)]`.
 `CONTEXT` marks a knob that counts token positions: the validation also compares it with the model's
 context (max_position_embeddings).
 
@@ -71,11 +73,22 @@ class Knob:
     hi_open: bool = False
     why: str = ""
     context: bool = False
+    choices: tuple = ()
 
     def check(self, knob: str, value: Any) -> None:
         if value is None:
             if not self.null:
-                raise PrunebenchError(f"{knob}=null is not allowed; give a {self._kind_name()}")
+                raise PrunebenchError(f"{knob}=null is not allowed; give {self._kind_name()}")
+            return
+        if self.choices:
+            if value not in self.choices or isinstance(value, bool) != isinstance(self.choices[0], bool):
+                words = [str(c) for c in self.choices]
+                listed = " or ".join(words) if len(words) == 2 else "one of " + ", ".join(words)
+                raise PrunebenchError(f"{knob}={value!r} must be {listed}")
+            return
+        if self.kind is str:
+            if not isinstance(value, str) or len(value) < (self.lo or 0):
+                raise PrunebenchError(f"{knob}={value!r} must be a non-empty word (quote a number: {knob}='5')")
             return
         if self.kind is bool:
             if not isinstance(value, bool):
@@ -93,7 +106,9 @@ class Knob:
             raise PrunebenchError(f"{knob}={value} is outside {self._interval()}{why}")
 
     def _kind_name(self) -> str:
-        return {int: "an integer", float: "a finite number", bool: "true or false"}[self.kind]
+        if self.choices:
+            return "one of " + ", ".join(str(c) for c in self.choices)
+        return {int: "an integer", float: "a finite number", bool: "true or false", str: "a word"}[self.kind]
 
     def _null(self) -> str:
         return " or null" if self.null else ""
@@ -117,19 +132,25 @@ def _optional(hint: Any) -> tuple[Any, bool]:
 
 
 def knob_of(hint: Any) -> Knob | None:
-    """The Knob an annotation declares, or None when it is not an `Annotated[..., Field(...)]`."""
+    """The Knob an annotation declares, or None when it is neither an `Annotated[..., Field(...)]`
+    nor a `Literal[...]` of choices."""
     hint, null = _optional(hint)
+    if typing.get_origin(hint) is typing.Literal:
+        choices = typing.get_args(hint)
+        return Knob(type(choices[0]), null=null, choices=choices)
     if typing.get_origin(hint) is not Annotated:
         return None
     base, *meta = typing.get_args(hint)
     base, inner_null = _optional(base)
     fields = [m for m in meta if isinstance(m, FieldInfo)]
-    if not fields or base not in (int, float, bool):
+    if not fields or base not in (int, float, bool, str):
         return None
     lo = hi = None
     lo_open = hi_open = False
     for c in (m for f in fields for m in f.metadata):
-        if isinstance(c, at.Ge):
+        if isinstance(c, at.MinLen):  # a word's least length
+            lo = c.min_length
+        elif isinstance(c, at.Ge):
             lo = c.ge
         elif isinstance(c, at.Gt):
             lo, lo_open = c.gt, True
@@ -160,6 +181,15 @@ def declared(owner: type) -> dict[str, Knob]:
             if name not in out and (k := knob_of(hint)) is not None:
                 out[name] = k
     return out
+
+
+def check_args(owner: type, where: str, values: typing.Mapping[str, Any]) -> None:
+    """Check a component's constructor arguments against its own declarations (the same rules and
+    messages `config.validate` applies before loading), for components built in code, not from a config."""
+    rules = declared(owner)
+    for key, value in values.items():
+        if (rule := rules.get(key)) is not None:
+            rule.check(f"{where}.{key}", value)
 
 
 def context_of(dims: typing.Mapping | None) -> int | None:

@@ -119,7 +119,9 @@ def step(name: str, timings: dict | None = None, device=None):
                 yield
     except Interrupted:
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if getattr(err, "line", None) is not None:  # training stopped on a signal and saved (recovery/resume.py)
+            raise
         raise Interrupted(name) from None
 
 

@@ -115,6 +115,37 @@ RUN_ROWS = [
     ("kd-grad-accum", [*KD, "recovery.grad_accum=0"], "recovery.grad_accum=0"),
     ("kd-clip", [*KD, "recovery.clip=-1"], "recovery.clip=-1"),
     ("finetune-lr", [*TINY, "recovery=lm_finetune", "recovery.lr=2"], "recovery.lr=2"),
+    # recovery at scale: batch geometry, checkpoints, engine (issue 21), from the knobs' declarations
+    (
+        "global-batch-indivisible",
+        [*KD, "recovery.global_batch=3", "recovery.batch_size=2"],
+        "recovery.global_batch=3 is not a multiple of recovery.batch_size=2 × 1 process = 2",
+    ),
+    (
+        "global-batch-vs-grad-accum",
+        [*KD, "recovery.global_batch=4", "recovery.grad_accum=3"],
+        "recovery.global_batch=4 and recovery.grad_accum=3 disagree",
+    ),
+    ("global-batch-zero", [*TINY, "recovery=lora", "recovery.global_batch=0"], "recovery.global_batch=0"),
+    ("checkpoint-every-zero", [*KD, "recovery.checkpoint_every=0"], "recovery.checkpoint_every=0 must be a positive"),
+    (
+        "keep-checkpoints-zero",
+        [*TINY, "recovery=lm_finetune", "recovery.keep_checkpoints=0"],
+        "recovery.keep_checkpoints=0",
+    ),
+    ("resume-choice", [*KD, "recovery.resume=always"], "recovery.resume='always' must be auto or never"),
+    ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be one of ddp, fsdp"),
+    ("text-field-empty", [*KD, "recovery.text_field=''"], "recovery.text_field='' must be a non-empty word"),
+    (
+        "gradient-checkpointing-str",
+        [*KD, "recovery.gradient_checkpointing=maybe"],
+        "recovery.gradient_checkpointing='maybe' must be true or false",
+    ),
+    (
+        "checkpoints-sharded",
+        [*KD, "recovery.engine=fsdp", "recovery.checkpoint_every=10"],
+        "sharded checkpoints not yet",
+    ),
     # minitron (tiny-llama: 2 layers, hidden 64, 4 heads / 2 KV heads, FFN 128)
     ("minitron-too-big", [*MINITRON, "pruner.target.ffn=256"], "pruner.target.ffn=256 is more than"),
     ("minitron-layers", [*MINITRON, "pruner.target.layers=3"], "pruner.target.layers=3 is more than"),
@@ -355,6 +386,14 @@ def no_loading(monkeypatch):
 @pytest.mark.parametrize("args,needle", [r[1:] for r in BEFORE_LOAD_ROWS], ids=[r[0] for r in BEFORE_LOAD_ROWS])
 def test_refused_before_loading(runner, earlier, tmp_path, no_loading, args, needle):
     result = runner.invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+def test_global_batch_world_size_refused_before_loading(runner, earlier, tmp_path, monkeypatch, no_loading):
+    """A world size that does not divide recovery.global_batch (torchrun sets WORLD_SIZE): one line."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["run", *KD, "recovery.global_batch=3", f"hydra.run.dir={tmp_path / 'o'}"])
+    needle = "recovery.global_batch=3 is not a multiple of recovery.batch_size=1 × 2 processes = 2"
     assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
 
 

@@ -1,9 +1,19 @@
-"""Training checkpoints and resume (recovery/resume.py): a KD interrupted after a checkpoint and
-rerun into the same run dir ends with bit-identical weights (one CPU process)."""
+"""Training checkpoints, resume and stopping on a signal (recovery/resume.py), one code path for kd,
+lm_finetune and lora: a training stopped by SIGTERM after a checkpoint and rerun into the same run dir
+ends with bit-identical weights (one CPU process); under submitit the preemption signal saves, then
+requeues through the Hydra launcher's checkpoint; gradient checkpointing leaves the losses unchanged;
+`recovery.global_batch` sets the accumulation. The CLI kill/resume test is at the end (slow)."""
 
 from __future__ import annotations
 
 import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
 
 import pytest
 import torch
@@ -11,60 +21,259 @@ import torch
 from prunebench import PrunebenchError
 from prunebench.recovery import resume
 from prunebench.recovery.kd import KD
+from prunebench.recovery.lm_finetune import LMFinetune
+from prunebench.recovery.lora import LoRA
+from prunebench.recovery.train import checkpointing_on
 
-KNOBS = {"tokens": 6 * 32, "seqlen": 32, "val_windows": 2, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 2}
+STEPS, SEQLEN = 6, 32
+COMMON = {"tokens": STEPS * SEQLEN, "seqlen": SEQLEN, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 2}
+KINDS = ("kd", "lm_finetune", "lora")
 
 
-def _kd(run_dir, tok, **extra):
-    kd = KD(**{**KNOBS, **extra})
-    kd.tokenizer, kd.run_dir = tok, run_dir
-    return kd
+def _recovery(kind: str, run_dir, tok, **extra):
+    if kind == "kd":
+        rec = KD(**{**COMMON, "val_windows": 2, **extra})
+    elif kind == "lm_finetune":
+        rec = LMFinetune(**{**COMMON, "lr": 1e-3, **extra})
+    else:  # dropout on: the resumed run must replay the same dropout masks (RNG in the checkpoint)
+        rec = LoRA(**{**COMMON, "val_windows": 2, "lr": 1e-3, "dropout": 0.1, **extra})
+    rec.tokenizer, rec.run_dir = tok, run_dir
+    return rec
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(tiny, tmp_path, monkeypatch, capsys):
+def _train(rec, model, teacher) -> dict:
+    return rec.train(model, teacher) if isinstance(rec, KD) else rec(model, teacher)
+
+
+@pytest.fixture
+def student_teacher(tiny):
+    """(pristine student, teacher): a student that differs from its teacher, copied for every run
+    (LoRA injects its layers into the model: a rerun starts from a fresh one, as the pipeline's does)."""
     model, tok = tiny
-    teacher = copy.deepcopy(model)
-    with torch.no_grad():  # a student that differs from its teacher
-        for p in model.parameters():
+    teacher = copy.deepcopy(model).eval()
+    student = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in student.parameters():
             p.mul_(0.9)
-    start = copy.deepcopy(model.state_dict())
+    return student, teacher, tok
 
-    full = _kd(tmp_path / "a", tok).train(model, teacher)
+
+def _sigterm_after(monkeypatch, step: int, signum: int = signal.SIGTERM) -> None:
+    """Send `signum` to this process right after optimiser step `step` (inside the training loop)."""
+    real = resume.Checkpointer.periodic
+
+    def periodic(self, done, steps, curve):
+        real(self, done, steps, curve)
+        if done == step:
+            assert callable(signal.getsignal(signum)), "the training loop must handle the signal"
+            os.kill(os.getpid(), signum)
+
+    monkeypatch.setattr(resume.Checkpointer, "periodic", periodic)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stopped_by_sigterm_then_resumed_equals_uninterrupted(kind, student_teacher, tmp_path, monkeypatch, capsys):
+    student, teacher, tok = student_teacher
+    model = copy.deepcopy(student)
+    full = _train(_recovery(kind, tmp_path / "a", tok), model, teacher)
     final = {k: v.clone() for k, v in model.state_dict().items()}
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2.pt", "step-4.pt"]
+    assert full["resumed_from_step"] is None
 
-    model.load_state_dict(start)  # the rerun rebuilds the pruned student from scratch, as the pipeline does
-    real_save = resume.save
+    before = signal.getsignal(signal.SIGTERM)
+    with monkeypatch.context() as m:
+        _sigterm_after(m, 3)
+        with pytest.raises(resume.Stopped) as stopped:
+            _train(_recovery(kind, tmp_path / "b", tok), copy.deepcopy(student), teacher)
+    assert stopped.value.line == "saved checkpoint step 3 on SIGTERM; rerun the same command to resume"
+    assert stopped.value.signum == signal.SIGTERM
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["step-2.pt", "step-3.pt"]
+    assert signal.getsignal(signal.SIGTERM) == before  # the loop gave the signal back
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step-3.pt", weights_only=True)
+    assert state["data"] == {"position": 3, "per_step": 1} and isinstance(state["rng"]["cpu"], torch.Tensor)
+    if kind == "lora":  # the adapters and nothing of the frozen base
+        assert state["model"] and all("lora_" in k for k in state["model"])
 
-    def save_then_die(run_dir, step, *args):
-        real_save(run_dir, step, *args)
-        if step == 4:
-            raise KeyboardInterrupt  # SIGTERM after the step-4 checkpoint
-
-    monkeypatch.setattr(resume, "save", save_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        _kd(tmp_path / "b", tok).train(model, teacher)
-    monkeypatch.setattr(resume, "save", real_save)
-    model.load_state_dict(start)
     capsys.readouterr()
-    again = _kd(tmp_path / "b", tok).train(model, teacher)
-    assert "resuming recovery from" in capsys.readouterr().out
-    assert again["resumed_from_step"] == 4 and full["resumed_from_step"] is None
+    model = copy.deepcopy(student)
+    again = _train(_recovery(kind, tmp_path / "b", tok), model, teacher)
+    assert "resuming recovery from" in capsys.readouterr().out and again["resumed_from_step"] == 3
     for k, v in model.state_dict().items():
         assert torch.equal(v, final[k]), k
     assert again["loss_curve"] == full["loss_curve"]
-    assert again["lm_val_loss"]["after"] == full["lm_val_loss"]["after"]
 
-    model.load_state_dict(start)  # resume=never starts over
-    never = _kd(tmp_path / "b", tok, resume="never").train(model, teacher)
+    never = _train(_recovery(kind, tmp_path / "b", tok, resume="never"), copy.deepcopy(student), teacher)
     assert never["resumed_from_step"] is None
+
+
+def test_resume_refuses_a_checkpoint_of_other_knobs(student_teacher, tmp_path):
+    student, teacher, tok = student_teacher
+    _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+    with pytest.raises(PrunebenchError, match=r"recovery.lr=0.001 \(now 0.002\); rerun with the same knobs"):
+        _train(_recovery("lm_finetune", tmp_path, tok, lr=2e-3), copy.deepcopy(student), teacher)
+
+
+def test_no_run_dir_no_checkpoint_and_sigterm_untouched(student_teacher, monkeypatch):
+    """Without a run dir (Minitron's search KD, a library call) nothing is saved and the loop leaves
+    SIGTERM to the process's own handler."""
+    student, teacher, tok = student_teacher
+    seen = []
+    monkeypatch.setattr(resume, "stop_signals", _spy(resume.stop_signals, seen))
+    _train(_recovery("kd", None, tok), copy.deepcopy(student), teacher)
+    assert seen == [False]
+
+
+def _spy(real, seen):
+    def spy(enabled=True):
+        seen.append(enabled)
+        return real(enabled)
+
+    return spy
+
+
+def test_submitit_preemption_saves_then_requeues(student_teacher, tmp_path, monkeypatch, capsys):
+    """In a submitit job its handler owns the preemption signal (SIGUSR2): the loop finishes the step,
+    saves, then hands the signal to that handler, which asks the Hydra launcher for its `checkpoint`
+    (the same sweep point again), requeues the job and exits; the requeued run resumes from the file."""
+    student, teacher, tok = student_teacher
+    submitit = pytest.importorskip("submitit")
+    launcher_mod = pytest.importorskip("hydra_plugins.hydra_submitit_launcher.submitit_launcher")
+    from submitit.core.job_environment import SignalHandler
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    monkeypatch.delenv("SUBMITIT_PREEMPT_SIGNAL", raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    requeued = []
+    monkeypatch.setattr(SlurmJobEnvironment, "_requeue", lambda self, countdown: requeued.append(countdown))
+    launcher = launcher_mod.SlurmLauncher(submitit_folder=str(tmp_path / "sub"))
+    delayed = submitit.helpers.DelayedSubmission(launcher, ["recovery=lm_finetune"], "hydra.sweep.dir", 0, "j", {})
+    delayed.set_timeout(60, 3)
+    paths = types.SimpleNamespace(submitted_pickle=tmp_path / "submitted.pkl")
+    handler = SignalHandler(SlurmJobEnvironment(), paths, delayed)
+    old = signal.signal(signal.SIGUSR2, handler.checkpoint_and_try_requeue)
+    try:
+        _sigterm_after(monkeypatch, 3, signal.SIGUSR2)
+        with pytest.raises(SystemExit):  # submitit's own exit after requeueing
+            _train(_recovery("lm_finetune", tmp_path / "run", tok), copy.deepcopy(student), teacher)
+    finally:
+        signal.signal(signal.SIGUSR2, old)
+    assert "saved checkpoint step 3 on SIGUSR2; rerun the same command to resume" in capsys.readouterr().err
+    assert (tmp_path / "run" / "checkpoints" / "step-3.pt").exists()
+    assert requeued == [3]
+    again = submitit.helpers.DelayedSubmission.load(paths.submitted_pickle)
+    assert isinstance(again.function, launcher_mod.SlurmLauncher) and again.args[0] == ["recovery=lm_finetune"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_same_loss(kind, student_teacher, monkeypatch):
+    """Activations recomputed in the backward pass (torch.utils.checkpoint runs, once per block and
+    micro-batch): the same losses and weights within float tolerance, and the model gives gradient
+    checkpointing back switched off."""
+    import transformers.modeling_utils as hf
+
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    real = hf.checkpoint
+    monkeypatch.setattr(hf, "checkpoint", counted)
+    student, teacher, tok = student_teacher
+    knobs = {"tokens": 3 * SEQLEN, "checkpoint_every": None}
+    plain, ckpt = copy.deepcopy(student), copy.deepcopy(student)
+    a = _train(_recovery(kind, None, tok, **knobs), plain, teacher)
+    assert not calls
+    b = _train(_recovery(kind, None, tok, gradient_checkpointing=True, **knobs), ckpt, teacher)
+    assert len(calls) == 3 * student.config.num_hidden_layers  # 3 steps x every block
+    assert not hasattr(ckpt, "_require_grads_hook")  # the embedding hook enabling added is gone
+    assert b["gradient_checkpointing"] and not checkpointing_on(ckpt)
+    for (s1, l1), (s2, l2) in zip(a["loss_curve"], b["loss_curve"], strict=True):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    for (name, p), q in zip(plain.state_dict().items(), ckpt.state_dict().values(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_global_batch_sets_the_accumulation(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert KD(global_batch=4, batch_size=2, tokens=4 * 256).grad_accum == 2
+    assert KD(global_batch=4, grad_accum=4, tokens=4 * 256).grad_accum == 4  # both stated, and they agree
+    assert LMFinetune(global_batch=6, batch_size=3, tokens=6 * 256).grad_accum == 2
+    assert KD(tokens=256).grad_accum == 1  # neither: one micro-batch per step
+    with pytest.raises(PrunebenchError, match=r"recovery.global_batch=3 is not a multiple of recovery.batch_size=2"):
+        KD(global_batch=3, batch_size=2)
+    with pytest.raises(PrunebenchError, match="recovery.global_batch=4 and recovery.grad_accum=3 disagree"):
+        KD(global_batch=4, grad_accum=3)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # two processes share the global batch
+    assert KD(global_batch=4, tokens=4 * 256).grad_accum == 2
+    assert LoRA(global_batch=4, tokens=4 * 256).grad_accum == 4  # LoRA trains in one process
+    with pytest.raises(PrunebenchError, match=r"batch_size=1 × 2 processes = 2"):
+        LMFinetune(global_batch=3, tokens=4 * 256)
 
 
 @pytest.mark.parametrize(
     "knobs,needle",
-    [({"checkpoint_every": 0}, "checkpoint_every"), ({"keep_checkpoints": 0}, "keep_checkpoints"),
-     ({"resume": "always"}, "auto or never")],
+    [({"checkpoint_every": 0}, "recovery.checkpoint_every=0 must be a positive integer or null"),
+     ({"keep_checkpoints": 0}, "recovery.keep_checkpoints=0 must be a positive integer"),
+     ({"resume": "always"}, "recovery.resume='always' must be auto or never"),
+     ({"engine": "horovod"}, "recovery.engine='horovod' must be one of ddp, fsdp, deepspeed"),
+     ({"text_field": ""}, "recovery.text_field='' must be a non-empty word"),
+     ({"gradient_checkpointing": "yes"}, "recovery.gradient_checkpointing='yes' must be true or false"),
+     ({"global_batch": 0}, "recovery.global_batch=0 must be a positive integer or null"),
+     ({"engine": "fsdp", "checkpoint_every": 5}, "sharded checkpoints not yet")],
 )  # fmt: skip
-def test_bad_checkpoint_knobs(knobs, needle):
-    with pytest.raises(PrunebenchError, match=needle):
-        KD(**knobs)
+@pytest.mark.parametrize("cls", [KD, LMFinetune, LoRA])
+def test_bad_training_knobs(cls, knobs, needle):
+    if "engine" in knobs and cls is LoRA:
+        pytest.skip("LoRA has no engine knob")
+    with pytest.raises(PrunebenchError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        cls(**knobs)
+
+
+# -- the command line: kill a run after its first checkpoint, rerun the same command ------------------
+RUN = ["experiment=smoke/tiny", "pruner=wanda", "recovery=kd", "recovery.seqlen=64", "recovery.tokens=12800",
+       "recovery.val_windows=2", "recovery.checkpoint_every=20", "eval.wikitext2.max_windows=2",
+       "baseline=false"]  # fmt: skip
+
+
+def _run(tmp_path, run_dir, *extra, background=False):
+    env = {**os.environ, "PRUNEBENCH_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env["OMP_NUM_THREADS"] = "1"  # a tiny model's steps: one thread is fastest, also on a busy machine
+    cmd = [sys.executable, "-m", "prunebench", "run", *RUN, *extra, f"hydra.run.dir={run_dir}"]
+    if background:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_cli_sigterm_then_rerun_resumes_to_the_same_perplexity(tmp_path):
+    """`prunebench run ... recovery.checkpoint_every=20` SIGTERMed once its first checkpoint exists
+    stops after the current step with one line and exit 143; the same command again says it resumed
+    and ends with the perplexity of an uninterrupted run (bit-identical in one CPU process)."""
+    full = _run(tmp_path, tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-2000:]
+    expected = json.loads((tmp_path / "full" / "metrics.json").read_text())
+
+    run_dir = tmp_path / "cut"
+    proc = _run(tmp_path, run_dir, background=True)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "checkpoints" / "step-20.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("saved checkpoint")]
+    assert len(lines) == 1 and lines[0].endswith("on SIGTERM; rerun the same command to resume"), err[-2000:]
+    stopped_at = int(lines[0].split()[3])
+    assert stopped_at >= 20 and (run_dir / "checkpoints" / f"step-{stopped_at}.pt").exists()
+    assert "Traceback" not in err and not (run_dir / "metrics.json").exists()
+
+    again = _run(tmp_path, run_dir)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming recovery from {run_dir / 'checkpoints' / f'step-{stopped_at}.pt'}" in again.stdout
+    result = json.loads((run_dir / "metrics.json").read_text())
+    assert result["recovery"]["resumed_from_step"] == stopped_at
+    assert result["metrics"]["wikitext2/ppl"] == expected["metrics"]["wikitext2/ppl"]
+    assert result["recovery"]["loss_curve"] == expected["recovery"]["loss_curve"]

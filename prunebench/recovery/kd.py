@@ -25,20 +25,31 @@ from omegaconf import OmegaConf
 from pydantic import Field
 from torch import nn
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, knobs
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import Plan, compute_device
 from prunebench.recovery import corpus
-from prunebench.recovery import resume as resume_mod
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
-from prunebench.recovery.engine import check_engine, describe, fp32_masters, is_main, make_engine, world, write_back
+from prunebench.recovery.engine import check_engine, describe, fp32_masters, make_engine, world, write_back
+from prunebench.recovery.resume import Checkpointer
 from prunebench.recovery.train import (
     PRECISIONS,
+    TRAINING_KNOBS,
+    CheckpointEvery,
+    EngineName,
+    GlobalBatch,
+    GradAccum,
+    KeepCheckpoints,
     MaskKeeper,
+    Resume,
+    TextField,
+    accumulation,
     adamw,
     autocast,
+    check_sharded_checkpoints,
     check_source,
     fit,
+    gradient_checkpointing,
     text_windows,
     window_order,
 )
@@ -59,7 +70,7 @@ class KD:
         tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
         seqlen: Positions = 256,
         batch_size: Batch = 1,
-        grad_accum: Annotated[int, Field(ge=1, le=65536)] = 1,
+        grad_accum: GradAccum = None,
         lr: LR = 1e-4,
         min_lr: Fraction = 1e-5,
         warmup: Fraction = 0.05,
@@ -73,33 +84,31 @@ class KD:
         keep_masks: Flag = True,
         chunk: Annotated[int | None, Field(ge=1)] = None,
         seed: Seed = 0,
-        engine: str = "ddp",
-        text_field: str = "text",
+        engine: EngineName = "ddp",
+        text_field: TextField = "text",
         source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
         source_split: str | None = None,
         streaming: Flag = False,
-        checkpoint_every: int | None = None,
-        keep_checkpoints: int = 2,
-        resume: str = "auto",
+        checkpoint_every: CheckpointEvery = None,
+        keep_checkpoints: KeepCheckpoints = 2,
+        resume: Resume = "auto",
+        gradient_checkpointing: Flag = False,
+        global_batch: GlobalBatch = None,
     ):
-        resume_mod.check(checkpoint_every, keep_checkpoints, resume)
+        knobs.check_args(KD, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         check_engine(engine, precision)
-        if engine == "fsdp" and checkpoint_every:
-            raise PrunebenchError(
-                "recovery.checkpoint_every is not supported under recovery.engine=fsdp yet (each rank holds a shard):"
-                " use recovery.engine=ddp, or no checkpoints"
-            )
+        check_sharded_checkpoints(engine, checkpoint_every)
         _, world_size = world()
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
         for knob, value in (
             ("seqlen", seqlen),
             ("batch_size", batch_size),
-            ("grad_accum", grad_accum),
             ("val_windows", val_windows),
             ("log_every", log_every),
         ):
             if not isinstance(value, int) or value < 1:
                 raise PrunebenchError(f"recovery.{knob}={value} must be a positive integer")
+        grad_accum = accumulation(global_batch, grad_accum, batch_size, world_size)
         step_tokens = seqlen * batch_size * grad_accum * world_size
         if not isinstance(tokens, int) or tokens < step_tokens:
             raise PrunebenchError(
@@ -134,9 +143,17 @@ class KD:
         self.log_every, self.keep_masks, self.seed = log_every, keep_masks, seed
         self.engine, self.text_field = engine, text_field
         self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
-        self.run_dir = None  # set by the pipeline: where checkpoints live
+        self.gradient_checkpointing, self.global_batch = gradient_checkpointing, global_batch
+        self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
         self.steps = tokens // step_tokens
         self.tokenizer = None
+
+    def fingerprint(self) -> dict:
+        """The knobs a checkpoint's training depends on: resuming under other values is refused."""
+        keys = ("teacher", "tokens", "seqlen", "batch_size", "grad_accum", "lr", "min_lr", "warmup",
+                "weight_decay", "clip", "precision", "source", "text_field", "seed", "keep_masks", "steps")  # fmt: skip
+        loss = {k: getattr(self.loss, k) for k in ("temperature", "topk", "clm_weight", "intermediate")}
+        return {"loss": self.kind, **{k: getattr(self, k) for k in keys}, **loss, **self.hub, "world_size": world()[1]}
 
     @property
     def needs_teacher(self) -> bool:
@@ -218,15 +235,21 @@ class KD:
 
         marks, wanted = [], set(checkpoints) - {self.steps}
         val_time = [0.0]
-        start, curve = 0, []
-        found = resume_mod.latest(self.run_dir) if self.resume == "auto" else None
-        if found is not None:
-            start, curve = resume_mod.load(found, bare, opt, sched)
-        every = self.checkpoint_every
+        saver = Checkpointer(
+            self.run_dir if engine is None or engine.engine == "ddp" else None,  # sharded: no checkpoints
+            self.checkpoint_every,
+            self.keep_checkpoints,
+            self.resume,
+            bare,
+            opt,
+            sched,
+            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
+            per_step=per_step,
+            scaler=scaler,
+            extra=self.loss.projection,
+        )
 
         def on_step(done: int) -> None:
-            if every and self.run_dir is not None and done % every == 0 and done < self.steps and is_main():
-                resume_mod.save(self.run_dir, done, bare, opt, sched, curve, self.keep_checkpoints)
             if done in wanted:
                 t0 = time.perf_counter()
                 marks.append(
@@ -235,23 +258,23 @@ class KD:
                 val_time[0] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        curve = fit(
-            student,
-            self.steps,
-            loss_fn,
-            opt,
-            sched,
-            grad_accum=self.grad_accum,
-            clip=self.clip,
-            keep=keep,
-            scaler=scaler,
-            log_every=self.log_every,
-            desc=f"kd ({self.kind})",
-            on_step=on_step,
-            engine=engine,
-            start=start,
-            curve=curve,
-        )
+        with gradient_checkpointing(bare, self.gradient_checkpointing):
+            curve = fit(
+                student,
+                self.steps,
+                loss_fn,
+                opt,
+                sched,
+                grad_accum=self.grad_accum,
+                clip=self.clip,
+                keep=keep,
+                scaler=scaler,
+                log_every=self.log_every,
+                desc=f"kd ({self.kind})",
+                on_step=on_step,
+                engine=engine,
+                checkpointer=saver,
+            )
         seconds = time.perf_counter() - t0 - val_time[0]
         if engine is not None:
             engine.finish(model)  # FSDP: the trained full weights back into `model`, on every rank
@@ -283,7 +306,8 @@ class KD:
             "precision": self.precision,
             **describe(engine, self.batch_size, self.grad_accum, self.engine),
             "kept_masks": self.keep_masks,
-            "resumed_from_step": start or None,
+            "resumed_from_step": saver.resumed_from,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "last_step": {k: round(v, 5) for k, v in last.items()},
             "metrics": {"kd_val_before": before["kd"], "kd_val_after": after["kd"], "lm_val_loss": after["lm"]},
         }

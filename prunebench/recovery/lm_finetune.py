@@ -2,9 +2,11 @@
 (arXiv 2402.11187, §post-training), usable after any pruner.
 
 Windows of `seqlen` consecutive tokens of the source text are drawn in a seeded order; AdamW with
-linear warm-up and linear decay; one optimiser step per `batch_size` windows until `tokens` are
-consumed. With `keep_masks: true` weights that were exactly zero before training (unstructured or
-N:M masks) are held at zero after every step, so the sparsity survives recovery.
+linear warm-up and linear decay; one optimiser step per `batch_size` × `grad_accum` windows (or
+`global_batch` over all processes) until `tokens` are consumed. Checkpoints, resume and SIGTERM as
+`kd` (recovery/resume.py); `gradient_checkpointing` recomputes activations in the backward pass.
+With `keep_masks: true` weights that were exactly zero before training (unstructured or N:M masks)
+are held at zero after every step, so the sparsity survives recovery.
 
     recovery: {_target_: prunebench.recovery.lm_finetune.LMFinetune, source: c4, tokens: 65536, seqlen: 256}
 """
@@ -17,12 +19,31 @@ from typing import Annotated
 from pydantic import Field
 from torch import nn
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, knobs
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.placement import compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.engine import check_engine, describe, make_engine, world
-from prunebench.recovery.train import MaskKeeper, adamw, check_source, fit, text_windows, window_order
+from prunebench.recovery.resume import Checkpointer
+from prunebench.recovery.train import (
+    TRAINING_KNOBS,
+    CheckpointEvery,
+    EngineName,
+    GlobalBatch,
+    GradAccum,
+    KeepCheckpoints,
+    MaskKeeper,
+    Resume,
+    TextField,
+    accumulation,
+    adamw,
+    check_sharded_checkpoints,
+    check_source,
+    fit,
+    gradient_checkpointing,
+    text_windows,
+    window_order,
+)
 
 
 class LMFinetune:
@@ -46,18 +67,27 @@ class LMFinetune:
         reprune: Flag = False,
         log_every: Annotated[int, Field(ge=1)] = 10,
         seed: Seed = 0,
-        engine: str = "ddp",
-        text_field: str = "text",
+        engine: EngineName = "ddp",
+        text_field: TextField = "text",
         source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
         source_split: str | None = None,
         streaming: Flag = False,
+        grad_accum: GradAccum = None,
+        global_batch: GlobalBatch = None,
+        checkpoint_every: CheckpointEvery = None,
+        keep_checkpoints: KeepCheckpoints = 2,
+        resume: Resume = "auto",
+        gradient_checkpointing: Flag = False,
     ):
+        knobs.check_args(LMFinetune, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         check_engine(engine)
-        step_tokens = seqlen * batch_size * world()[1]
+        check_sharded_checkpoints(engine, checkpoint_every)
+        grad_accum = accumulation(global_batch, grad_accum, batch_size, world()[1])
+        step_tokens = seqlen * batch_size * grad_accum * world()[1]
         if tokens < step_tokens:
             raise PrunebenchError(
-                f"recovery.tokens={tokens} is less than one batch of {step_tokens} tokens"
-                f" (seqlen × batch_size × {world()[1]} processes)"
+                f"recovery.tokens={tokens} is less than one optimiser step of {step_tokens} tokens"
+                f" (seqlen × batch_size × grad_accum × {world()[1]} processes)"
             )
         self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
         check_source(source, "recovery.source", text_field, **self.hub)
@@ -70,7 +100,17 @@ class LMFinetune:
             engine,
             text_field,
         )
+        self.grad_accum, self.global_batch = grad_accum, global_batch
+        self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
+        self.gradient_checkpointing = gradient_checkpointing
+        self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
         self.tokenizer = None
+
+    def fingerprint(self) -> dict:
+        """The knobs a checkpoint's training depends on: resuming under other values is refused."""
+        keys = ("source", "text_field", "tokens", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
+                "weight_decay", "keep_masks", "seed")  # fmt: skip
+        return {**{k: getattr(self, k) for k in keys}, **self.hub, "world_size": world()[1]}
 
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
@@ -78,33 +118,56 @@ class LMFinetune:
         windows = text_windows(
             self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
         )
-        engine = make_engine(self.engine, "fp32", self.batch_size, 1, compute_device(model))
-        per_step = engine.global_batch if engine is not None else self.batch_size
+        engine = make_engine(self.engine, "fp32", self.batch_size, self.grad_accum, compute_device(model))
+        per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
         steps = self.tokens // (self.seqlen * per_step)
         order = window_order(len(windows), steps * per_step, self.seed)
         keep = MaskKeeper(model, self.keep_masks)
         params = [p for p in model.parameters() if p.requires_grad]
         opt, sched = adamw(params, self.lr, self.weight_decay, steps, self.warmup, decay="linear")
         device = compute_device(model)
-        student = model
+        student = bare = model
         if engine is not None:
             student, opt = engine.prepare(model, opt)
-            keep = MaskKeeper(engine.unwrap(student), self.keep_masks)  # FSDP trains a sharded copy
+            bare = engine.unwrap(student)  # what trains: `model` itself, or FSDP's sharded copy of it
+            keep = MaskKeeper(bare, self.keep_masks)  # FSDP trains a sharded copy
+        saver = Checkpointer(
+            self.run_dir if engine is None or engine.engine == "ddp" else None,  # sharded: no checkpoints
+            self.checkpoint_every,
+            self.keep_checkpoints,
+            self.resume,
+            bare,
+            opt,
+            sched,
+            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
+            per_step=per_step,
+        )
 
         def loss_fn(step: int, micro: int):
-            k = engine.index(step, micro) if engine is not None else step * self.batch_size
+            k = engine.index(step, micro) if engine is not None else step * per_step + micro * self.batch_size
             batch = windows[order[k : k + self.batch_size]].to(device)
             return student(input_ids=batch, labels=batch, use_cache=False).loss
 
         start = time.perf_counter()
-        curve = fit(
-            student, steps, loss_fn, opt, sched, keep=keep, log_every=self.log_every, desc="lm_finetune", engine=engine
-        )
+        with gradient_checkpointing(bare, self.gradient_checkpointing):
+            curve = fit(
+                student,
+                steps,
+                loss_fn,
+                opt,
+                sched,
+                grad_accum=self.grad_accum,
+                keep=keep,
+                log_every=self.log_every,
+                desc="lm_finetune",
+                engine=engine,
+                checkpointer=saver,
+            )
         if engine is not None:
             engine.finish(model)  # FSDP: the trained full weights back into `model`
         return {
             "steps": steps,
-            "tokens": steps * self.batch_size * self.seqlen,
+            "tokens": steps * per_step * self.seqlen,
             "loss_first": curve[0][1],
             "loss_last": curve[-1][1],
             "loss_curve": curve,
@@ -112,5 +175,7 @@ class LMFinetune:
             "kept_masks": self.keep_masks,
             "source": self.source,
             "source_digest": corpus.digest(self.source),
-            **describe(engine, self.batch_size, 1, self.engine),
+            "resumed_from_step": saver.resumed_from,
+            "gradient_checkpointing": self.gradient_checkpointing,
+            **describe(engine, self.batch_size, self.grad_accum, self.engine),
         }

@@ -10,7 +10,10 @@ Adapters are fp32 (PEFT upcasts them when the base is bf16/fp16) and live on eac
 Objective: `clm` (next-token cross-entropy) or `kd` (the logit distillation loss of `distill.py`, from
 the unpruned model the pipeline copies before pruning, as recovery=kd). The budget is `tokens`
 tokens of `source` (never an evaluation split) in `seqlen` windows, seeded order, AdamW with linear
-warm-up and decay, as lm_finetune.
+warm-up and decay, `batch_size` × `grad_accum` windows per step (or `global_batch`), as lm_finetune.
+LoRA trains in one process (no data-parallel engine: under torchrun every rank trains the same
+adapters, rank 0 reports). Checkpoints hold the adapters (the frozen base is rebuilt by the rerun),
+the optimiser, scheduler and RNG (dropout); resume and SIGTERM as kd (recovery/resume.py).
 
 After training, `merge`:
 - `masked`: W' = (W + (α / r) B A) ⊙ M, M = the non-zero pattern of W before training, so
@@ -38,14 +41,30 @@ from omegaconf import OmegaConf
 from pydantic import Field
 from torch import nn
 
-from prunebench import PrunebenchError
+from prunebench import PrunebenchError, knobs
 from prunebench.cache import output_folder
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
 from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
-from prunebench.recovery.train import adamw, check_source, fit, text_windows, window_order
+from prunebench.recovery.resume import Checkpointer
+from prunebench.recovery.train import (
+    TRAINING_KNOBS,
+    CheckpointEvery,
+    GlobalBatch,
+    GradAccum,
+    KeepCheckpoints,
+    Resume,
+    TextField,
+    accumulation,
+    adamw,
+    check_source,
+    fit,
+    gradient_checkpointing,
+    text_windows,
+    window_order,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +98,18 @@ class LoRA:
         clip: Annotated[float | None, Field(gt=0.0)] = 1.0,
         log_every: Annotated[int, Field(ge=1)] = 10,
         seed: Seed = 0,
-        text_field: str = "text",  # recovery.source as files: the field holding the text (recovery/corpus.py)
+        text_field: TextField = "text",  # recovery.source as files: the field holding the text (recovery/corpus.py)
         source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
         source_split: str | None = None,
         streaming: Flag = False,
+        grad_accum: GradAccum = None,
+        global_batch: GlobalBatch = None,
+        checkpoint_every: CheckpointEvery = None,
+        keep_checkpoints: KeepCheckpoints = 2,
+        resume: Resume = "auto",
+        gradient_checkpointing: Flag = False,
     ):
+        knobs.check_args(LoRA, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         for knob, value in (("r", r), ("seqlen", seqlen), ("batch_size", batch_size), ("log_every", log_every)):
             if not isinstance(value, int) or value < 1:
                 raise PrunebenchError(f"recovery.{knob}={value} must be a positive integer")
@@ -97,10 +123,11 @@ class LoRA:
             raise PrunebenchError(f"recovery.objective={objective!r} must be clm or kd")
         if merge not in MERGES:
             raise PrunebenchError(f"recovery.merge={merge!r} must be masked (keep sparsity) or separate (keep adapter)")
-        if not isinstance(tokens, int) or tokens < seqlen * batch_size:
+        grad_accum = accumulation(global_batch, grad_accum, batch_size, 1, per_process=True)
+        if not isinstance(tokens, int) or tokens < seqlen * batch_size * grad_accum:
             raise PrunebenchError(
-                f"recovery.tokens={tokens} is less than one step of {seqlen * batch_size} tokens"
-                " (seqlen × batch_size); raise recovery.tokens"
+                f"recovery.tokens={tokens} is less than one step of {seqlen * batch_size * grad_accum} tokens"
+                " (seqlen × batch_size × grad_accum); raise recovery.tokens"
             )
         if lr <= 0 or not 0 <= warmup < 1:
             raise PrunebenchError(f"recovery.lr={lr}, recovery.warmup={warmup}: need lr > 0 and warmup in [0, 1)")
@@ -141,9 +168,19 @@ class LoRA:
         self.source, self.val_source, self.val_windows = source, val_source, val_windows
         self.tokens, self.seqlen, self.batch_size = tokens, seqlen, batch_size
         self.lr, self.warmup, self.weight_decay, self.clip = lr, warmup, weight_decay, clip
-        self.log_every, self.seed = log_every, seed
-        self.steps = tokens // (seqlen * batch_size)
+        self.log_every, self.seed, self.text_field = log_every, seed, text_field
+        self.grad_accum, self.global_batch = grad_accum, global_batch
+        self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
+        self.gradient_checkpointing = gradient_checkpointing
+        self.steps = tokens // (seqlen * batch_size * grad_accum)
+        self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
         self.tokenizer = None
+
+    def fingerprint(self) -> dict:
+        """The knobs a checkpoint's training depends on: resuming under other values is refused."""
+        keys = ("r", "alpha", "dropout", "target_modules", "objective", "kd", "source", "text_field", "tokens",
+                "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "clip", "seed")  # fmt: skip
+        return {**{k: getattr(self, k) for k in keys}, **self.hub}
 
     @property
     def needs_teacher(self) -> bool:
@@ -215,7 +252,8 @@ class LoRA:
             self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
         )
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows] if self.val_windows else []
-        order = window_order(len(windows), self.steps * self.batch_size, self.seed)
+        per_step = self.batch_size * self.grad_accum
+        order = window_order(len(windows), self.steps * per_step, self.seed)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
         kd_teacher = teacher if self.objective == "kd" else None
@@ -233,15 +271,41 @@ class LoRA:
         opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, decay="linear")
         loss = DistillLoss(self.kd["loss"], self.kd["temperature"], self.kd["topk"], self.kd["clm_weight"])
 
+        saver = Checkpointer(
+            self.run_dir,
+            self.checkpoint_every,
+            self.keep_checkpoints,
+            self.resume,
+            model,
+            opt,
+            sched,
+            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
+            per_step=per_step,
+            trainable_only=True,
+        )
+
         def loss_fn(step: int, micro: int) -> torch.Tensor:
-            batch = windows[order[step * self.batch_size : (step + 1) * self.batch_size]].to(device)
+            k = step * per_step + micro * self.batch_size
+            batch = windows[order[k : k + self.batch_size]].to(device)
             if self.objective == "kd":
                 return distill_step(model, teacher, {"input_ids": batch}, loss)["loss"]
             return model(input_ids=batch, labels=batch, use_cache=False).loss
 
         t0 = time.perf_counter()
         desc = f"lora ({self.objective})"
-        curve = fit(model, self.steps, loss_fn, opt, sched, clip=self.clip, log_every=self.log_every, desc=desc)
+        with gradient_checkpointing(model, self.gradient_checkpointing):
+            curve = fit(
+                model,
+                self.steps,
+                loss_fn,
+                opt,
+                sched,
+                grad_accum=self.grad_accum,
+                clip=self.clip,
+                log_every=self.log_every,
+                desc=desc,
+                checkpointer=saver,
+            )
         seconds = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -283,7 +347,11 @@ class LoRA:
             "loss_last": curve[-1][1],
             "loss_curve": curve,
             "steps": self.steps,
-            "tokens": self.steps * self.batch_size * self.seqlen,
+            "tokens": self.steps * per_step * self.seqlen,
+            "grad_accum": self.grad_accum,
+            "global_batch": per_step,
+            "resumed_from_step": saver.resumed_from,
+            "gradient_checkpointing": self.gradient_checkpointing,
             "seconds": round(seconds, 2),
             "merge_seconds": round(merge_seconds, 3),
             "val_seconds": round(val_seconds, 2),

@@ -1,27 +1,44 @@
 """The training plumbing recoveries share: token windows of a text source in a seeded order, AdamW
 with a warm-up + decay schedule, pruning masks held at zero, autocast, and one optimisation loop.
 
-`lm_finetune` (causal-LM loss) and `kd` (distillation loss) both run `fit`; only the per-batch loss
-differs. The loss math itself lives in `distill.py`.
+`lm_finetune` (causal-LM loss), `kd` (distillation loss) and `lora` (either, on adapters) all run
+`fit`; only the per-batch loss and the trained parameters differ. The loss math lives in `distill.py`,
+checkpoints, resume and stopping on a signal in `resume.py`, the multi-process engine in `engine.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 from collections.abc import Callable, Iterable
+from typing import Annotated, Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models.blocks import prunable_weights
+from prunebench.recovery import resume
 from prunebench.recovery.corpus import EVAL_SPLITS  # evaluation data: never a training source
-from prunebench.recovery.engine import is_main
+from prunebench.recovery.engine import ENGINES, is_main
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Knobs every training recovery (kd, lm_finetune, lora) declares on its constructor (prunebench/knobs.py).
+GradAccum = Annotated[int | None, Field(ge=1, le=65536, description="micro-batches per optimiser step")]
+GlobalBatch = Annotated[int | None, Field(ge=1, le=2**24, description="windows per optimiser step, all processes")]
+EngineName = Literal[ENGINES]
+TextField = Annotated[str, Field(min_length=1)]
+CheckpointEvery = Annotated[int | None, Field(ge=1, le=10**9)]
+KeepCheckpoints = Annotated[int, Field(ge=1, le=1000, description="each checkpoint holds the weights and optimiser")]
+Resume = Literal[resume.RESUME]
+# each constructor checks these from their declarations (knobs.check_args): the validation's own messages
+TRAINING_KNOBS = ("grad_accum", "global_batch", "engine", "text_field", "checkpoint_every", "keep_checkpoints",
+                  "resume", "gradient_checkpointing")  # fmt: skip
 
 
 def check_source(
@@ -162,6 +179,81 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def accumulation(
+    global_batch: int | None, grad_accum: int | None, batch_size: int, world_size: int, per_process: bool = False
+) -> int:
+    """Micro-batches per optimiser step. `recovery.global_batch` G, when set, fixes the windows of one
+    optimiser step over all processes: grad_accum = G / (batch_size × world size), so the same G gives
+    the same training on 1 or N processes. G must be a multiple of batch_size × world size; a
+    grad_accum also given must agree with G (both stated is allowed, never contradictory); neither set
+    means one micro-batch per step. `per_process`: the recovery trains in one process whatever the
+    launcher (LoRA), so the world size does not divide G."""
+    world_size = 1 if per_process else world_size
+    if global_batch is None:
+        return 1 if grad_accum is None else grad_accum
+    unit = batch_size * world_size
+    procs = f"{world_size} process{'es' if world_size > 1 else ''}"
+    if global_batch % unit:
+        near = sorted({unit * max(1, global_batch // unit), unit * (global_batch // unit + 1)})
+        raise PrunebenchError(
+            f"recovery.global_batch={global_batch} is not a multiple of recovery.batch_size={batch_size} × {procs}"
+            f" = {unit}; use recovery.global_batch={' or '.join(map(str, near))}, or another batch_size"
+        )
+    if grad_accum is not None and grad_accum != global_batch // unit:
+        raise PrunebenchError(
+            f"recovery.global_batch={global_batch} and recovery.grad_accum={grad_accum} disagree (batch_size"
+            f" {batch_size} × grad_accum {grad_accum} × {procs} = {unit * grad_accum}); set only one of them"
+        )
+    return global_batch // unit
+
+
+def check_sharded_checkpoints(engine: str, checkpoint_every: int | None) -> None:
+    """Checkpoints hold the full, unsharded state that one process (or each DDP rank) has; an FSDP or
+    ZeRO shard is not that, so periodic checkpoints are refused there (and SIGTERM saves nothing)."""
+    if checkpoint_every is not None and engine != "ddp":
+        raise PrunebenchError(
+            f"recovery.checkpoint_every={checkpoint_every} with recovery.engine={engine}: checkpoints are written"
+            " for engine=ddp (one process or data-parallel) only, sharded checkpoints not yet; use engine=ddp or"
+            " recovery.checkpoint_every=null"
+        )
+
+
+def checkpointing_on(model: nn.Module) -> bool:
+    """Whether the model recomputes activations (transformers ≥ 5 names it is_activation_checkpointing)."""
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+@contextlib.contextmanager
+def gradient_checkpointing(model: nn.Module, enabled: bool):
+    """`recovery.gradient_checkpointing`: Hugging Face's activation checkpointing (each block's
+    activations recomputed in the backward pass instead of stored) for the training only, switched off
+    again afterwards. Non-reentrant torch.utils.checkpoint: gradients reach frozen-base adapters
+    (LoRA) without input grads, and the recomputation replays the RNG, so dropout draws are unchanged."""
+    if not enabled:
+        yield
+        return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise PrunebenchError(
+            f"recovery.gradient_checkpointing=true: {type(model).__name__} does not support gradient"
+            " checkpointing; set recovery.gradient_checkpointing=false"
+        )
+    was, hooked = checkpointing_on(model), hasattr(model, "_require_grads_hook")
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 (the old names are deprecated)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if not was:
+            off = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+            off()
+            if not hooked and hasattr(model, "_require_grads_hook"):  # enable added it, disable leaves it
+                model.disable_input_require_grads()
+
+
 def fit(
     model: nn.Module,
     steps: int,
@@ -177,57 +269,66 @@ def fit(
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
     engine=None,
-    start: int = 0,
-    curve: list | None = None,
+    checkpointer=None,
 ) -> list[list]:
     """`steps` optimiser steps; `loss_fn(step, micro)` returns the loss of one micro-batch. Each step
     accumulates `grad_accum` micro-batches, clips the gradient norm to `clip`, steps the optimiser
-    and scheduler and re-applies the masks. `on_step(done)` runs after each step (checkpoints).
+    and scheduler and re-applies the masks. `on_step(done)` runs after each step (held-out losses).
     Returns the loss curve [[step, loss], ...] every `log_every` steps and at the last one.
 
     `engine` (recovery/engine.py, several processes or a sharding engine): `model` and `opt` are the
     engine's wrapped ones; gradients are all-reduced on the last micro-batch only, the engine
     backpropagates and clips (mixed precision is its own), and the logged loss is the mean over
-    ranks. `start`: the first step and `curve` the curve so far (a resumed run); the points are
-    appended to `curve` as they come, so `on_step` can checkpoint it."""
+    ranks. `checkpointer` (recovery/resume.py): the loop starts from its newest checkpoint (resume),
+    saves every `checkpoint_every` steps, and on SIGTERM (or submitit's preemption signal) finishes
+    the current step, saves and stops; with several processes the ranks agree on stopping at the same step."""
     params = [p for group in opt.param_groups for p in group["params"]]
-    curve = [] if curve is None else curve
+    start, curve = checkpointer.resume() if checkpointer is not None else (0, [])
     model.train()
     bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not is_main())
-    for step in bar:
-        total = 0.0
-        for micro in range(grad_accum):
-            if engine is not None:
-                with engine.no_sync(model, micro == grad_accum - 1):
+    with resume.stop_signals(checkpointer is not None and checkpointer.enabled) as request:
+        for step in bar:
+            total = 0.0
+            for micro in range(grad_accum):
+                if engine is not None:
+                    with engine.no_sync(model, micro == grad_accum - 1):
+                        loss = loss_fn(step, micro)
+                        engine.backward(loss / grad_accum if grad_accum > 1 else loss)
+                else:
                     loss = loss_fn(step, micro)
-                    engine.backward(loss / grad_accum if grad_accum > 1 else loss)
+                    scaled = loss / grad_accum if grad_accum > 1 else loss
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                total += float(loss.detach()) / grad_accum
+            if engine is not None:
+                total = engine.mean(total)
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if clip and engine is not None:
+                engine.clip(model, clip)
+            elif clip:
+                torch.nn.utils.clip_grad_norm_(params, clip)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
             else:
-                loss = loss_fn(step, micro)
-                scaled = loss / grad_accum if grad_accum > 1 else loss
-                (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            total += float(loss.detach()) / grad_accum
-        if engine is not None:
-            total = engine.mean(total)
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if clip and engine is not None:
-            engine.clip(model, clip)
-        elif clip:
-            torch.nn.utils.clip_grad_norm_(params, clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if keep is not None:
-            keep.apply()
-        if step % log_every == 0 or step == steps - 1:
-            curve.append([step, round(total, 5)])
-            bar.set_postfix(loss=f"{total:.4f}")
-        if on_step is not None:
-            on_step(step + 1)
-            model.train()
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            if keep is not None:
+                keep.apply()
+            if step % log_every == 0 or step == steps - 1:
+                curve.append([step, round(total, 5)])
+                bar.set_postfix(loss=f"{total:.4f}")
+            if on_step is not None:
+                on_step(step + 1)
+                model.train()
+            if checkpointer is not None and checkpointer.enabled:
+                checkpointer.periodic(step + 1, steps, curve)
+                stop = request.signum is not None
+                if engine is not None and engine.world > 1:  # every rank stops after the same step
+                    stop = engine.mean(float(stop)) > 0
+                    request.signum = request.signum or (signal.SIGTERM if stop else None)
+                if stop:
+                    checkpointer.stop(step + 1, curve, request)
     model.eval()
     return curve
