@@ -144,7 +144,7 @@ RUN_ROWS = [
     (
         "checkpoints-sharded",
         [*KD, "recovery.engine=fsdp", "recovery.checkpoint_every=10"],
-        "sharded checkpoints not yet",
+        "recovery.checkpoint_every is not supported under recovery.engine=fsdp",
     ),
     # minitron (tiny-llama: 2 layers, hidden 64, 4 heads / 2 KV heads, FFN 128)
     ("minitron-too-big", [*MINITRON, "pruner.target.ffn=256"], "pruner.target.ffn=256 is more than"),

@@ -221,7 +221,7 @@ def test_global_batch_sets_the_accumulation(monkeypatch):
      ({"text_field": ""}, "recovery.text_field='' must be a non-empty word"),
      ({"gradient_checkpointing": "yes"}, "recovery.gradient_checkpointing='yes' must be true or false"),
      ({"global_batch": 0}, "recovery.global_batch=0 must be a positive integer or null"),
-     ({"engine": "fsdp", "checkpoint_every": 5}, "sharded checkpoints not yet")],
+     ({"engine": "fsdp", "checkpoint_every": 5}, "checkpoint_every is not supported under recovery.engine=fsdp")],
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [KD, LMFinetune, LoRA])
 def test_bad_training_knobs(cls, knobs, needle):

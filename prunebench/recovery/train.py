@@ -212,8 +212,8 @@ def check_sharded_checkpoints(engine: str, checkpoint_every: int | None) -> None
     ZeRO shard is not that, so periodic checkpoints are refused there (and SIGTERM saves nothing)."""
     if checkpoint_every is not None and engine != "ddp":
         raise PrunebenchError(
-            f"recovery.checkpoint_every={checkpoint_every} with recovery.engine={engine}: checkpoints are written"
-            " for engine=ddp (one process or data-parallel) only, sharded checkpoints not yet; use engine=ddp or"
+            f"recovery.checkpoint_every is not supported under recovery.engine={engine} yet (each rank holds a"
+            " shard; checkpoints hold the full state, written under engine=ddp): use recovery.engine=ddp, or"
             " recovery.checkpoint_every=null"
         )
 
