@@ -113,6 +113,40 @@ def test_resume_refuses_a_checkpoint_of_other_knobs(student_teacher, tmp_path):
         _train(_recovery("lm_finetune", tmp_path, tok, lr=2e-3), copy.deepcopy(student), teacher)
 
 
+def test_resume_refuses_a_checkpoint_of_other_starting_weights(student_teacher, tmp_path):
+    """A rerun into the same run dir with another model (pruner, calibration) never continues the other
+    model's training, even with every knob the same."""
+    student, teacher, tok = student_teacher
+    _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+    other = copy.deepcopy(student)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(PrunebenchError, match=r"^checkpoint in .* was written for other starting weights \(another"):
+        _train(_recovery("lm_finetune", tmp_path, tok), other, teacher)
+    _train(_recovery("lm_finetune", tmp_path, tok, resume="never"), other, teacher)  # the way out
+
+
+def test_stray_and_leftover_files_in_the_checkpoint_folder(student_teacher, tmp_path):
+    """A foreign step-x.pt is not a checkpoint (ignored, no ValueError); a .tmp left by a killed save is
+    removed by the next save; a checkpoint that does not load into the model is refused in one line."""
+    student, teacher, tok = student_teacher
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    (ckpt / "step-x.pt").write_bytes(b"not ours")
+    (ckpt / ".step-9.pt.tmp").write_bytes(b"torn")
+    _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-2.pt", "step-4.pt", "step-x.pt"]
+    assert resume.latest(tmp_path).name == "step-4.pt"
+
+    state = torch.load(ckpt / "step-4.pt", weights_only=True)
+    state["model"] = {k: v[..., :1] for k, v in state["model"].items()}  # other shapes, same fingerprint
+    torch.save(state, ckpt / "step-4.pt")
+    with pytest.raises(
+        PrunebenchError, match=r"step-4.pt does not fit this run \(RuntimeError.*recovery.resume=never$"
+    ):
+        _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+
+
 def test_no_run_dir_no_checkpoint_and_sigterm_untouched(student_teacher, monkeypatch):
     """Without a run dir (Minitron's search KD, a library call) nothing is saved and the loop leaves
     SIGTERM to the process's own handler."""

@@ -12,7 +12,10 @@ steps, keeping the newest `recovery.keep_checkpoints`, and once more when a sign
 With `recovery.resume=auto` a rerun into the same run dir starts from the newest checkpoint; training
 being deterministic given its contents, the resumed run ends with bit-identical weights in one CPU
 process. A checkpoint written with other training knobs (tokens, lr, batch geometry, source, ...) is
-refused in one line rather than silently continued.
+refused in one line rather than silently continued, and so is one written for other starting weights:
+the fingerprint holds the SHA-256 of the weights training starts from (engine.digest, computed only
+when a run dir makes checkpoints possible), so a rerun into the same hydra.run.dir with another model,
+pruner or calibration never continues another model's training.
 
 Signals (`stop_signals`): while the loop runs, SIGTERM asks it to finish the current optimiser step,
 save a checkpoint and stop with one line (`saved checkpoint step N on SIGTERM; rerun the same command
@@ -40,7 +43,7 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.recovery.engine import is_main
+from prunebench.recovery.engine import digest, is_main
 
 log = logging.getLogger(__name__)
 RESUME = ("auto", "never")
@@ -63,11 +66,16 @@ def _step_of(path: Path) -> int:
     return int(path.stem.split("-")[1])
 
 
+def _checkpoints(out: Path) -> list[Path]:
+    """`step-<N>.pt` files of folder `out`, oldest first; stray names (step-x.pt) are not ours: ignored."""
+    return sorted((p for p in out.glob("step-*.pt") if p.stem[len("step-") :].isdigit()), key=_step_of)
+
+
 def latest(run_dir) -> Path | None:
     """The newest complete checkpoint (temporary files are never picked)."""
     if run_dir is None or not folder(run_dir).is_dir():
         return None
-    found = sorted(folder(run_dir).glob("step-*.pt"), key=_step_of)
+    found = _checkpoints(folder(run_dir))
     return found[-1] if found else None
 
 
@@ -116,6 +124,7 @@ class Checkpointer:
     extra: nn.Module | None = None
     trainable_only: bool = False
     resumed_from: int | None = field(default=None, init=False)
+    start: str | None = field(default=None, init=False)  # digest of the starting weights (resume() sets it)
 
     @property
     def enabled(self) -> bool:
@@ -138,7 +147,7 @@ class Checkpointer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rng_state(),
             "curve": curve,
-            "fingerprint": self.fingerprint,
+            "fingerprint": {**self.fingerprint, "start_weights": self.start},
         }
 
     def save(self, step: int, curve: list) -> Path | None:
@@ -148,6 +157,8 @@ class Checkpointer:
             return None
         out = folder(self.run_dir)
         out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".step-*.pt.tmp"):  # left by a process killed mid-write: never resumed from
+            stale.unlink(missing_ok=True)
         path, tmp = out / f"step-{step}.pt", out / f".step-{step}.pt.tmp"
         try:
             with open(tmp, "wb") as f:
@@ -157,7 +168,7 @@ class Checkpointer:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        for old in sorted(out.glob("step-*.pt"), key=_step_of)[: -self.keep]:
+        for old in _checkpoints(out)[: -self.keep]:
             old.unlink(missing_ok=True)
         return path
 
@@ -168,8 +179,15 @@ class Checkpointer:
             self.save(done, curve)
 
     def resume(self) -> tuple[int, list]:
-        """(first step, loss curve so far): from the newest checkpoint with resume=auto, else (0, [])."""
-        found = latest(self.run_dir) if self.enabled and self.mode == "auto" else None
+        """(first step, loss curve so far): from the newest checkpoint with resume=auto, else (0, []).
+        Called before the first step: with a run dir, records the digest of the starting weights
+        (the model and `extra`), which every checkpoint carries and a resume must match."""
+        if not self.enabled:
+            return 0, []
+        self.start = digest(
+            nn.ModuleDict({"model": self.model, **({"extra": self.extra} if self.extra is not None else {})})
+        )
+        found = latest(self.run_dir) if self.mode == "auto" else None
         if found is None:
             return 0, []
         try:
@@ -179,8 +197,13 @@ class Checkpointer:
                 f"{found} is unreadable ({type(err).__name__}); delete it to resume from an earlier checkpoint,"
                 " or rerun with recovery.resume=never"
             ) from None
-        saved = state.get("fingerprint")
-        if saved is not None and saved != self.fingerprint:
+        saved = dict(state.get("fingerprint") or {})
+        if saved.pop("start_weights", None) != self.start:
+            raise PrunebenchError(
+                f"checkpoint in {self.run_dir} was written for other starting weights (another model, pruner or"
+                " calibration); use a new hydra.run.dir or recovery.resume=never"
+            )
+        if saved != self.fingerprint:
             diff = [k for k in sorted(set(saved) | set(self.fingerprint)) if saved.get(k) != self.fingerprint.get(k)]
             name = {k: k if k in ("windows", "world_size", "steps") else f"recovery.{k}" for k in diff}
             shown = ", ".join(f"{name[k]}={saved.get(k)!r} (now {self.fingerprint.get(k)!r})" for k in diff[:3])
@@ -196,16 +219,20 @@ class Checkpointer:
                     f"{found} holds other trainable weights than this run's ({len(weights)} vs {len(expected)});"
                     " rerun with recovery.resume=never to start over"
                 )
-            self.model.load_state_dict(weights, strict=False)
-        else:
-            self.model.load_state_dict(weights)
-        if self.extra is not None and state.get("extra") is not None:
-            self.extra.load_state_dict(state["extra"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state.get("scaler") is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
+        try:
+            self.model.load_state_dict(weights, strict=not self.trainable_only)
+            if self.extra is not None and state.get("extra") is not None:
+                self.extra.load_state_dict(state["extra"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            if self.scaler is not None and state.get("scaler") is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as err:  # shapes, names, optimizer groups
+            raise PrunebenchError(
+                f"checkpoint {found} does not fit this run ({type(err).__name__}: {str(err).splitlines()[0][:120]});"
+                " use a new hydra.run.dir or recovery.resume=never"
+            ) from None
         step = int(state["step"])
         if is_main():
             print(f"resuming recovery from {found} (step {step})", flush=True)
