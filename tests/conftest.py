@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import os
 
@@ -7,8 +9,22 @@ import pytest
 import torch
 
 from prunebench import models
-from prunebench.config import compose as compose_cfg
+from prunebench.config import compose
 from prunebench.data import Calibration
+
+
+@functools.cache
+def _composed(overrides: tuple[str, ...]):
+    return compose(*overrides)
+
+
+def compose_cfg(*overrides: str):
+    """`prunebench.config.compose`, composed once per process for each list of overrides: a Hydra
+    compose costs ~0.3 s of CPU and the suite asks for the same few configs hundreds of times. Each
+    call returns a deep copy, so a test that edits its config changes no other test's. A bad
+    override still raises on every call (lru_cache keeps no exceptions). The config files do not
+    change while the tests run; interpolations such as ${oc.env:...} resolve when read, as before."""
+    return copy.deepcopy(_composed(tuple(overrides)))
 
 
 @pytest.fixture

@@ -16,13 +16,14 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from prunebench import PrunebenchError, models, pipeline
-from prunebench.config import compose, group_options, instantiate, selected_evals, validate
+from prunebench.config import group_options, instantiate, selected_evals, validate
 from prunebench.models.blocks import ExpertSlice, find_blocks, prunable_weights
 from prunebench.models.loading import ByteTokenizer
 from prunebench.pruners import gblm, laco, layer_drop, magnitude, shortgpt, sparsegpt, wanda
 from prunebench.pruners.base import measure
 from prunebench.pruners.masks import make_mask
 from prunebench.pruners.minitron import Minitron
+from tests.conftest import compose_cfg as compose
 from tests.conftest import random_calib
 
 DENSE = ["tiny-mistral", "tiny-qwen2", "tiny-qwen3", "tiny-gemma2", "tiny-gemma3", "tiny-phi3", "tiny-olmo2"]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from prunebench import PrunebenchError, models, pipeline
-from prunebench.config import compose
 from prunebench.models import ByteTokenizer
 from prunebench.recovery.distill import LOGIT_LOSSES, DistillLoss, distill_step, dynamic_alpha, logit_loss, map_layers
 from prunebench.recovery.kd import KD, kd_checkpoints
+from tests.conftest import compose_cfg as compose
 
 TINY_KD = dict(tokens=32 * 6, seqlen=32, val_windows=2, log_every=1, lr=3e-3, min_lr=3e-4)
 

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError, models, pipeline
-from prunebench.config import compose, instantiate
+from prunebench.config import instantiate
 from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.magnitude import Magnitude
 from prunebench.recovery import lora as lora_mod
+from tests.conftest import compose_cfg as compose
 from tests.test_cli import prunebench as run_cli
 
 TINY = ("recovery=lora", "recovery.seqlen=32", "recovery.tokens=320", "recovery.val_windows=2",
