@@ -358,3 +358,25 @@ def test_torchrun_sigterm_then_rerun_resumes_on_two_processes(tmp_path):
         assert s1 == s2 and l2 == pytest.approx(l1, rel=1e-4, abs=1e-6)
     ppl, want = result["metrics"]["wikitext2/ppl"], expected["metrics"]["wikitext2/ppl"]
     assert ppl == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("knob", [{"checkpoint_every": 10}, {"keep_checkpoints": 3}, {"resume": "never"}])
+def test_search_kd_refuses_checkpoint_knobs(knob):
+    """Minitron's search KD has no run dir: a checkpoint knob set there would be ignored, so it is refused."""
+    from prunebench.pruners.minitron_search import SearchKnobs
+
+    name = next(iter(knob))
+    with pytest.raises(PrunebenchError, match=rf"^pruner.search.kd.{name}=.*never checkpoints or resumes"):
+        SearchKnobs.parse({"tokens": 0, "kd": knob})
+    assert SearchKnobs.parse({"tokens": 0, "kd": {"resume": "auto"}}).kd == {"resume": "auto"}
+
+
+def test_paper_search_kd_global_batch_gives_the_papers_400_steps():
+    from omegaconf import OmegaConf
+
+    from prunebench.pruners.minitron_search import SearchKnobs
+
+    root = os.path.join(os.path.dirname(__file__), "..", "conf", "experiment", "minitron", "paper")
+    search = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "minitron-8b_search_4b.yaml")).pruner.search)
+    assert search["kd"]["global_batch"] == 1152 and "grad_accum" not in search["kd"]
+    assert SearchKnobs.parse(search).steps == 400

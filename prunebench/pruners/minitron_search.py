@@ -37,6 +37,7 @@ from prunebench.models import count_params
 from prunebench.models.blocks import find_blocks
 from prunebench.pruners import minitron_importance as importance
 from prunebench.pruners.minitron_plan import Arch, Dims, apply_plan, count, layer_params, plan
+from prunebench.recovery.engine import world
 
 log = logging.getLogger(__name__)
 
@@ -86,10 +87,17 @@ class SearchKnobs:
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise PrunebenchError(f"pruner.search.grid.{key}={values} must be a list of positive integers or null")
             k.grid[key] = sorted(set(values))
+        ignored = [f"{n}={k.kd[n]!r}" for n in ("checkpoint_every", "keep_checkpoints") if k.kd.get(n) is not None]
+        ignored += [f"resume={k.kd['resume']!r}"] if k.kd.get("resume", "auto") != "auto" else []
+        if ignored:  # the short KD has no run dir: nothing to save or resume (a knob it would ignore)
+            raise PrunebenchError(
+                f"pruner.search.kd.{ignored[0]}: the search's short KD never checkpoints or resumes (no run dir);"
+                " remove it (recovery.checkpoint_every applies to the final recovery)"
+            )
         probe = _kd(tokens=2**40, knobs=k.kd)  # the KD knobs' own checks, once (the token count is ours)
-        k.steps = k.tokens // (probe.seqlen * probe.batch_size * probe.grad_accum)
+        one = probe.seqlen * probe.batch_size * probe.grad_accum * world()[1]  # tokens a step, all processes
+        k.steps = k.tokens // one
         if k.tokens and k.steps < 1:
-            one = probe.seqlen * probe.batch_size * probe.grad_accum
             raise PrunebenchError(
                 f"pruner.search.tokens={k.tokens} is less than one KD step of {one} tokens; raise it or set 0"
             )

@@ -245,7 +245,8 @@ class KD:
             sched,
             fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
             per_step=per_step,
-            scaler=scaler,
+            # DDP + fp16: accelerate's own GradScaler, so the loss scale survives a resume too
+            scaler=scaler if engine is None else getattr(engine.accelerator, "scaler", None),
             extra=self.loss.projection,
         )
 
