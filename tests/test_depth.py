@@ -203,13 +203,18 @@ def test_laco_suffix_shortcut_gives_the_full_forward_decisions(name, monkeypatch
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-bert"])
 def test_laco_padded_batch_equals_one_sentence_at_a_time(name):
     model = tiny_model(name, 4)
-    inputs = [torch.tensor([[5, 6, 7, 8, 9, 10]]), torch.tensor([[11, 12, 13]]), torch.tensor([[20, 21, 22, 23]])]
+    lengths = [10, 3, 9, 10]  # groups [3], [9, 10, 10]: the 9-token sentence is right-padded, D's order is restored
+    inputs = [torch.arange(20 * i, 20 * i + n).unsqueeze(0) for i, n in enumerate(lengths)]
     final = laco.FinalHidden(model, inputs)
     assert final.shortcut
+    assert sorted(idx for idx, _, _ in final.groups) == [[1], [2, 0, 3]]
+    merged = final._suffix(0)  # the shortcut path on the padded group gives the same per-sentence states
     with torch.no_grad():
         for x, ref in zip(inputs, final.reference, strict=True):
             alone = model(input_ids=x, output_hidden_states=True).hidden_states[-1][0].flatten()
             torch.testing.assert_close(ref, alone, rtol=1e-4, atol=1e-5)
+    for ref, short in zip(final.reference, merged, strict=True):
+        torch.testing.assert_close(short, ref, rtol=1e-4, atol=1e-5)
 
 
 def bert_out(model, ids: torch.Tensor) -> torch.Tensor:

@@ -118,8 +118,9 @@ class FinalHidden:
     forward records, per block, its input and the other arguments it received (masks, rotary
     embeddings: per block, since Gemma-style models give sliding-window and global layers different
     ones), and a trial runs only layers l..end and the final norm. Anything else, or a model whose
-    final norm is not found, gets a full forward. The shortcut is checked once, from the last layer
-    (the recorded inputs are what the blocks received, so what is left to check is the final norm)."""
+    final norm is not found, gets a full forward. The shortcut is checked once: from the last layer on
+    every group (the final norm) and through every layer on the shortest group (that each block's
+    output is the next one's input: no operation between blocks that the suffix would miss)."""
 
     PAD_WASTE = 0.1
 
@@ -156,7 +157,10 @@ class FinalHidden:
                 h.remove()
         last = len(find_blocks(model)) - 1
         self.shortcut = self.norm is not None and all(
-            torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(self._suffix(last), self.reference, strict=True)
+            torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+            for l, groups in ((last, None), (0, [0]))  # the final norm on every group; the whole chain on the shortest
+            for a, b in zip(self._suffix(l, groups), self.reference, strict=False)
+            if a is not None
         )
 
     @classmethod
@@ -182,14 +186,19 @@ class FinalHidden:
         out: list = [None] * len(self.lengths)
         for (idx, _, _), h in zip(self.groups, per_group, strict=True):
             for row, i in enumerate(idx):
-                out[i] = h[row, : self.lengths[i]].flatten()
+                out[i] = None if h is None else h[row, : self.lengths[i]].flatten()
         return out
 
     @torch.no_grad()
-    def _suffix(self, l: int) -> list[torch.Tensor]:
+    def _suffix(self, l: int, groups: list[int] | None = None) -> list[torch.Tensor | None]:
+        """Layers l..end and the final norm from the dense input of layer l, for `groups` (default all;
+        the sentences of the others are None)."""
         blocks = find_blocks(self.model)[l:]
         finals = []
         for g in range(len(self.groups)):
+            if groups is not None and g not in groups:
+                finals.append(None)
+                continue
             h = self.recorded[id(blocks[0])][1][g]
             for block in blocks:
                 h = self.recorded[id(block)][0][g](block, h)
@@ -216,9 +225,7 @@ class LaCo(ShapePruner):
         merge: str = "paper",
         rule_based: Flag = False,
         calib_source: str = "wikitext2_valid",
-        calib_n: Annotated[
-            int, Field(ge=1, le=1000, description="LaCo's few-shot sentences D run as one batch; the paper uses 5")
-        ] = 10,
+        calib_n: Annotated[int, Field(ge=1, le=1000, description="LaCo's few-shot sentences D; the paper uses 5")] = 10,
         calib_chars: Annotated[int, Field(ge=1, le=100000)] = 400,
         sparsity: float = 0.0,
         pattern: str = "unstructured",
