@@ -49,10 +49,14 @@ def launch() -> tuple[int, int, int]:
 
 
 def _rank_gpu(count: int) -> int | None:
-    """Under several processes each computes on its own GPU, cuda:LOCAL_RANK (None in one process)."""
+    """Under several processes each computes on its own GPU, cuda:LOCAL_RANK (None in one process);
+    cuda:0 when the process sees a single GPU (SLURM --gpus-per-task: LOCAL_RANK=3, but CUDA_VISIBLE_DEVICES
+    already narrowed this task to its own device)."""
     world, _, local_rank = launch()
     if world == 1:
         return None
+    if count == 1:
+        return 0
     if local_rank >= count:
         raise PrunebenchError(
             f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s): start at most {count}"
@@ -81,6 +85,11 @@ def resolve_device(spec: str | None) -> torch.device:
         if not torch.cuda.is_available():
             raise PrunebenchError(f"device={spec}: CUDA is not available on this machine; use device=cpu or auto")
         count = torch.cuda.device_count()
+        if device.index is not None and launch()[0] > 1:  # every rank would share that one GPU
+            raise PrunebenchError(
+                f"device={spec} names one GPU for {launch()[0]} processes; use device=cuda or auto (each process"
+                " takes cuda:LOCAL_RANK)"
+            )
         index = device.index if device.index is not None else (_rank_gpu(count) or 0)
         if index >= count:
             raise PrunebenchError(f"device={spec}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")

@@ -237,10 +237,13 @@ def test_several_processes_take_a_gpu_each_and_no_device_map(monkeypatch):
     for k, v in {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "LOCAL_RANK": "3"}.items():
         monkeypatch.setenv(k, v)
     assert placement.resolve_device("auto") == placement.resolve_device("cuda") == torch.device("cuda", 3)
-    assert placement.resolve_device("cuda:1") == torch.device("cuda", 1)  # an explicit index is kept
+    with pytest.raises(PrunebenchError, match=r"^device=cuda:1 names one GPU for 16 processes; use device=cuda"):
+        placement.resolve_device("cuda:1")  # every rank on one GPU
     monkeypatch.setenv("LOCAL_RANK", "9")
     with pytest.raises(PrunebenchError, match="at most 8 processes per node"):
         placement.resolve_device("auto")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM --gpus-per-task: each task sees its own GPU
+    assert placement.resolve_device("auto") == placement.resolve_device("cuda") == torch.device("cuda", 0)
     with pytest.raises(PrunebenchError, match="placement=device_map spreads one process"):
         placement.plan(compose_cfg("model=tiny-llama", "device=cpu", "placement=device_map"), world=2)
     from types import SimpleNamespace  # accelerate would silently run DDP on the CPU instead of ZeRO-3
