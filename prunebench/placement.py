@@ -424,8 +424,8 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
             f" {', '.join(map(str, names))} cannot (the whole model must be on the device): use placement=device"
             " or placement=device_map"
         )
-    if getattr(recovery, "engine", None) == "deepspeed" and device.type == "cpu":  # accelerate would run DDP instead
-        raise PrunebenchError("recovery.engine=deepspeed runs on GPUs only; on the CPU use recovery.engine=ddp or fsdp")
+    if getattr(recovery, "engine", None) == "deepspeed":  # before anything loads (recovery/engine.py)
+        raise PrunebenchError("recovery.engine=deepspeed is not supported yet; use recovery.engine=fsdp")
     p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory, world=world)
     if shape is None:
         p.notes.append("model shape unknown before loading: no memory estimate")

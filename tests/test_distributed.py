@@ -43,9 +43,8 @@ def test_ranks_read_disjoint_windows_that_cover_the_global_batch(monkeypatch, wo
 def test_engine_refusals(monkeypatch):
     with pytest.raises(PrunebenchError, match="must be one of ddp, fsdp, deepspeed"):
         KD(engine="horovod")
-    if eng.importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(PrunebenchError, match="needs the deepspeed package"):
-            KD(engine="deepspeed")
+    with pytest.raises(PrunebenchError, match=r"^recovery.engine=deepspeed is not supported yet: untested .*fsdp$"):
+        KD(engine="deepspeed")  # refused before anything loads, installed or not
     with pytest.raises(PrunebenchError, match="fp16 needs loss scaling"):
         KD(engine="fsdp", precision="fp16")
     with pytest.raises(PrunebenchError, match="checkpoint_every is not supported under recovery.engine=fsdp"):

@@ -248,7 +248,7 @@ def test_several_processes_take_a_gpu_each_and_no_device_map(monkeypatch):
         placement.plan(compose_cfg("model=tiny-llama", "device=cpu", "placement=device_map"), world=2)
     from types import SimpleNamespace  # accelerate would silently run DDP on the CPU instead of ZeRO-3
 
-    with pytest.raises(PrunebenchError, match="deepspeed runs on GPUs only"):
+    with pytest.raises(PrunebenchError, match="deepspeed is not supported yet; use recovery.engine=fsdp"):
         placement.plan(compose_cfg("model=tiny-llama", "device=cpu"), recovery=SimpleNamespace(engine="deepspeed"))
 
 
