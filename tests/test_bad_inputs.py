@@ -135,6 +135,12 @@ RUN_ROWS = [
     ),
     ("resume-choice", [*KD, "recovery.resume=always"], "recovery.resume='always' must be auto or never"),
     ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be one of ddp, fsdp"),
+    ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine=deepspeed is not supported yet"),
+    (
+        "search-kd-checkpoint",
+        [*MINITRON, "+pruner.search.kd.checkpoint_every=5"],
+        "pruner.search.kd.checkpoint_every=5",
+    ),
     ("text-field-empty", [*KD, "recovery.text_field=''"], "recovery.text_field='' must be a non-empty word"),
     (
         "gradient-checkpointing-str",
