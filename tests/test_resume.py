@@ -380,3 +380,25 @@ def test_paper_search_kd_global_batch_gives_the_papers_400_steps():
     search = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "minitron-8b_search_4b.yaml")).pruner.search)
     assert search["kd"]["global_batch"] == 1152 and "grad_accum" not in search["kd"]
     assert SearchKnobs.parse(search).steps == 400
+
+
+def test_ddp_fp16_checkpoints_accelerates_scaler(student_teacher, monkeypatch, tmp_path):
+    """Under an engine (DDP) with fp16, accelerate scales the loss: its GradScaler is the one the
+    checkpoint saves and restores, so the loss scale survives a resume."""
+    import prunebench.recovery.kd as kd_mod
+
+    student, teacher, tok = student_teacher
+    scaler = torch.amp.GradScaler("cpu")
+    fake = types.SimpleNamespace(engine="ddp", global_batch=1, accelerator=types.SimpleNamespace(scaler=scaler))
+    fake.prepare, fake.unwrap = (lambda model, opt: (model, opt)), (lambda model: model)
+    monkeypatch.setattr(kd_mod, "make_engine", lambda *a, **k: fake)
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(kd_mod, "Checkpointer", spy)
+    with pytest.raises(RuntimeError, match="stop here"):
+        _train(_recovery("kd", tmp_path, tok), copy.deepcopy(student), teacher)
+    assert seen["scaler"] is scaler
