@@ -60,7 +60,11 @@ def random_calib(vocab: int = 259, n: int = 4, seqlen: int = 32, batch_size: int
 
 
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests need CUDA: skipped (with the reason) on machines without it."""
+    """`slow` tests first (a stable sort: each module keeps its order), so under pytest-xdist's
+    worksteal (scripts/test.sh) the minutes-long real-model tests start at once and the many short
+    tests fill the other worker, instead of one long test starting last on one core while the
+    other idles. `gpu` tests need CUDA: skipped (with the reason) on machines without it."""
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
