@@ -6,7 +6,8 @@ bash scripts/setup.sh
 . .venv/bin/activate
 ruff check prunebench tests scripts
 ruff format --check prunebench tests scripts
-# PYTEST_WORKERS=2 spreads the tests over two pytest-xdist workers (most tests use one core at a
-# time: tiny models, subprocess start-up). Not yet the default: the whole suite has not been
-# validated under xdist. 0 runs in one process.
-pytest -n "${PYTEST_WORKERS:-0}" -m "not paper" "$@"
+# Two pytest-xdist workers by default (most tests use one core at a time: tiny models, subprocess
+# start-up; conftest gives each worker one torch thread). --dist worksteal: an idle worker takes
+# tests queued for the other, so a few long tests at the end do not leave a core idle.
+# PYTEST_WORKERS=0 runs everything in one process (serial); any other count works too.
+pytest -n "${PYTEST_WORKERS:-2}" --dist worksteal -m "not paper" "$@"
