@@ -9,8 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from typer.testing import CliRunner
 
-from prunebench.cli import split_args
+from prunebench.cli import app, split_args
 
 TINY = ["experiment=smoke/tiny"]
 
@@ -98,9 +99,15 @@ def test_ls(cli):
         (["pruner=gblm", "placement=offload"], "placement=offload"),
     ],
 )
-def test_bad_input_is_one_line(cli, tmp_path, args, needle):
-    r = cli("run", *args, f"hydra.run.dir={tmp_path / 'bad'}")
-    assert r.returncode == 2
+def test_bad_input_is_one_line(tmp_path, monkeypatch, args, needle):
+    # In-process (typer's CliRunner: the same argv bridge, checks and exit code) rather than a new
+    # interpreter per row: each row is refused before any model loads, so a subprocess's seconds of
+    # imports bought nothing. tests/test_cli.py's subprocess runs still cover the real entry point.
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'bad'}"])
+    assert r.exit_code == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], r.stderr
