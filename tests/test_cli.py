@@ -29,6 +29,18 @@ def cli(tmp_path):
     return lambda *args: prunebench(*args, cache=tmp_path / "cache", cwd=tmp_path)
 
 
+@pytest.fixture
+def inproc(tmp_path, monkeypatch):
+    """The CLI in this process (typer's CliRunner: the same argv bridge, checks and exit code), for
+    commands that end before any model loads: a subprocess's seconds of imports buy nothing there.
+    The subprocess runs above still cover the real entry point."""
+    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))
+
+
 def test_run_writes_metrics(cli, tmp_path):
     out = tmp_path / "run1"
     r = cli("run", *TINY, f"hydra.run.dir={out}")
@@ -99,14 +111,8 @@ def test_ls(cli):
         (["pruner=gblm", "placement=offload"], "placement=offload"),
     ],
 )
-def test_bad_input_is_one_line(tmp_path, monkeypatch, args, needle):
-    # In-process (typer's CliRunner: the same argv bridge, checks and exit code) rather than a new
-    # interpreter per row: each row is refused before any model loads, so a subprocess's seconds of
-    # imports bought nothing. tests/test_cli.py's subprocess runs still cover the real entry point.
-    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.chdir(tmp_path)
-    r = CliRunner().invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'bad'}"])
+def test_bad_input_is_one_line(inproc, tmp_path, args, needle):
+    r = inproc("run", *args, f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.exit_code == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -161,17 +167,17 @@ def test_report_pivot_plot_and_bad_metric(cli, tmp_path):
 
 
 @pytest.mark.parametrize("paper", ["gblm", "minitron", "minibridgebert"])
-def test_reproduce_paper_scale_fails_cleanly(cli, tmp_path, paper):
+def test_reproduce_paper_scale_fails_cleanly(inproc, tmp_path, paper):
     """No Hub here: the paper-scale models (Llama, Minitron-8B, bert-base-uncased) end in one line."""
-    r = cli("reproduce", paper, "--scale", "paper")  # cwd is tmp_path
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = inproc("reproduce", paper, "--scale", "paper")  # cwd is tmp_path
+    assert r.exit_code == 2 and "Traceback" not in r.stderr
     assert "model.path" in r.stderr.splitlines()[-1]
     assert not list(tmp_path.rglob("metrics.json"))
 
 
-def test_reproduce_unknown_paper(cli):
-    r = cli("reproduce", "nope")
-    assert r.returncode == 2 and "available:" in r.stderr
+def test_reproduce_unknown_paper(inproc):
+    r = inproc("reproduce", "nope")
+    assert r.exit_code == 2 and "available:" in r.stderr
 
 
 def test_sweep_check_composes_a_kd_teacher():
