@@ -76,14 +76,14 @@ def test_multirun_and_report(cli, tmp_path):
     assert (sweep / "report.md").exists()
 
 
-def test_ls(cli):
-    r = cli("ls")
-    assert r.returncode == 0
+def test_ls(inproc):
+    r = inproc("ls")
+    assert r.exit_code == 0
     for group in ("model:", "calib:", "pruner:", "recovery:", "eval:", "experiment:"):
         assert group in r.stdout
-    r = cli("ls", "pruner")
+    r = inproc("ls", "pruner")
     assert "wanda" in r.stdout and "model:" not in r.stdout
-    assert cli("ls", "nope").returncode == 2
+    assert inproc("ls", "nope").exit_code == 2
 
 
 @pytest.mark.parametrize(
@@ -147,9 +147,9 @@ def test_failed_run_leaves_no_metrics(cli, tmp_path):
     assert not (out / "metrics.json").exists()
 
 
-def test_hydra_flags_pass_through(cli):
-    r = cli("run", *TINY, "--cfg", "job")
-    assert r.returncode == 0 and "tiny-llama" in r.stdout
+def test_hydra_flags_pass_through(inproc):
+    r = inproc("run", *TINY, "--cfg", "job")
+    assert r.exit_code == 0 and "tiny-llama" in r.stdout
     assert split_args(["-m", "--cfg", "job", "a=1", "--info", "defaults", "b=2"]) == ["a=1", "b=2"]
 
 
