@@ -247,8 +247,14 @@ def wandb_records(run_file: Path) -> list:
 def _wandb_run(folder: Path) -> dict:
     """history {key: [(step, value)]}, summary {key: value}, the run record and file paths of one offline run."""
     (run_file,) = folder.glob("wandb/offline-run-*/run-*.wandb")
+    from google.protobuf.message import DecodeError
+
+    records: list = []
     for _ in range(120):  # wandb.finish() can return before W&B's service process has written the file
-        records = wandb_records(run_file)
+        try:
+            records = wandb_records(run_file)
+        except DecodeError:  # read while a record was half-written: read again
+            records = []
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
         time.sleep(0.5)

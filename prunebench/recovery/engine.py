@@ -87,7 +87,7 @@ def digest(model: nn.Module) -> str:
     h = hashlib.sha256()
     for name, t in sorted({**dict(model.named_parameters()), **dict(model.named_buffers())}.items()):
         h.update(name.encode())
-        h.update(t.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
     return h.hexdigest()
 
 
