@@ -27,6 +27,30 @@ def test_matrix_mask_one_threshold():
     assert mask.tolist() == [[True, True], [False, False], [True, False]]
 
 
+def _stable_sort_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The reference rule: the first k indices of a stable sort of each row."""
+    mask = torch.zeros_like(score, dtype=torch.bool)
+    return mask.scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], True)
+
+
+@pytest.mark.parametrize("levels", [3, 16, None])  # few distinct values (dequantized 4-bit), or continuous
+@pytest.mark.parametrize("sparsity", [0.0, 0.01, 0.5, 0.93, 0.99])
+def test_selection_masks_equal_a_stable_sort_with_ties(levels, sparsity):
+    """`lowest` finds the k-th value by selection; the mask must be exactly the stable sort's,
+    ties included, for rows and for the flattened matrix (also with inf and NaN scores)."""
+    g = torch.Generator().manual_seed(levels or 0)
+    score = torch.rand(37, 96, generator=g)
+    if levels:
+        score = (score * levels).floor()
+    score[3, :5] = torch.inf
+    k = int(96 * sparsity)
+    assert torch.equal(masks.row_mask(score, sparsity), _stable_sort_mask(score, k))
+    flat = _stable_sort_mask(score.reshape(1, -1), int(score.numel() * sparsity)).view_as(score)
+    assert torch.equal(masks.matrix_mask(score, sparsity), flat)
+    score[5, 7] = torch.nan  # NaN ranks last, as in a sort
+    assert torch.equal(masks.row_mask(score, sparsity), _stable_sort_mask(score, k))
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.7, 0.99])
 @pytest.mark.parametrize("rule", ["row", "matrix"])
 def test_achieved_sparsity_equals_target(sparsity, rule):

@@ -7,6 +7,7 @@ under `<cache_dir>/models/<name>`, so later loads take about a second.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import logging
@@ -397,12 +398,36 @@ def _gguf_chunks(cfg: DictConfig, cache_dir: Path, load):
     return converted(target, parts, write, load, cache_dir / "digests", f"model {cfg.name}")
 
 
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers opens the GGUF file three times (tokenizer, config, weights), and each
+    `gguf.GGUFReader` parses all metadata in Python, every vocabulary string one by one: for Gemma 3
+    (262k tokens) that is most of the conversion. Within this block one reader per file serves all
+    three (a reader only reads its memory map; transformers imports `GGUFReader` at call time)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def convert_gguf(folder: Path, file: str, out: Path) -> None:
     """Dequantize `folder/file` (GGUF) through transformers and save_pretrained it into `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
     # The dequantized weights are ordinary fp32 tensors; the GGUF quantizer only blocks saving.
     del model.config.quantization_config
     model.hf_quantizer = None

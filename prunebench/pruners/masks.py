@@ -23,25 +23,39 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
     return n, m
 
 
+def lowest(score: torch.Tensor, k: int) -> torch.Tensor:
+    """True at the k lowest scores of each row of `score` (2-D), ties taken in column order: the
+    same set as the first k indices of a stable sort, found by selection (O(n)) instead of a
+    sort (O(n log n)): the k-th smallest value t per row, everything below t, then as many entries
+    equal to t as are still needed, leftmost first. Dequantized 4-bit weights tie often."""
+    if k == 0:
+        return torch.zeros_like(score, dtype=torch.bool)
+    if score.device.type == "cpu":  # CPU: quickselect
+        t = torch.kthvalue(score, k, dim=1, keepdim=True).values
+    else:  # CUDA's kthvalue gives a whole row to one thread block; its radix sort is faster here
+        t = torch.sort(score, dim=1).values[:, k - 1 : k]
+    if bool(torch.isnan(t).any()):  # NaN ranks last in a sort but compares unequal to itself
+        mask = torch.zeros_like(score, dtype=torch.bool)
+        return mask.scatter_(1, torch.sort(score, dim=1, stable=True)[1][:, :k], True)
+    below = score < t
+    tie = score == t
+    need = k - below.sum(dim=1, keepdim=True)
+    if bool((tie.sum(dim=1, keepdim=True) > need).any()):  # more ties than places: leftmost first
+        tie &= tie.cumsum(dim=1) <= need
+    return below | tie
+
+
 def row_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Per-output comparison group (Wanda): in each row, remove the int(in × sparsity) lowest
-    scores (stable sort, as the reference)."""
-    k = int(score.shape[1] * sparsity)
-    mask = torch.zeros_like(score, dtype=torch.bool)
-    if k:
-        idx = torch.sort(score, dim=1, stable=True)[1][:, :k]
-        mask.scatter_(1, idx, True)
-    return mask
+    scores (ties: leftmost first, as the reference's stable sort)."""
+    return lowest(score, int(score.shape[1] * sparsity))
 
 
 def matrix_mask(score: torch.Tensor, sparsity: float) -> torch.Tensor:
     """One threshold per matrix (the magnitude baseline): remove the int(numel × sparsity) lowest
-    scores. Exactly k are removed even with ties (the reference's `<= threshold` may remove more)."""
-    k = int(score.numel() * sparsity)
-    mask = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
-    if k:
-        mask[torch.sort(score.flatten(), stable=True)[1][:k]] = True
-    return mask.view_as(score)
+    scores. Exactly k are removed even with ties (the reference's `<= threshold` may remove more;
+    here ties go in row-major order, as a stable sort of the flattened matrix)."""
+    return lowest(score.reshape(1, -1), int(score.numel() * sparsity)).view_as(score)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
