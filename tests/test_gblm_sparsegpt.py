@@ -145,6 +145,61 @@ def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(nm):
     assert e_sgpt < e_wanda < e_mag
 
 
+def _reference_sparsegpt(W, H, sparsity, nm, blocksize, percdamp=0.01):
+    """The authors' loop (sparsegpt.py `fasterprune`): columns of W, in place; except that an
+    unstructured block removes exactly k weights (first k of a stable sort), where the reference's
+    `<= threshold` also removes the threshold itself (documented in masks.matrix_mask)."""
+    W, H = W.clone(), H.clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        d = torch.diag(U1)
+        err = torch.zeros_like(W1)
+        if nm is None:
+            tmp = (W1**2 / d.reshape(1, -1) ** 2).flatten()
+            m1 = torch.zeros_like(tmp, dtype=torch.bool)
+            m1[torch.sort(tmp, stable=True)[1][: int(tmp.numel() * sparsity)]] = True
+            m1 = m1.view_as(W1)
+        else:
+            m1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i : i + nm[1]] ** 2 / d[i : i + nm[1]].reshape(1, -1) ** 2
+                m1.scatter_(1, i + torch.topk(tmp, nm[0], dim=1, largest=False)[1], True)
+            w = W1[:, i]
+            q = w.clone()
+            q[m1[:, i]] = 0
+            e = (w - q) / U1[i, i]
+            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            err[:, i] = e
+        W[:, i1:i2] = W1
+        W[:, i2:] -= err @ U[i1:i2, i2:]
+        mask[:, i1:i2] = m1
+    return W, mask
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_equals_the_reference_loop(nm):
+    """Our transposed sweep against the authors' column loop: the same masks, the same weights
+    (to float rounding)."""
+    g = torch.Generator().manual_seed(1)
+    rows, cols = 24, 96
+    x = torch.randn(300, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols))
+    w, h = torch.randn(rows, cols, generator=g), 2 / 3 * x.T @ x
+    ours, mask = sparsegpt.prune(w, h, 0.5, nm, blocksize=32)
+    ref, ref_mask = _reference_sparsegpt(w, h, 0.5, nm, 32)
+    assert torch.equal(mask, ref_mask) and torch.equal(ours == 0, mask)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_sparsegpt_zero_sparsity_keeps_weights():
     w = torch.randn(8, 16)
     x = torch.randn(64, 16)

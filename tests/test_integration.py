@@ -26,26 +26,51 @@ def test_wikitext_rows_match_hf_layout():
     assert rows[0] == "" and rows[1] == " = Robert Boulter = \n"
 
 
-def test_dense_ppl_is_plausible_and_calibrated_pruners_beat_magnitude(smollm2):
-    cfg, model, tok = smollm2
-    ppl = instantiate(compose_cfg("eval.wikitext2.max_windows=4").eval.wikitext2)
-    dense = ppl(model, tok)
-    assert dense["windows"] == 4 and dense["tokens"] == 4 * 512
-    assert 5 < dense["ppl"] < 100, dense  # SmolLM2-135M reads English; a random model gives ~49,000
-    calib = calibration_windows(tok, "c4", nsamples=8, seqlen=256, seed=0, batch_size=4)
-    assert calib.method == "documents" and calib.shape == (8, 256)
+@pytest.fixture(scope="module")
+def wikitext(smollm2):
+    """The perplexity evaluator (2 windows of 512 tokens), the dense model's result on it, the
+    calibration set (4 C4 documents x 256 tokens) and the dense weights to restore: shared by the
+    pruner tests below, which xdist can spread over its workers."""
+    _, model, tok = smollm2
+    ppl = instantiate(compose_cfg("eval.wikitext2.max_windows=2").eval.wikitext2)
+    calib = calibration_windows(tok, "c4", nsamples=4, seqlen=256, seed=0, batch_size=4)
+    return ppl, ppl(model, tok), calib, {k: v.clone() for k, v in model.state_dict().items()}
 
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    results = {}
-    for name in ("magnitude", "wanda", "sparsegpt", "gblm"):
-        model.load_state_dict(state)
+
+def _pruned_ppl(smollm2, wikitext, name: str) -> float:
+    """`name` at 50% unstructured from the dense weights: its WikiText-2 perplexity (the dense
+    weights are put back afterwards)."""
+    _, model, tok = smollm2
+    ppl, _, calib, dense = wikitext
+    model.load_state_dict(dense)
+    try:
         stats = instantiate(compose_cfg(f"pruner={name}").pruner)(model, calib)
         assert stats.achieved_sparsity == pytest.approx(0.5, abs=2e-3)
-        results[name] = ppl(model, tok)["ppl"]
-    model.load_state_dict(state)
-    assert math.isfinite(results["wanda"])
-    for name in ("wanda", "sparsegpt", "gblm"):
-        assert dense["ppl"] < results[name] < results["magnitude"], results
+        return ppl(model, tok)["ppl"]
+    finally:
+        model.load_state_dict(dense)
+
+
+@pytest.fixture(scope="module")
+def magnitude(smollm2, wikitext) -> float:
+    """Magnitude's perplexity at 50% (no calibration), once per worker that needs it."""
+    return _pruned_ppl(smollm2, wikitext, "magnitude")
+
+
+def test_dense_ppl_is_plausible(wikitext):
+    _, dense, calib, _ = wikitext
+    assert dense["windows"] == 2 and dense["tokens"] == 2 * 512
+    assert 5 < dense["ppl"] < 100, dense  # SmolLM2-135M reads English; a random model gives ~49,000
+    assert calib.method == "documents" and calib.shape == (4, 256)
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt", "gblm"])
+def test_calibrated_pruners_beat_magnitude(smollm2, wikitext, magnitude, name):
+    """At 50% each calibrated method lands between the dense model and magnitude pruning
+    (SmolLM2: dense ~28, Wanda / GBLM ~60, SparseGPT ~82, magnitude ~345 on these windows)."""
+    pruned = _pruned_ppl(smollm2, wikitext, name)
+    assert math.isfinite(pruned)
+    assert wikitext[1]["ppl"] < pruned < magnitude, (name, pruned, magnitude)
 
 
 def test_calibration_falls_back_when_documents_are_short(smollm2):
@@ -66,11 +91,11 @@ def test_opencompass_tasks_over_local_files(smollm2, mode):
     assert OpenCompass().relative({"piqa": 0.6}, {"piqa": 0.8}) == {"per": pytest.approx(0.75)}
 
 
-@pytest.mark.slow  # 400 lm-eval requests, batched 8 at a time
+@pytest.mark.slow  # 200 lm-eval requests, batched 8 at a time
 def test_dense_smollm2_above_chance_on_piqa(smollm2):
     from prunebench.evals.opencompass import OpenCompass
 
     _, model, tok = smollm2
-    acc = OpenCompass(tasks=["piqa"], limit=200, batch_size=8)(model, tok)["piqa"]
-    print(f"dense SmolLM2 PIQA accuracy on 200 examples: {acc:.3f}")
-    assert acc > 0.58, acc  # chance is 0.5; 200 examples: a standard error of about 0.035
+    acc = OpenCompass(tasks=["piqa"], limit=100, batch_size=8)(model, tok)["piqa"]
+    print(f"dense SmolLM2 PIQA accuracy on the first 100 examples: {acc:.3f}")  # 0.650 measured
+    assert acc > 0.58, acc  # chance is 0.5; 100 examples: a standard error of about 0.048

@@ -54,7 +54,10 @@ def prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure OBS reconstruction: returns (updated weight in fp32, bool mask of removed weights)."""
+    """Pure OBS reconstruction: returns (updated weight in fp32, bool mask of removed weights).
+
+    The sweep works on Wᵀ, so that a column of W (one step below) is a contiguous row and each
+    update touches contiguous memory; the arithmetic is the reference's, step for step."""
     W = weight.detach().clone().float()
     H = hessian.clone().float()
     cols = W.shape[1]
@@ -63,31 +66,25 @@ def prune(
     W[:, dead] = 0
     H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    mask = torch.zeros_like(W, dtype=torch.bool)
+    Wt = W.t().contiguous()  # [cols, rows]
+    mask = torch.zeros_like(Wt, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        d = torch.diag(U1)
-        err = torch.zeros_like(W1)
-        m1 = (
-            matrix_mask(W1**2 / d.reshape(1, -1) ** 2, sparsity)
-            if nm is None
-            else torch.zeros_like(W1, dtype=torch.bool)
-        )
+        W1, U1, m1 = Wt[i1:i2], U[i1:i2, i1:i2], mask[i1:i2]  # views: updated in place
+        d = torch.diag(U1).reshape(-1, 1)
+        err = torch.empty_like(W1)
+        if nm is None:  # one selection over the whole block (w² / U_jj²), as the reference
+            m1.copy_(matrix_mask(W1**2 / d**2, sparsity))
         for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
+            if nm is not None and i % nm[1] == 0:  # the next M columns, chosen once they are updated
                 j = i + nm[1]
-                m1[:, i:j] = nm_mask(W1[:, i:j] ** 2 / d[i:j].reshape(1, -1) ** 2, *nm)
-            w = W1[:, i]
-            q = torch.where(m1[:, i], torch.zeros_like(w), w)
-            e = (w - q) / U1[i, i]
-            W1[:, i:] -= e.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            W1[:, i] = q  # exact zeros where pruned
-            err[:, i] = e
-        W[:, i1:i2] = W1
-        W[:, i2:] -= err @ U[i1:i2, i2:]
-        mask[:, i1:i2] = m1
-    return W, mask
+                m1[i:j] = nm_mask((W1[i:j] ** 2 / d[i:j] ** 2).t(), *nm).t()
+            e = torch.where(m1[i], W1[i], 0.0) / U1[i, i]  # (w − q) / U_ii, q = w with pruned entries 0
+            W1[i:] -= U1[i, i:].unsqueeze(1) * e
+            W1[i].masked_fill_(m1[i], 0.0)  # exact zeros where pruned
+            err[i] = e
+        Wt[i2:] -= U[i1:i2, i2:].t() @ err
+    return Wt.t(), mask.t()
 
 
 class SparseGPT(MaskPruner):
