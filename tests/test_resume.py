@@ -398,7 +398,7 @@ def test_ddp_fp16_checkpoints_accelerates_scaler(student_teacher, monkeypatch, t
         seen.update(kwargs)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(kd_mod, "Checkpointer", spy)
+    monkeypatch.setattr(kd_mod.Checkpointer, "of", spy)
     with pytest.raises(RuntimeError, match="stop here"):
         _train(_recovery("kd", tmp_path, tok), copy.deepcopy(student), teacher)
     assert seen["scaler"] is scaler

@@ -235,20 +235,12 @@ class KD:
 
         marks, wanted = [], set(checkpoints) - {self.steps}
         val_time = [0.0]
-        saver = Checkpointer(
-            self.run_dir if engine is None or engine.engine == "ddp" else None,  # sharded: no checkpoints
-            self.checkpoint_every,
-            self.keep_checkpoints,
-            self.resume,
-            bare,
-            opt,
-            sched,
-            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
-            per_step=per_step,
+        saver = Checkpointer.of(
+            self, bare, opt, sched, len(windows), per_step, engine,
             # DDP + fp16: accelerate's own GradScaler, so the loss scale survives a resume too
             scaler=scaler if engine is None else getattr(engine.accelerator, "scaler", None),
             extra=self.loss.projection,
-        )
+        )  # fmt: skip
 
         def on_step(done: int) -> None:
             if done in wanted:

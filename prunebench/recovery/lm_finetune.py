@@ -131,17 +131,7 @@ class LMFinetune:
             student, opt = engine.prepare(model, opt)
             bare = engine.unwrap(student)  # what trains: `model` itself, or FSDP's sharded copy of it
             keep = MaskKeeper(bare, self.keep_masks)  # FSDP trains a sharded copy
-        saver = Checkpointer(
-            self.run_dir if engine is None or engine.engine == "ddp" else None,  # sharded: no checkpoints
-            self.checkpoint_every,
-            self.keep_checkpoints,
-            self.resume,
-            bare,
-            opt,
-            sched,
-            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
-            per_step=per_step,
-        )
+        saver = Checkpointer.of(self, bare, opt, sched, len(windows), per_step, engine)
 
         def loss_fn(step: int, micro: int):
             k = engine.index(step, micro) if engine is not None else step * per_step + micro * self.batch_size

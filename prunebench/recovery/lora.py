@@ -271,18 +271,7 @@ class LoRA:
         opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, decay="linear")
         loss = DistillLoss(self.kd["loss"], self.kd["temperature"], self.kd["topk"], self.kd["clm_weight"])
 
-        saver = Checkpointer(
-            self.run_dir,
-            self.checkpoint_every,
-            self.keep_checkpoints,
-            self.resume,
-            model,
-            opt,
-            sched,
-            fingerprint={**self.fingerprint(), "windows": len(windows)},  # the data: its window count too
-            per_step=per_step,
-            trainable_only=True,
-        )
+        saver = Checkpointer.of(self, model, opt, sched, len(windows), per_step, trainable_only=True)
 
         def loss_fn(step: int, micro: int) -> torch.Tensor:
             k = step * per_step + micro * self.batch_size

@@ -126,6 +126,25 @@ class Checkpointer:
     resumed_from: int | None = field(default=None, init=False)
     start: str | None = field(default=None, init=False)  # digest of the starting weights (resume() sets it)
 
+    @classmethod
+    def of(cls, recovery, model: nn.Module, opt, sched, windows: int, per_step: int, engine=None, **kw):
+        """The checkpointer of a training recovery (kd, lm_finetune, lora) from its knobs (run_dir,
+        checkpoint_every, keep_checkpoints, resume) and its fingerprint plus the data's window
+        count. Under a sharded engine (FSDP) it writes nothing: checkpoints are DDP/one-process only."""
+        sharded = engine is not None and engine.engine != "ddp"
+        return cls(
+            None if sharded else recovery.run_dir,
+            recovery.checkpoint_every,
+            recovery.keep_checkpoints,
+            recovery.resume,
+            model,
+            opt,
+            sched,
+            fingerprint={**recovery.fingerprint(), "windows": windows},
+            per_step=per_step,
+            **kw,
+        )
+
     @property
     def enabled(self) -> bool:
         return self.run_dir is not None
