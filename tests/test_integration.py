@@ -84,7 +84,7 @@ def test_opencompass_tasks_over_local_files(smollm2, mode):
     from prunebench.evals.opencompass import CATEGORIES, OpenCompass
 
     _, model, tok = smollm2
-    out = OpenCompass(mode=mode, limit=2)(model, tok)
+    out = OpenCompass(mode=mode, limit=1)(model, tok)  # one example a task: the plumbing
     tasks = [t for t in CATEGORIES if mode == "ppl" or t != "winogrande"]
     assert all(0.0 <= out[t] <= 1.0 for t in tasks)
     assert 0.0 <= out["avg"] <= 1.0 and "cat_reasoning" in out

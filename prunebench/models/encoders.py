@@ -26,6 +26,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 @torch.no_grad()
+@torch.no_grad()  # evaluation only: no autograd graph kept alive by the stored embeddings
 def embed(
     model: nn.Module,
     tokenizer,
