@@ -4,7 +4,14 @@ import copy
 import functools
 import logging
 import os
+import random
+import sys
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,6 +40,79 @@ def tiny(request):
     name = getattr(request, "param", "tiny-llama")
     cfg = compose_cfg(f"model={name}")
     return models.load(cfg.model, cache_dir="/nonexistent", seed=0)
+
+
+# An unreachable Hub endpoint: a Hub model must fail cleanly in a test, never start a 13 GB download.
+NO_HUB = "http://127.0.0.1:9"
+
+
+@dataclass
+class CliResult:
+    """What a `prunebench` command left: its exit code and what it wrote to stdout and stderr."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args, cache, cwd, env: dict[str, str] | None = None) -> CliResult:
+    """`prunebench *args` in this process, as typer's CliRunner runs it (the same argv bridge, checks,
+    Hydra run and exit code), from `cwd`, with PRUNEBENCH_CACHE=`cache`, no Hub and the extra `env`.
+    A subprocess would pay ~10 s of imports (torch, transformers, hydra) that this process has
+    already paid, for a tiny model's run of under a second. The tests of the real entry point,
+    signals, torchrun and what a user sees on a crash keep their subprocesses.
+
+    Everything a run changes in the process is put back when it returns, so that no test depends
+    on the runs before it: the environment (trackers setdefault variables), cwd, sys.argv (the CLI
+    hands Hydra its overrides through it), the root logger (Hydra's job handlers stay bound to
+    CliRunner's streams, closed once it returns), warnings filters, torch's thread count and the
+    torch/numpy/random generators (a run seeds them)."""
+    import huggingface_hub.constants
+    from typer.testing import CliRunner
+
+    from prunebench.cli import app
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    saved_env = dict(os.environ)
+    threads = torch.get_num_threads()
+    rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
+            mp.setenv("PRUNEBENCH_CACHE", str(cache))
+            # huggingface_hub read HF_ENDPOINT when it was imported; its calls read the constant.
+            mp.setenv("HF_ENDPOINT", NO_HUB)
+            mp.setattr(huggingface_hub.constants, "ENDPOINT", NO_HUB)
+            for key, value in (env or {}).items():
+                mp.setenv(key, value)
+            mp.chdir(cwd)
+            mp.setattr(sys, "argv", sys.argv[:])
+            r = CliRunner().invoke(app, [str(a) for a in args])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng[0])
+        np.random.set_state(rng[1])
+        random.setstate(rng[2])
+    stderr = r.stderr
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        # What Python prints for an exception that leaves a real process: the failing assertion shows it.
+        stderr += "".join(traceback.format_exception(r.exception))
+    return CliResult(r.exit_code, r.stdout, stderr)
+
+
+@pytest.fixture
+def cli_inproc(tmp_path):
+    """`cli_inproc(*args, env=None)`: `prunebench *args` in this process (`run_cli`), from tmp_path,
+    with its cache in tmp_path/cache."""
+
+    def invoke(*args, env: dict[str, str] | None = None) -> CliResult:
+        return run_cli(*args, cache=Path(tmp_path) / "cache", cwd=tmp_path, env=env)
+
+    return invoke
 
 
 @pytest.fixture(autouse=True)

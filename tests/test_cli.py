@@ -1,4 +1,6 @@
-"""The CLI end to end on tiny-llama: run, run -m, ls, report, and bad input."""
+"""The CLI end to end on tiny-llama: run, run -m, ls, report, and bad input. Most tests run it in this
+process (conftest's `cli_inproc`); `cli`, a real `python -m prunebench.cli` subprocess, covers the
+entry point itself (test_run_writes_metrics, test_multirun_and_report)."""
 
 from __future__ import annotations
 
@@ -9,16 +11,15 @@ import subprocess
 import sys
 
 import pytest
-from typer.testing import CliRunner
 
-from prunebench.cli import app, split_args
+from prunebench.cli import split_args
+from tests.conftest import NO_HUB
 
 TINY = ["experiment=smoke/tiny"]
 
 
 def prunebench(*args: str, cache, cwd) -> subprocess.CompletedProcess:
-    # An unreachable Hub endpoint: a Hub model must fail cleanly here, never start a 13 GB download.
-    env = {**os.environ, "PRUNEBENCH_CACHE": str(cache), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {**os.environ, "PRUNEBENCH_CACHE": str(cache), "HF_ENDPOINT": NO_HUB}
     return subprocess.run(
         [sys.executable, "-m", "prunebench.cli", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=300
     )
@@ -27,18 +28,6 @@ def prunebench(*args: str, cache, cwd) -> subprocess.CompletedProcess:
 @pytest.fixture
 def cli(tmp_path):
     return lambda *args: prunebench(*args, cache=tmp_path / "cache", cwd=tmp_path)
-
-
-@pytest.fixture
-def inproc(tmp_path, monkeypatch):
-    """The CLI in this process (typer's CliRunner: the same argv bridge, checks and exit code), for
-    commands that end before any model loads: a subprocess's seconds of imports buy nothing there.
-    The subprocess runs above still cover the real entry point."""
-    monkeypatch.setenv("PRUNEBENCH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
-    monkeypatch.chdir(tmp_path)
-    runner = CliRunner()
-    return lambda *args: runner.invoke(app, list(args))
 
 
 def test_run_writes_metrics(cli, tmp_path):
@@ -76,14 +65,14 @@ def test_multirun_and_report(cli, tmp_path):
     assert (sweep / "report.md").exists()
 
 
-def test_ls(inproc):
-    r = inproc("ls")
+def test_ls(cli_inproc):
+    r = cli_inproc("ls")
     assert r.exit_code == 0
     for group in ("model:", "calib:", "pruner:", "recovery:", "eval:", "experiment:"):
         assert group in r.stdout
-    r = inproc("ls", "pruner")
+    r = cli_inproc("ls", "pruner")
     assert "wanda" in r.stdout and "model:" not in r.stdout
-    assert inproc("ls", "nope").exit_code == 2
+    assert cli_inproc("ls", "nope").exit_code == 2
 
 
 @pytest.mark.parametrize(
@@ -111,8 +100,8 @@ def test_ls(inproc):
         (["pruner=gblm", "placement=offload"], "placement=offload"),
     ],
 )
-def test_bad_input_is_one_line(inproc, tmp_path, args, needle):
-    r = inproc("run", *args, f"hydra.run.dir={tmp_path / 'bad'}")
+def test_bad_input_is_one_line(cli_inproc, tmp_path, args, needle):
+    r = cli_inproc("run", *args, f"hydra.run.dir={tmp_path / 'bad'}")
     assert r.exit_code == 2
     assert "Traceback" not in r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -120,9 +109,9 @@ def test_bad_input_is_one_line(inproc, tmp_path, args, needle):
     assert not (tmp_path / "bad" / "metrics.json").exists()
 
 
-def test_depth_pruner_runs_end_to_end(cli, tmp_path):
+def test_depth_pruner_runs_end_to_end(cli_inproc, tmp_path):
     out = tmp_path / "depth"
-    r = cli(
+    r = cli_inproc(
         "run",
         *TINY,
         "model.hf_config.num_hidden_layers=6",
@@ -131,52 +120,54 @@ def test_depth_pruner_runs_end_to_end(cli, tmp_path):
         "pruner.L=0",
         f"hydra.run.dir={out}",
     )
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["prune"]["params_after"] < m["prune"]["params_before"]
     assert m["config"]["model"]["name"] == "tiny-llama" and "layers" in r.stdout
-    r = cli("report", str(out))
+    r = cli_inproc("report", str(out))
     kept = len(m["prune"]["layers_kept"])
-    assert r.returncode == 0 and f"| {kept}/6 ({1 - kept / 6:.0%} removed) |" in r.stdout
+    assert r.exit_code == 0 and f"| {kept}/6 ({1 - kept / 6:.0%} removed) |" in r.stdout
 
 
-def test_failed_run_leaves_no_metrics(cli, tmp_path):
+def test_failed_run_leaves_no_metrics(cli_inproc, tmp_path):
     out = tmp_path / "enc"
-    r = cli("run", "model=tiny-bert", "calib.nsamples=2", "calib.seqlen=16", f"hydra.run.dir={out}")
-    assert r.returncode == 2 and "causal language model" in r.stderr
+    r = cli_inproc("run", "model=tiny-bert", "calib.nsamples=2", "calib.seqlen=16", f"hydra.run.dir={out}")
+    assert r.exit_code == 2 and "causal language model" in r.stderr
     assert not (out / "metrics.json").exists()
 
 
-def test_hydra_flags_pass_through(inproc):
-    r = inproc("run", *TINY, "--cfg", "job")
+def test_hydra_flags_pass_through(cli_inproc):
+    r = cli_inproc("run", *TINY, "--cfg", "job")
     assert r.exit_code == 0 and "tiny-llama" in r.stdout
     assert split_args(["-m", "--cfg", "job", "a=1", "--info", "defaults", "b=2"]) == ["a=1", "b=2"]
 
 
-def test_report_pivot_plot_and_bad_metric(cli, tmp_path):
+def test_report_pivot_plot_and_bad_metric(cli_inproc, tmp_path):
     sweep = tmp_path / "grid"
-    r = cli("run", "-m", *TINY, "pruner=magnitude,wanda", "pruner.pattern=unstructured,2:4", f"hydra.sweep.dir={sweep}")
-    assert r.returncode == 0, r.stderr
-    r = cli("report", str(sweep), "--plot")
-    assert r.returncode == 0, r.stderr
+    r = cli_inproc(
+        "run", "-m", *TINY, "pruner=magnitude,wanda", "pruner.pattern=unstructured,2:4", f"hydra.sweep.dir={sweep}"
+    )
+    assert r.exit_code == 0, r.stderr
+    r = cli_inproc("report", str(sweep), "--plot")
+    assert r.exit_code == 0, r.stderr
     assert "| dense |" in r.stdout and "| 2:4 |" in r.stdout.replace("50% | 2:4", "| 2:4")
     for name in ("report.csv", "report.md", "report.tex", "pivot.csv", "pivot.md", "pivot.tex", "report.png"):
         assert (sweep / name).exists(), name
-    r = cli("report", str(sweep), "--metric", "nope/ppl")
-    assert r.returncode == 2 and "wikitext2/ppl" in r.stderr
+    r = cli_inproc("report", str(sweep), "--metric", "nope/ppl")
+    assert r.exit_code == 2 and "wikitext2/ppl" in r.stderr
 
 
 @pytest.mark.parametrize("paper", ["gblm", "minitron", "minibridgebert"])
-def test_reproduce_paper_scale_fails_cleanly(inproc, tmp_path, paper):
+def test_reproduce_paper_scale_fails_cleanly(cli_inproc, tmp_path, paper):
     """No Hub here: the paper-scale models (Llama, Minitron-8B, bert-base-uncased) end in one line."""
-    r = inproc("reproduce", paper, "--scale", "paper")  # cwd is tmp_path
+    r = cli_inproc("reproduce", paper, "--scale", "paper")  # cwd is tmp_path
     assert r.exit_code == 2 and "Traceback" not in r.stderr
     assert "model.path" in r.stderr.splitlines()[-1]
     assert not list(tmp_path.rglob("metrics.json"))
 
 
-def test_reproduce_unknown_paper(inproc):
-    r = inproc("reproduce", "nope")
+def test_reproduce_unknown_paper(cli_inproc):
+    r = cli_inproc("reproduce", "nope")
     assert r.exit_code == 2 and "available:" in r.stderr
 
 
@@ -196,14 +187,14 @@ def test_reproduce_forces_knobs_the_master_config_lacks():
         assert _force(arg) == arg
 
 
-def test_reproduce_resume_skips_complete_cells(cli, tmp_path):
+def test_reproduce_resume_skips_complete_cells(cli_inproc, tmp_path):
     from prunebench.cli import remaining
 
-    r = cli("run", *TINY, f"hydra.run.dir={tmp_path / 'table' / '0'}")
-    assert r.returncode == 0, r.stderr
+    r = cli_inproc("run", *TINY, f"hydra.run.dir={tmp_path / 'table' / '0'}")
+    assert r.exit_code == 0, r.stderr
     assert remaining(["smoke/tiny", "smoke/other"], tmp_path / "table") == ["smoke/other"]
-    r = cli("reproduce", "gblm", "--resume", str(tmp_path / "nope"))
-    assert r.returncode == 2 and "--resume" in r.stderr.splitlines()[-1]
+    r = cli_inproc("reproduce", "gblm", "--resume", str(tmp_path / "nope"))
+    assert r.exit_code == 2 and "--resume" in r.stderr.splitlines()[-1]
 
 
 def test_reproduce_passes_group_choices_through_and_checks_save_format():
@@ -229,13 +220,13 @@ def test_summary_says_when_nothing_was_evaluated(tmp_path):
     assert "nothing evaluated" not in summary(result, tmp_path)
 
 
-def test_quick_profile_fits_its_windows_to_a_shorter_context(cli, tmp_path):
+def test_quick_profile_fits_its_windows_to_a_shorter_context(cli_inproc, tmp_path):
     """`prunebench run model=tiny-llama pruner=wanda`: the quick profile's 512-token windows exceed the
     model's 256 positions; with no length set, the run uses 256 and says so."""
     out = tmp_path / "quick"
-    r = cli("run", "model=tiny-llama", "pruner=wanda", "calib.nsamples=2", "eval.wikitext2.max_windows=2",
+    r = cli_inproc("run", "model=tiny-llama", "pruner=wanda", "calib.nsamples=2", "eval.wikitext2.max_windows=2",
             f"hydra.run.dir={out}")  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     assert "calib.seqlen=256, eval.wikitext2.seqlen=256, model tiny-llama's context" in r.stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["calibration"]["shape"] == [2, 256] and m["metrics"]["wikitext2/seqlen"] == 256

@@ -158,21 +158,15 @@ def test_an_evaluation_file_is_refused_by_path_and_by_checksum(tmp_path):
         check_source(str(tmp_path))
 
 
-def test_kd_trains_on_a_jsonl_file_end_to_end(tmp_path):
+def test_kd_trains_on_a_jsonl_file_end_to_end(tmp_path, cli_inproc):
     """The issue's `recovery.source=<a .jsonl file>`: the run trains on it and names it with its digest."""
-    import os
-    import subprocess
-    import sys
-
     src = tmp_path / "mine.jsonl"
     src.write_text("".join(json.dumps({"text": d * 3}) + "\n" for d in DOCS))
     out = tmp_path / "run"
-    env = {**os.environ, "PRUNEBENCH_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
     args = ["experiment=smoke/tiny", "pruner=wanda", "recovery=kd", "recovery.tokens=256", "recovery.seqlen=64",
             f"recovery.source={src}", f"hydra.run.dir={out}"]  # fmt: skip
-    r = subprocess.run([sys.executable, "-m", "prunebench", "run", *args], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-2000:]
+    r = cli_inproc("run", *args)
+    assert r.exit_code == 0, r.stderr[-2000:]
     rec = json.loads((out / "metrics.json").read_text())["recovery"]
     assert rec["source"] == str(src) and rec["source_digest"]["files"] == [str(src)]
     assert rec["steps"] == 4 and rec["tokens"] == 256

@@ -15,7 +15,6 @@ import pytest
 
 from prunebench import PrunebenchError, cache
 from prunebench.data import text, verify
-from tests.test_cli import prunebench
 
 SHARED = text.CONF_DIR.parent.parent / "shared" / "data"
 WIKI = "wikitext2/wikitext-2-raw/wiki.test.raw"
@@ -154,12 +153,12 @@ def test_fetched_files_verify(tmp_path, monkeypatch):
     verify.configure()
 
 
-def test_cli_data_lists_and_verifies(root, tmp_path):
-    cli = lambda *a: prunebench(*a, cache=tmp_path / "cache", cwd=tmp_path)  # noqa: E731
+def test_cli_data_lists_and_verifies(root, tmp_path, cli_inproc):
+    cli = cli_inproc
     valid = "wikitext2/wikitext-2-raw/wiki.valid.raw"
     shutil.copy(SHARED / valid, root / valid)  # the folder is here, so both splits must be
     r = cli("data")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     lines = {line.split()[0]: line.split() for line in r.stdout.splitlines()}
     assert lines["wikitext2_test"][1:] == ["ok", str(root / WIKI)]
     assert lines["c4"][1] == "ok" and lines["stsb_en/dev"][1] == "ok"  # other datasets: the next root
@@ -168,19 +167,19 @@ def test_cli_data_lists_and_verifies(root, tmp_path):
     r = cli("data")
     lines = {line.split()[0]: line.split() for line in r.stdout.splitlines()}
     assert lines["wikitext2_test"][1] == "mismatch" and lines["wikitext2_valid"][1] == "missing"
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "wikitext2_test" in r.stderr
+    assert r.exit_code == 1 and r.stderr.count("\n") == 1 and "wikitext2_test" in r.stderr
 
 
-def test_run_stops_on_a_truncated_file_unless_verify_is_off(root, tmp_path):
-    cli = lambda *a: prunebench(*a, cache=tmp_path / "cache", cwd=tmp_path)  # noqa: E731
+def test_run_stops_on_a_truncated_file_unless_verify_is_off(root, tmp_path, cli_inproc):
+    cli = cli_inproc
     truncate(root / WIKI)
     r = cli("run", "experiment=smoke/tiny", f"hydra.run.dir={tmp_path / 'r1'}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.exit_code == 2 and "Traceback" not in r.stderr, r.stderr
     [line] = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert str(root / WIKI) in line and "data.verify=false" in line
     assert not (tmp_path / "r1" / "metrics.json").exists()
     r = cli("run", "experiment=smoke/tiny", "data.verify=false", f"hydra.run.dir={tmp_path / 'r2'}")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     assert "does not match" in r.stdout + r.stderr  # the warning line, through Hydra's log
     m = json.loads((tmp_path / "r2" / "metrics.json").read_text())  # needs pipeline.py's verify.configure/used
     [wiki] = [d for d in m["data"] if d["name"] == WIKI]

@@ -14,8 +14,7 @@ from prunebench import PrunebenchError, models
 from prunebench.models.export import BITMASK, BITMASK_24, load_compressed, write_model_card
 from prunebench.models.loading import save_checkpoint
 from prunebench.pruners.wanda import Wanda
-from tests.conftest import compose_cfg, random_calib
-from tests.test_cli import prunebench
+from tests.conftest import compose_cfg, random_calib, run_cli
 
 
 def pruned(name: str = "tiny-llama", pattern: str = "unstructured"):
@@ -95,8 +94,8 @@ def test_model_card_from_a_real_run(tmp_path):
     baseline, version and commit."""
     out = tmp_path / "run"
     knobs = ["model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "eval.wikitext2.seqlen=64"]
-    r = prunebench("run", *knobs, "eval.wikitext2.max_windows=2", f"hydra.run.dir={out}", cache=tmp_path, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", *knobs, "eval.wikitext2.max_windows=2", f"hydra.run.dir={out}", cache=tmp_path, cwd=tmp_path)
+    assert r.exit_code == 0, r.stderr
     result = json.loads((out / "metrics.json").read_text())
     result["config"]["model"]["hub_id"] = "HuggingFaceTB/SmolLM2-135M-Instruct"  # as a Hub model's config has
     result["saved_model"] = {"format": "compressed-tensors", "layout": BITMASK}
@@ -119,9 +118,9 @@ def test_cli_saves_compressed_with_card(tmp_path):
     out = tmp_path / "run"
     knobs = ["model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "eval.wikitext2.seqlen=64"]
     knobs.append("pruner.pattern=2:4")
-    r = prunebench("run", *knobs, "save_model=true", "save_format=compressed-tensors", f"hydra.run.dir={out}",
-                   cache=tmp_path, cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", *knobs, "save_model=true", "save_format=compressed-tensors", f"hydra.run.dir={out}",
+                cache=tmp_path, cwd=tmp_path)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["saved_model"]["layout"] == BITMASK_24 and (out / "model" / "README.md").exists()
     assert load_compressed(out / "model")[0] is not None
@@ -160,12 +159,12 @@ def test_saved_tiny_run_reloads_with_model_path_and_is_labelled_by_its_folder(tm
     runs from, and that run is labelled by the folder it loaded, not by the config's 'random weights'."""
     knobs = ["model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "eval.wikitext2.seqlen=64"]
     first = tmp_path / "first"
-    r = prunebench("run", *knobs, "save_model=true", f"hydra.run.dir={first}", cache=tmp_path, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", *knobs, "save_model=true", f"hydra.run.dir={first}", cache=tmp_path, cwd=tmp_path)
+    assert r.exit_code == 0, r.stderr
     second = tmp_path / "second"
-    r = prunebench("run", *knobs, f"model.path={first / 'model'}", "pruner=none", f"hydra.run.dir={second}",
-                   cache=tmp_path, cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", *knobs, f"model.path={first / 'model'}", "pruner=none", f"hydra.run.dir={second}",
+                cache=tmp_path, cwd=tmp_path)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (first, second))
     assert m2["model_note"] == f"weights loaded from {first / 'model'}" and "random weights" not in r.stdout
     assert m2["baseline"]["wikitext2/ppl"] == pytest.approx(m1["metrics"]["wikitext2/ppl"], rel=1e-5)

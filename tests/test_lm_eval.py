@@ -14,7 +14,7 @@ from prunebench.evals import lm_eval as lm_eval_mod
 from prunebench.evals.lm_eval import LMEval, hf_tokenizer
 from prunebench.evals.opencompass import OpenCompass
 from prunebench.models.loading import ByteTokenizer
-from tests.conftest import compose_cfg
+from tests.conftest import NO_HUB, compose_cfg
 
 
 def test_hf_tokenizer_keeps_the_byte_tokenizer_ids():
@@ -65,23 +65,26 @@ def test_encoder_is_refused(tmp_path):
         LMEval(tasks=["piqa"], cache_dir=str(tmp_path))(model, tok)
 
 
-@pytest.mark.slow  # indexes lm-eval's ~15,000 built-in tasks in a fresh process (tens of seconds)
-def test_cli_local_task_and_offline_hub_task(tmp_path):
-    def run(*args, **env):  # as tests/test_cli.py runs the CLI, with extra environment variables
-        env = {**os.environ, "PRUNEBENCH_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9", **env}
-        argv = [sys.executable, "-m", "prunebench.cli", "run", "model=tiny-llama", "calib.nsamples=4",
-                "calib.seqlen=64", "pruner=magnitude", "eval=[lm_eval]", *args]  # fmt: skip
+@pytest.mark.slow  # indexes lm-eval's ~15,000 built-in tasks, here and in a fresh process (tens of seconds each)
+def test_cli_local_task_and_offline_hub_task(tmp_path, cli_inproc):
+    run = ["run", "model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "pruner=magnitude", "eval=[lm_eval]"]
+
+    def offline(*args):
+        # A subprocess: huggingface_hub and datasets read HF_HUB_OFFLINE / HF_DATASETS_OFFLINE once, when
+        # imported, so setting them in this process would change nothing. Environment as conftest.run_cli's.
+        env = {**os.environ, "PRUNEBENCH_CACHE": str(tmp_path / "cache"), "HF_ENDPOINT": NO_HUB,
+               "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}  # fmt: skip
+        argv = [sys.executable, "-m", "prunebench.cli", *run, *args]
         return subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 
     out = tmp_path / "run"
-    r = run("eval.lm_eval.tasks=[piqa]", "eval.lm_eval.limit=2", f"hydra.run.dir={out}")
-    assert r.returncode == 0, r.stderr
+    r = cli_inproc(*run, "eval.lm_eval.tasks=[piqa]", "eval.lm_eval.limit=2", f"hydra.run.dir={out}")
+    assert r.exit_code == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     for result in (m["metrics"], m["baseline"]):
         assert 0.0 <= result["lm_eval/piqa/acc"] <= 1.0 and "lm_eval/piqa/acc_norm_stderr" in result
     # A task whose data lives only on the Hub: one line naming it and the Hub, no traceback.
-    r = run("eval.lm_eval.tasks=[piqa,mmlu_abstract_algebra]", "eval.lm_eval.limit=2", HF_DATASETS_OFFLINE="1",
-            HF_HUB_OFFLINE="1")  # fmt: skip
+    r = offline("eval.lm_eval.tasks=[piqa,mmlu_abstract_algebra]", "eval.lm_eval.limit=2")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "mmlu_abstract_algebra" in line[0] and "Hugging Face Hub" in line[0], r.stderr

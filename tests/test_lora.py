@@ -16,7 +16,6 @@ from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.magnitude import Magnitude
 from prunebench.recovery import lora as lora_mod
 from tests.conftest import compose_cfg as compose
-from tests.test_cli import prunebench as run_cli
 
 TINY = ("recovery=lora", "recovery.seqlen=32", "recovery.tokens=320", "recovery.val_windows=2",
         "recovery.log_every=1", "recovery.lr=3e-3")  # fmt: skip
@@ -154,23 +153,19 @@ def test_encoder_and_bad_knobs_are_refused():
         rec(model, None, cfg)
 
 
-@pytest.fixture
-def cli(tmp_path):
-    return lambda *args: run_cli(*args, cache=tmp_path / "cache", cwd=tmp_path)
-
-
-def test_cli_runs_lora(cli, tmp_path):
+def test_cli_runs_lora(cli_inproc, tmp_path):
+    cli = cli_inproc
     out = tmp_path / "run"
     r = cli("run", "experiment=smoke/tiny", *TINY, f"hydra.run.dir={out}")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     m = json.loads((out / "metrics.json").read_text())
     assert m["recovery"]["name"] == "lora" and m["recovery"]["steps"] == 10
     assert m["metrics"]["recovery/sparsity_after_merge"] == pytest.approx(0.5, abs=1e-3)
     sep = tmp_path / "sep"
     r = cli("run", "experiment=smoke/tiny", *TINY, "recovery.merge=separate", "save_model=true", f"hydra.run.dir={sep}")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     assert (sep / "model" / "config.json").exists() and (sep / "adapter" / "adapter_config.json").exists()
     card = (sep / "model" / "README.md").read_text()
     assert f"unmerged LoRA adapter saved in `{sep / 'adapter'}`" in card and "PeftModel.from_pretrained" in card
     r = cli("run", "experiment=smoke/tiny", *TINY, "recovery.merge=both", f"hydra.run.dir={tmp_path / 'bad'}")
-    assert r.returncode == 2 and "recovery.merge" in r.stderr and "Traceback" not in r.stderr
+    assert r.exit_code == 2 and "recovery.merge" in r.stderr and "Traceback" not in r.stderr

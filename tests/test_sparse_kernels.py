@@ -14,8 +14,7 @@ from prunebench.evals import efficiency
 from prunebench.evals.efficiency import Efficiency
 from prunebench.pruners.magnitude import Magnitude
 from prunebench.pruners.wanda import Wanda
-from tests.conftest import compose_cfg, random_calib
-from tests.test_cli import prunebench
+from tests.conftest import compose_cfg, random_calib, run_cli
 
 SKIP = "sparse_kernels skipped"
 
@@ -71,9 +70,9 @@ def test_cli_run_continues(tmp_path):
     out = tmp_path / "run"
     knobs = ["model=tiny-llama", "calib.nsamples=4", "calib.seqlen=64", "pruner.pattern=2:4", "eval=[efficiency]"]
     small = ["eval.efficiency.prompt_len=16", "eval.efficiency.gen_len=4", "eval.efficiency.repeats=1"]
-    r = prunebench("run", *knobs, *small, "eval.efficiency.sparse_kernels=true", "device=cpu",
-                   f"hydra.run.dir={out}", cache=tmp_path / "cache", cwd=tmp_path)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", *knobs, *small, "eval.efficiency.sparse_kernels=true", "device=cpu",
+                f"hydra.run.dir={out}", cache=tmp_path / "cache", cwd=tmp_path)  # fmt: skip
+    assert r.exit_code == 0, r.stderr
     assert (r.stdout + r.stderr).count(SKIP) == 1
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
     assert metrics["efficiency/prefill_ms"] > 0 and "efficiency/linear_speedup" not in metrics

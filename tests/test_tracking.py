@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 from prunebench import tracking
 from prunebench.config import CONF_DIR
 from prunebench.results import read_json
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_cli
 
 TINY = [
     "experiment=smoke/tiny",
@@ -46,12 +45,8 @@ def sweep(tmp_path_factory):
     """A real `prunebench run -m` sweep of 2 jobs: (sweep dir, [(cfg, result, job dir), ...])."""
     root = tmp_path_factory.mktemp("multi")
     out = root / "multirun" / "sweep1"
-    env = {**os.environ, "PRUNEBENCH_CACHE": str(root / "cache"), "HF_ENDPOINT": "http://127.0.0.1:9"}
-    args = ["run", "-m", *TINY, "pruner=magnitude,wanda", f"hydra.sweep.dir={out}"]
-    r = subprocess.run(
-        [sys.executable, "-m", "prunebench.cli", *args], capture_output=True, text=True, env=env, cwd=root, timeout=600
-    )
-    assert r.returncode == 0, r.stderr
+    r = run_cli("run", "-m", *TINY, "pruner=magnitude,wanda", f"hydra.sweep.dir={out}", cache=root / "cache", cwd=root)
+    assert r.exit_code == 0, r.stderr
     jobs = []
     for metrics in sorted(out.glob("*/metrics.json")):
         result = read_json(metrics)
