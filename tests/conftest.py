@@ -65,9 +65,12 @@ def run_cli(*args, cache, cwd, env: dict[str, str] | None = None) -> CliResult:
     Everything a run changes in the process is put back when it returns, so that no test depends
     on the runs before it: the environment (trackers setdefault variables), cwd, sys.argv (the CLI
     hands Hydra its overrides through it), the root logger (Hydra's job handlers stay bound to
-    CliRunner's streams, closed once it returns), warnings filters, torch's thread count and the
-    torch/numpy/random generators (a run seeds them)."""
+    CliRunner's streams, closed once it returns), warnings filters, torch's thread count, the
+    torch/numpy/random generators (a run seeds them) and Hydra's singletons (`--cfg job` leaves
+    HydraConfig set, and code that asks HydraConfig would then think it runs inside that job)."""
     import huggingface_hub.constants
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
     from typer.testing import CliRunner
 
     from prunebench.cli import app
@@ -77,6 +80,7 @@ def run_cli(*args, cache, cwd, env: dict[str, str] | None = None) -> CliResult:
     saved_env = dict(os.environ)
     threads = torch.get_num_threads()
     rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    hydra_cfg, hydra_global = HydraConfig.instance().cfg, GlobalHydra.instance().is_initialized()
     try:
         with pytest.MonkeyPatch.context() as mp, warnings.catch_warnings():
             mp.setenv("PRUNEBENCH_CACHE", str(cache))
@@ -97,6 +101,9 @@ def run_cli(*args, cache, cwd, env: dict[str, str] | None = None) -> CliResult:
         torch.set_rng_state(rng[0])
         np.random.set_state(rng[1])
         random.setstate(rng[2])
+        HydraConfig.instance().cfg = hydra_cfg
+        if not hydra_global:
+            GlobalHydra.instance().clear()
     stderr = r.stderr
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         # What Python prints for an exception that leaves a real process: the failing assertion shows it.
