@@ -229,6 +229,24 @@ def test_gradient_checkpointing_same_loss(kind, student_teacher, monkeypatch):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_each_rank_gets_its_own_rng_back(monkeypatch):
+    """A checkpoint written by several processes holds every rank's RNG (a list by rank): each rank
+    restores its own stream, not rank 0's; one process keeps the single state it always wrote."""
+    torch.manual_seed(1)
+    first = resume.rng_state()
+    torch.manual_seed(2)
+    second = resume.rng_state()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, want in ((0, first), (1, second)):
+        monkeypatch.setenv("RANK", str(rank))
+        torch.manual_seed(99)
+        resume.set_rng_state([first, second])
+        assert torch.equal(torch.get_rng_state(), want["cpu"])
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    assert isinstance(resume.rank_rng_states(), dict)  # one process: no gather, the old format
+
+
 def test_global_batch_sets_the_accumulation(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert KD(global_batch=4, batch_size=2, tokens=4 * 256).grad_accum == 2
@@ -241,7 +259,7 @@ def test_global_batch_sets_the_accumulation(monkeypatch):
         KD(global_batch=4, grad_accum=3)
     monkeypatch.setenv("WORLD_SIZE", "2")  # two processes share the global batch
     assert KD(global_batch=4, tokens=4 * 256).grad_accum == 2
-    assert LoRA(global_batch=4, tokens=4 * 256).grad_accum == 4  # LoRA trains in one process
+    assert LoRA(global_batch=4, tokens=4 * 256).grad_accum == 2  # LoRA trains data-parallel as well
     with pytest.raises(PrunebenchError, match=r"batch_size=1 × 2 processes = 2"):
         LMFinetune(global_batch=3, tokens=4 * 256)
 

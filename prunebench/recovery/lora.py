@@ -10,10 +10,15 @@ Adapters are fp32 (PEFT upcasts them when the base is bf16/fp16) and live on eac
 Objective: `clm` (next-token cross-entropy) or `kd` (the logit distillation loss of `distill.py`, from
 the unpruned model the pipeline copies before pruning, as recovery=kd). The budget is `tokens`
 tokens of `source` (never an evaluation split) in `seqlen` windows, seeded order, AdamW with linear
-warm-up and decay, `batch_size` × `grad_accum` windows per step (or `global_batch`), as lm_finetune.
-LoRA trains in one process (no data-parallel engine: under torchrun every rank trains the same
-adapters, rank 0 reports). Checkpoints hold the adapters (the frozen base is rebuilt by the rerun),
-the optimiser, scheduler and RNG (dropout); resume and SIGTERM as kd (recovery/resume.py).
+warm-up and decay, `batch_size` × `grad_accum` windows per step on each process (or `global_batch`
+over all of them), as lm_finetune. Under several processes (torchrun, accelerate launch, SLURM) the
+adapters train data-parallel (recovery/engine.py's DDP: each rank its own micro-batches of the same
+seeded order, the adapters' gradients averaged; the frozen base is replicated and never all-reduced);
+each rank draws its own dropout masks (seed + rank), so with dropout 0 two processes × 1 window equal
+one process × 2 accumulated windows up to float summation order. FSDP is not offered: the adapters
+are small and the frozen base needs no sharded optimiser state. Checkpoints hold the adapters (the
+frozen base is rebuilt by the rerun), the optimiser, scheduler and every rank's RNG (dropout);
+resume and SIGTERM as kd (recovery/resume.py).
 
 After training, `merge`:
 - `masked`: W' = (W + (α / r) B A) ⊙ M, M = the non-zero pattern of W before training, so
@@ -48,6 +53,7 @@ from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
+from prunebench.recovery.engine import describe, make_engine, world
 from prunebench.recovery.resume import Checkpointer
 from prunebench.recovery.train import (
     TRAINING_KNOBS,
@@ -123,11 +129,13 @@ class LoRA:
             raise PrunebenchError(f"recovery.objective={objective!r} must be clm or kd")
         if merge not in MERGES:
             raise PrunebenchError(f"recovery.merge={merge!r} must be masked (keep sparsity) or separate (keep adapter)")
-        grad_accum = accumulation(global_batch, grad_accum, batch_size, 1, per_process=True)
-        if not isinstance(tokens, int) or tokens < seqlen * batch_size * grad_accum:
+        world_size = world()[1]
+        grad_accum = accumulation(global_batch, grad_accum, batch_size, world_size)
+        step_tokens = seqlen * batch_size * grad_accum * world_size
+        if not isinstance(tokens, int) or tokens < step_tokens:
             raise PrunebenchError(
-                f"recovery.tokens={tokens} is less than one step of {seqlen * batch_size * grad_accum} tokens"
-                " (seqlen × batch_size × grad_accum); raise recovery.tokens"
+                f"recovery.tokens={tokens} is less than one step of {step_tokens} tokens"
+                f" (seqlen × batch_size × grad_accum × {world_size} processes); raise recovery.tokens"
             )
         if lr <= 0 or not 0 <= warmup < 1:
             raise PrunebenchError(f"recovery.lr={lr}, recovery.warmup={warmup}: need lr > 0 and warmup in [0, 1)")
@@ -172,7 +180,7 @@ class LoRA:
         self.grad_accum, self.global_batch = grad_accum, global_batch
         self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
         self.gradient_checkpointing = gradient_checkpointing
-        self.steps = tokens // (seqlen * batch_size * grad_accum)
+        self.steps = tokens // step_tokens
         self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
         self.tokenizer = None
 
@@ -180,7 +188,7 @@ class LoRA:
         """The knobs a checkpoint's training depends on: resuming under other values is refused."""
         keys = ("r", "alpha", "dropout", "target_modules", "objective", "kd", "source", "text_field", "tokens",
                 "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "clip", "seed")  # fmt: skip
-        return {**{k: getattr(self, k) for k in keys}, **self.hub}
+        return {**{k: getattr(self, k) for k in keys}, **self.hub, "world_size": world()[1]}
 
     @property
     def needs_teacher(self) -> bool:
@@ -252,7 +260,8 @@ class LoRA:
             self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
         )
         val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows] if self.val_windows else []
-        per_step = self.batch_size * self.grad_accum
+        engine = make_engine("ddp", "fp32", self.batch_size, self.grad_accum, device)
+        per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
         order = window_order(len(windows), self.steps * per_step, self.seed)
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -270,21 +279,26 @@ class LoRA:
         trainable = sum(p.numel() for p in params)
         opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, decay="linear")
         loss = DistillLoss(self.kd["loss"], self.kd["temperature"], self.kd["topk"], self.kd["clm_weight"])
-
-        saver = Checkpointer.of(self, model, opt, sched, len(windows), per_step, trainable_only=True)
+        student = model
+        if engine is not None:
+            # DDP over the adapters (the only parameters that require grad); A's init is the same on
+            # every rank (same seed) and DDP broadcasts rank 0's anyway. Dropout: a stream per rank.
+            student, opt = engine.prepare(model, opt)
+            torch.manual_seed(self.seed + 1 + engine.rank)
+        saver = Checkpointer.of(self, model, opt, sched, len(windows), per_step, engine, trainable_only=True)
 
         def loss_fn(step: int, micro: int) -> torch.Tensor:
-            k = step * per_step + micro * self.batch_size
+            k = engine.index(step, micro) if engine is not None else step * per_step + micro * self.batch_size
             batch = windows[order[k : k + self.batch_size]].to(device)
             if self.objective == "kd":
-                return distill_step(model, teacher, {"input_ids": batch}, loss)["loss"]
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
+                return distill_step(student, teacher, {"input_ids": batch}, loss)["loss"]
+            return student(input_ids=batch, labels=batch, use_cache=False).loss
 
         t0 = time.perf_counter()
         desc = f"lora ({self.objective})"
         with gradient_checkpointing(model, self.gradient_checkpointing):
             curve = fit(
-                model,
+                student,
                 self.steps,
                 loss_fn,
                 opt,
@@ -293,6 +307,7 @@ class LoRA:
                 clip=self.clip,
                 log_every=self.log_every,
                 desc=desc,
+                engine=engine,
                 checkpointer=saver,
             )
         seconds = time.perf_counter() - t0
@@ -337,8 +352,7 @@ class LoRA:
             "loss_curve": curve,
             "steps": self.steps,
             "tokens": self.steps * per_step * self.seqlen,
-            "grad_accum": self.grad_accum,
-            "global_batch": per_step,
+            **describe(engine, self.batch_size, self.grad_accum),
             "resumed_from_step": saver.resumed_from,
             "gradient_checkpointing": self.gradient_checkpointing,
             "seconds": round(seconds, 2),

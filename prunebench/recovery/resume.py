@@ -3,7 +3,8 @@ path for every recovery that runs `train.fit` (kd, lm_finetune, lora).
 
 A checkpoint holds what the next optimiser step depends on: the trained weights (the whole student, or
 only the trainable ones: LoRA's adapters), the optimiser, the LR scheduler, the fp16 GradScaler, the
-RNG states (torch's CPU generator and, when CUDA is in use, every CUDA device's), the data position
+RNG states (torch's CPU generator and, when CUDA is in use, every CUDA device's; under several
+processes every rank's, so each gets its own dropout stream back), the data position
 (optimiser steps done and windows consumed: the window order is a function of the seed, so the
 position is the step) and the loss curve so far. It is written to `<run dir>/checkpoints/step-<N>.pt`
 atomically (a temporary file, flushed to disk, renamed into place) every `recovery.checkpoint_every`
@@ -43,7 +44,7 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.recovery.engine import digest, is_main
+from prunebench.recovery.engine import digest, is_main, world
 
 log = logging.getLogger(__name__)
 RESUME = ("auto", "never")
@@ -85,7 +86,21 @@ def rng_state() -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": cuda}
 
 
+def rank_rng_states() -> dict | list[dict]:
+    """This process's RNG states, or under several processes every rank's (a list by rank, gathered
+    on every rank: a collective, so every rank calls it): each rank draws its own dropout masks, and a
+    resume gives each rank back its own stream."""
+    rank, world_size = world()
+    if world_size == 1 or not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return rng_state()
+    states = [None] * world_size
+    torch.distributed.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state) -> None:
+    if isinstance(state, list):  # one state per rank (rank_rng_states): this rank's own
+        state = state[world()[0]]
     if isinstance(state, torch.Tensor):  # a checkpoint of the first format: the CPU state alone
         state = {"cpu": state, "cuda": None}
     torch.set_rng_state(state["cpu"])
@@ -155,7 +170,7 @@ class Checkpointer:
             return self.model.state_dict()
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
-    def state(self, step: int, curve: list) -> dict:
+    def state(self, step: int, curve: list, rng: dict | list | None = None) -> dict:
         return {
             "step": step,
             "data": {"position": step * self.per_step, "per_step": self.per_step},
@@ -164,15 +179,19 @@ class Checkpointer:
             "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "rng": rng_state(),
+            "rng": rng if rng is not None else rng_state(),
             "curve": curve,
             "fingerprint": {**self.fingerprint, "start_weights": self.start},
         }
 
     def save(self, step: int, curve: list) -> Path | None:
         """Write the checkpoint of `step` atomically (rank 0 only: every rank holds the same weights
-        under DDP), then drop all but the newest `keep`. Returns its path (None on other ranks)."""
-        if not self.enabled or not is_main():
+        under DDP, but each its own RNG: gathered first, on every rank), then drop all but the newest
+        `keep`. Returns its path (None on other ranks)."""
+        if not self.enabled:
+            return None
+        rng = rank_rng_states()
+        if not is_main():
             return None
         out = folder(self.run_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -181,7 +200,7 @@ class Checkpointer:
         path, tmp = out / f"step-{step}.pt", out / f".step-{step}.pt.tmp"
         try:
             with open(tmp, "wb") as f:
-                torch.save(self.state(step, curve), f)
+                torch.save(self.state(step, curve, rng), f)
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a torn newest file
             os.replace(tmp, path)

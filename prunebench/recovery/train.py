@@ -179,16 +179,12 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def accumulation(
-    global_batch: int | None, grad_accum: int | None, batch_size: int, world_size: int, per_process: bool = False
-) -> int:
+def accumulation(global_batch: int | None, grad_accum: int | None, batch_size: int, world_size: int) -> int:
     """Micro-batches per optimiser step. `recovery.global_batch` G, when set, fixes the windows of one
     optimiser step over all processes: grad_accum = G / (batch_size × world size), so the same G gives
     the same training on 1 or N processes. G must be a multiple of batch_size × world size; a
     grad_accum also given must agree with G (both stated is allowed, never contradictory); neither set
-    means one micro-batch per step. `per_process`: the recovery trains in one process whatever the
-    launcher (LoRA), so the world size does not divide G."""
-    world_size = 1 if per_process else world_size
+    means one micro-batch per step."""
     if global_batch is None:
         return 1 if grad_accum is None else grad_accum
     unit = batch_size * world_size
