@@ -35,6 +35,11 @@ def summary(result: dict, run_dir: Path) -> str:
             f"pruner {prune['method']}: kept {len(prune['layers_kept'])} of {prune['layers_before']} layers"
             f" ({prune['layer_ratio']:.1%} removed); parameters {prune['params_before']:,} -> {prune['params_after']:,}"
         )
+    elif prune.get("params_after", 0) < prune.get("params_before", 0):  # width removal: LLM-Pruner, SliceGPT
+        lines.append(
+            f"pruner {prune['method']}: parameters {prune['params_before']:,} -> {prune['params_after']:,}"
+            f" ({prune['params_removed_share']:.1%} of the whole model removed)"
+        )
     else:
         lines.append(
             f"pruner {prune['method']} {prune['pattern']}: target sparsity {prune['target_sparsity']:.3f},"
@@ -63,7 +68,10 @@ def summary(result: dict, run_dir: Path) -> str:
             )
     # The quick profile only shortens calibration and WikiText-2; say so only where they ran.
     if cfg.get("profile") == "quick" and (result.get("calibration") or any(k.endswith("/windows") for k in metrics)):
-        lines.append("quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'")
+        lines.append(
+            "quick profile: reduced calibration and evaluation; add experiment=full_protocol for the papers'"
+            " protocol (128 calibration windows at the model's context, the whole test split)"
+        )
     if result.get("profile_note"):
         lines.append(result["profile_note"])
     if dev := result.get("device"):

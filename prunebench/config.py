@@ -130,6 +130,14 @@ def _check_cross(cfg: DictConfig) -> None:
             ) from None
     if m.get("source") == "path" and not m.get("path"):
         raise PrunebenchError("model.source=path needs model.path=/path/to/model")
+    if m.get("hf_config") is not None and m.get("source") != "random":
+        # the architecture of loaded weights comes from their own config.json: hf_config would be
+        # recorded in metrics.json without having changed anything
+        where = f"model.source={m.get('source')}"
+        raise PrunebenchError(
+            f"model.hf_config is ignored by {where} (the weights' own config.json sets the architecture);"
+            " drop it, or use a random model (model=tiny-llama ...) for a custom shape; to remove layers use a pruner"
+        )
 
 
 def selected_evals(cfg: DictConfig) -> dict:

@@ -19,6 +19,7 @@ from prunebench.config import fit_quick_profile, instantiate, selected_evals, va
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
+from prunebench.progress import heartbeat
 from prunebench.recovery import engine
 from prunebench.results import (
     check_metrics,
@@ -115,8 +116,10 @@ def step(name: str, timings: dict | None = None, device=None):
         if timings is None:
             yield
         else:
-            with stage(timings, name, device):
+            log.info("%s: started", name)
+            with heartbeat(name), stage(timings, name, device):
                 yield
+            log.info("%s: done in %.1f s", name, timings[name])
     except Interrupted:
         raise
     except KeyboardInterrupt as err:
@@ -190,11 +193,13 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
     with step("prune", timings, device):
         stats = pruner(model, calib)
         check_weights(model, "prune")
-    with step("recover", timings, device):
-        start_digest = engine.check_same_weights(model)  # all ranks start from identical weights
-        train = recovery(model, teacher, cfg)
-        check_numbers(train, "recover", "recovery")  # losses, KL, curves: a diverged run is no result
-        check_weights(model, "recover")
+    train, start_digest = {}, None
+    if cfg.recovery.get("name", "none") != "none":  # recovery=none: no stage, no time reported for it
+        with step("recover", timings, device):
+            start_digest = engine.check_same_weights(model)  # all ranks start from identical weights
+            train = recovery(model, teacher, cfg)
+            check_numbers(train, "recover", "recovery")  # losses, KL, curves: a diverged run is no result
+            check_weights(model, "recover")
     if rank != 0:
         return {"rank": rank, "recovery": train}
     if getattr(recovery, "reprune", False):
@@ -233,6 +238,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
             "achieved_sparsity": stats.achieved_sparsity,
             "params_before": params_before,
             "params_after": params_after,
+            # real removal (layers, heads, channels, slicing): the share of the whole model's parameters,
+            # shortcuts and bridges counted; masks remove none (see nonzero_* for them)
+            "params_removed_share": round(1 - params_after / params_before, 6) if params_before else 0.0,
             "nonzero_before": nonzero_before,
             "nonzero_after": nonzero_after,
             "per_matrix": stats.per_matrix,

@@ -93,8 +93,8 @@ def runs_table(runs: list[dict], root: Path) -> tuple[list[str], list[list[str]]
 
 def _layers(p: dict) -> str:
     """Depth pruners: 'kept/before (ratio removed)', e.g. '21/30 (30% removed)'."""
-    if "layers_kept" not in p:
-        return ""
+    if "layers_kept" not in p:  # masks or width: every layer stays
+        return "all (width)" if p.get("params_removed_share") else "all"
     kept, before = len(p["layers_kept"]), p["layers_before"]
     return f"{kept}/{before} ({1 - kept / before:.0%} removed)"
 
@@ -429,7 +429,12 @@ def plot(runs: list[dict], metric: str, path: Path) -> Path:
     ax.set_xlabel("sparsity")
     ax.set_ylabel(metric)
     if metric.endswith("ppl"):
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))  # 200, not 2×10²
+        # minor ticks: label 2· and 5· each decade only (all eight crowd the axis)
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: f"{v:g}" if f"{v:g}"[0] in "25" else ""))
     models = sorted({r["config"]["model"]["name"] for r in runs})
     ax.set_title(", ".join(models))
     ax.legend()

@@ -67,6 +67,12 @@ RUN_ROWS = [
     ("pattern-vs-sparsity", [*TINY, "pruner.pattern=2:4", "pruner.sparsity=0.6"], "pruner.sparsity=0.5"),
     ("pattern-width", [*TINY, "pruner.pattern=2:4", "model.hf_config.intermediate_size=130"], "intermediate_size=130"),
     ("group", [*TINY, "pruner.group=column"], "pruner.group"),
+    # issue 29: an override that would change nothing is refused, so metrics.json's config is what ran
+    (
+        "hf-config-on-loaded-weights",
+        ["model=gemma3-270m", "+model.hf_config.num_hidden_layers=4"],
+        "model.hf_config is ignored by model.source=gguf_chunks",
+    ),
     ("sequential-str", [*TINY, "pruner.sequential=maybe"], "pruner.sequential"),
     ("gblm-alpha-negative", [*TINY, "pruner=gblm", "pruner.alpha=-1"], "pruner.alpha=-1"),
     ("gblm-alpha-nan", [*TINY, "pruner=gblm", "pruner.alpha=nan"], "pruner.alpha=nan"),

@@ -102,14 +102,14 @@ def _stages() -> dict:
     """Stage name -> (owner, attribute) whose call runs inside that stage of pipeline.run."""
     from prunebench import models, pipeline
     from prunebench.pruners.wanda import Wanda
-    from prunebench.recovery.none import NoRecovery
+    from prunebench.recovery.lm_finetune import LMFinetune
 
     return {
         "load": (models, "load"),
         "baseline": (pipeline, "dense_baseline"),
         "calibration_data": (pipeline, "calibration_windows"),
         "prune": (Wanda, "__call__"),
-        "recover": (NoRecovery, "__call__"),
+        "recover": (LMFinetune, "__call__"),  # recovery=none runs no recover stage
         "eval": (pipeline, "evaluate"),
         "save": (models, "save_checkpoint"),
         "write": (pipeline, "write_json"),
@@ -125,6 +125,7 @@ def test_every_stage_interrupted_leaves_no_result(tmp_path, monkeypatch, name):
 
     monkeypatch.setattr(*_stages()[name], _stop)
     knobs = ["baseline=false"] if name == "eval" else []  # the dense baseline calls evaluate() too
+    knobs += ["recovery=lm_finetune"] if name == "recover" else []
     cfg = compose("experiment=smoke/tiny", "save_model=true", f"paths.cache_dir={tmp_path / 'cache'}", *knobs)
     with pytest.raises(pipeline.Interrupted) as err:
         pipeline.run(cfg, tmp_path / "run")
@@ -154,7 +155,7 @@ def test_swallowed_interrupt_still_ends_interrupted(tmp_path, monkeypatch):
     interrupted run into a complete one: the handler's record is checked before writing."""
     from prunebench import pipeline
     from prunebench.config import compose
-    from prunebench.recovery.none import NoRecovery
+    from prunebench.recovery.lm_finetune import LMFinetune
 
     got: list[int] = []
 
@@ -165,8 +166,10 @@ def test_swallowed_interrupt_still_ends_interrupted(tmp_path, monkeypatch):
         except KeyboardInterrupt:
             return {}
 
-    monkeypatch.setattr(NoRecovery, "__call__", swallowed)
-    cfg = compose("experiment=smoke/tiny", "save_model=true", f"paths.cache_dir={tmp_path / 'cache'}")
+    monkeypatch.setattr(LMFinetune, "__call__", swallowed)
+    cfg = compose(
+        "experiment=smoke/tiny", "save_model=true", "recovery=lm_finetune", f"paths.cache_dir={tmp_path / 'cache'}"
+    )
     with pytest.raises(pipeline.Interrupted, match="caught the interrupt"):
         pipeline.run(cfg, tmp_path / "run", signals=got)
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no model/, no metrics.json

@@ -420,3 +420,52 @@ def test_ddp_fp16_checkpoints_accelerates_scaler(student_teacher, monkeypatch, t
     with pytest.raises(RuntimeError, match="stop here"):
         _train(_recovery("kd", tmp_path, tok), copy.deepcopy(student), teacher)
     assert seen["scaler"] is scaler
+
+
+def test_resume_never_sets_the_earlier_run_aside_and_never_mixes_two_runs(student_teacher, tmp_path, monkeypatch):
+    """Issue 29's B08: a run dir holding an earlier run's later checkpoints (step-4, step-6 of a longer
+    run); `resume=never`, SIGTERM after step 2: the announced step-2 checkpoint exists (retention kept
+    it), the earlier run's checkpoints sit in earlier-1/, and the rerun resumes from step 2, never 6."""
+    student, teacher, tok = student_teacher
+    _train(_recovery("lm_finetune", tmp_path, tok, tokens=8 * SEQLEN), copy.deepcopy(student), teacher)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-4.pt", "step-6.pt"]
+    _sigterm_after(monkeypatch, 2)
+    with pytest.raises(resume.Stopped, match="saved checkpoint step 2 on SIGTERM"):
+        _train(_recovery("lm_finetune", tmp_path, tok, resume="never"), copy.deepcopy(student), teacher)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-2.pt"]
+    assert sorted(p.name for p in (tmp_path / "earlier-1" / "checkpoints").iterdir()) == ["step-4.pt", "step-6.pt"]
+    monkeypatch.undo()
+    again = _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+    assert again["resumed_from_step"] == 2
+
+
+def test_retention_never_deletes_the_checkpoint_it_just_wrote(student_teacher, tmp_path):
+    """Higher-numbered stray checkpoints never push out the one just saved (keep_checkpoints=1)."""
+    student, teacher, tok = student_teacher
+    rec = _recovery("lm_finetune", tmp_path, tok, keep_checkpoints=1)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    _train(rec, copy.deepcopy(student), teacher)
+    saved = resume.Checkpointer(tmp_path, 2, 1, "auto", copy.deepcopy(student), None, None, {}, 1)
+    (ckpt / "step-99.pt").write_bytes(b"x")
+    saved.state = lambda step, curve, rng=None: {"step": step}
+    assert saved.save(1, []).exists()
+
+
+def test_cli_refuses_a_rerun_of_another_command_into_a_folder_with_checkpoints(tmp_path):
+    """The folder's record of the command behind its checkpoints (.hydra/overrides.yaml) is kept: a rerun
+    with other overrides is refused in one line before Hydra rewrites it; resume=never sets both aside."""
+    from prunebench.cli import _check_output_dirs
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step-2.pt").write_bytes(b"x")
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "overrides.yaml").write_text("- recovery=lora\n- recovery.lr=0.001\n")
+    same = [f"hydra.run.dir={run_dir}", "recovery=lora", "recovery.lr=0.001", "recovery.resume=auto"]
+    assert _check_output_dirs(same)
+    with pytest.raises(PrunebenchError, match=r"written by another command \(overrides differ: recovery.lr=0.001, rec"):
+        _check_output_dirs([f"hydra.run.dir={run_dir}", "recovery=lora", "recovery.lr=0.002"])
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text().endswith("0.001\n")
+    _check_output_dirs([f"hydra.run.dir={run_dir}", "recovery=lora", "recovery.lr=0.002", "recovery.resume=never"])
+    assert (run_dir / "earlier-1" / ".hydra" / "overrides.yaml").exists() and not (run_dir / "checkpoints").exists()

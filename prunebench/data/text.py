@@ -93,9 +93,13 @@ def check_dataset(name: str, knob: str) -> None:
 
 def _not_found(name: str, why: str) -> str:
     tried = ", ".join(str(r / LOCAL[name][-1]) for r in data_roots())
+    shared = CONF_DIR.parent.parent / "shared" / "data"
+    fetchable = next((f for f, names in FETCH.items() if name in names), None)
+    fix = f"prunebench data fetch {fetchable} (where the Hub is reachable)" if fetchable else "copy it there"
     return (
-        f"dataset {name} not found: tried {tried} and the Hub {HUB[name][0]} ({why});"
-        f" set PRUNEBENCH_DATA to a folder holding {LOCAL[name][-1]}, or run: prunebench data fetch"
+        f"dataset {name} not found: tried {tried} and the Hub {HUB[name][0]} ({why}); the default data root is"
+        f" {shared} (the shared/data folder beside the clone): put {LOCAL[name][-1]} there or under"
+        f" PRUNEBENCH_DATA, or run: {fix}"
     )
 
 

@@ -19,7 +19,6 @@ from typing import Annotated
 import torch
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
@@ -28,6 +27,7 @@ from prunebench.knobs import Batch, Positions, Windows
 from prunebench.models import max_context
 from prunebench.models.blocks import final_norm, find_blocks
 from prunebench.placement import compute_device, offloaded, on_device
+from prunebench.progress import progress
 from prunebench.pruners.stats import capture_inputs
 
 
@@ -50,7 +50,7 @@ def blockwise_logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
     the head (already on the device) give the logits, one batch at a time."""
     hidden, calls = capture_inputs(model, windows, batch_size)
     device = compute_device(model)
-    for block in tqdm(find_blocks(model), desc="ppl (offload)", unit="block", leave=False):
+    for block in progress(find_blocks(model), desc="ppl (offload)", unit="block"):
         with on_device(block, device):
             for j, call in enumerate(calls):
                 hidden[j] = call(block, hidden[j])
@@ -105,7 +105,7 @@ class Perplexity:
             for batch, logits in blockwise_logits(model, windows, self.batch_size):
                 nll_sum += window_nll(logits, batch.to(device))
         else:
-            for batch in tqdm(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch", leave=False):
+            for batch in progress(windows.split(self.batch_size), desc=f"ppl {self.dataset}", unit="batch"):
                 batch = batch.to(device)
                 nll_sum += window_nll(model(input_ids=batch, use_cache=False).logits, batch)
         n, seqlen = windows.shape

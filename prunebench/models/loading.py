@@ -173,6 +173,16 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
 
         model, tokenizer = load_bridged(path, dtype)
         return _dispatch(model, kw), tokenizer
+    if (path / "prunebench_widths.json").exists():  # layers of different widths (LLM-Pruner)
+        from prunebench.models.widths import load_widths
+
+        model, tokenizer = load_widths(path, dtype)
+        return _dispatch(model, kw), tokenizer
+    if (path / "prunebench_sliced.json").exists():  # rotated and sliced residual stream (SliceGPT)
+        from prunebench.models.sliced import load_sliced
+
+        model, tokenizer = load_sliced(path, dtype)
+        return _dispatch(model, kw), tokenizer
     model = auto.from_pretrained(path, dtype=dtype, trust_remote_code=trust, **kw)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     return model.eval(), tokenizer
@@ -195,6 +205,9 @@ def _dispatch(model: torch.nn.Module, kw: dict) -> torch.nn.Module:
 
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+# Folders whose shapes a stock config.json cannot describe: each has a spec file read by prunebench's own
+# loader (safetensors + JSON, never a pickle, never code from the folder).
+SPEC_FILES = ("prunebench_bridges.json", "prunebench_widths.json", "prunebench_sliced.json")
 
 
 def check_folder(path: Path, kind: str) -> None:
@@ -217,8 +230,8 @@ def _check_folder(path: Path, kind: str) -> None:
     unpickles weights: a pickle can run code when it is read), and their shapes must agree with its
     config.json (compared from the safetensors headers against the model built on the meta device,
     so no weight is read), else one line naming the first tensor that disagrees."""
-    if not path.is_dir() or (path / "prunebench_bridges.json").exists():
-        return  # a file or a bridged folder: their own loaders speak for them
+    if not path.is_dir() or any((path / spec).exists() for spec in SPEC_FILES):
+        return  # a file, or a folder of prunebench's own formats: their own loaders speak for them
     tensors = sorted(path.glob("*.safetensors"))
     if not tensors:
         if pickled := sorted(p.name for pattern in _PICKLES for p in path.glob(pattern)):
@@ -457,9 +470,17 @@ def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> No
     (pooling from the model config) so `SentenceTransformer(folder)` loads it. A model with low-rank
     bridges is saved as safetensors + its bridge spec, which `load` (model.path) reads back."""
     from prunebench.models.bridges import has_bridges, save_bridged
+    from prunebench.models.sliced import is_sliced, save_sliced
+    from prunebench.models.widths import needs_widths, save_widths
 
     if has_bridges(model):
         save_bridged(model, tokenizer, folder)
+        return
+    if is_sliced(model):
+        save_sliced(model, tokenizer, folder)
+        return
+    if needs_widths(model):
+        save_widths(model, tokenizer, folder)
         return
     if cfg.kind == "encoder":
         from prunebench.models.encoders import save_sentence_transformer
@@ -498,14 +519,19 @@ def save_checkpoint(model: torch.nn.Module, tokenizer, folder: str | Path, model
     its Linear weights in the sparse layout. Returns what was written: format, layout, weight bytes."""
     from prunebench.models.bridges import has_bridges
     from prunebench.models.export import check_format, compress_folder
+    from prunebench.models.sliced import is_sliced
+    from prunebench.models.widths import needs_widths
 
     check_format(fmt)
     folder = Path(folder)
     save(model, tokenizer, folder, model_cfg)
     info = {"format": "hf", "layout": None}
     if fmt == "compressed-tensors":
-        if has_bridges(model):  # BridgeBlocks are prunebench modules: only its own loader reads them
-            log.warning("save_format=compressed-tensors: a model with low-rank bridges is saved as hf instead")
+        if has_bridges(model) or is_sliced(model) or needs_widths(model):  # only prunebench's loaders read them
+            log.warning(
+                "save_format=compressed-tensors: a model in a prunebench format (bridges, sliced, per-layer"
+                " widths) is saved in that format instead"
+            )
         else:
             info = {"format": fmt, "layout": compress_folder(model, folder)}
     info["weight_bytes"] = sum(p.stat().st_size for p in folder.glob("*.safetensors"))

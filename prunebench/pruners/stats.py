@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-exported for callers)
@@ -31,6 +30,7 @@ from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-expo
     prunable_weights,
 )
 from prunebench.placement import compute_device, offloaded, on_device
+from prunebench.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class Layerwise:
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
         visit = compute_device(self.model) if offloaded(self.model) else None  # offload: one block on the device
-        for i, block in enumerate(tqdm(blocks, desc=self.desc, unit="block", leave=False)):
+        for i, block in enumerate(progress(blocks, desc=self.desc, unit="block")):
             with on_device(block, visit):
                 edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
@@ -341,7 +341,7 @@ def gradient_norms(
         handles.append(p.register_post_accumulate_grad_hook(fold(key)))
     device = compute_device(model)
     try:
-        for window in tqdm(input_ids, desc="gradients", unit="sample", leave=False):
+        for window in progress(input_ids, desc="gradients", unit="sample"):
             x = window.unsqueeze(0).to(device)
             model(input_ids=x, labels=x, use_cache=False).loss.backward()
     finally:

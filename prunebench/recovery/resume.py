@@ -80,6 +80,25 @@ def latest(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def set_aside(run_dir, record: bool = False) -> Path | None:
+    """recovery.resume=never in a run dir that holds checkpoints: move them (and with `record`, Hydra's
+    .hydra/ record of the command that wrote them) into `earlier-<k>/`, said in one line, so the new
+    run's checkpoints never mix with the earlier run's and nothing is deleted. Returns the new folder."""
+    run_dir = Path(run_dir)
+    if not any(folder(run_dir).glob("step-*.pt")):
+        return None
+    k = 1
+    while (run_dir / f"earlier-{k}").exists():
+        k += 1
+    dest = run_dir / f"earlier-{k}"
+    dest.mkdir()
+    os.replace(folder(run_dir), dest / "checkpoints")
+    if record and (run_dir / ".hydra").is_dir():
+        os.replace(run_dir / ".hydra", dest / ".hydra")
+    print(f"recovery.resume=never: moved the earlier run's checkpoints to {dest}; starting over", flush=True)
+    return dest
+
+
 def rng_state() -> dict:
     """torch's CPU generator and, when CUDA has been used, every device's (dropout on a GPU draws there)."""
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
@@ -207,7 +226,8 @@ class Checkpointer:
         finally:
             tmp.unlink(missing_ok=True)
         for old in _checkpoints(out)[: -self.keep]:
-            old.unlink(missing_ok=True)
+            if old != path:  # never the checkpoint just written (and announced)
+                old.unlink(missing_ok=True)
         return path
 
     def periodic(self, done: int, steps: int, curve: list) -> None:
@@ -225,7 +245,10 @@ class Checkpointer:
         self.start = digest(
             nn.ModuleDict({"model": self.model, **({"extra": self.extra} if self.extra is not None else {})})
         )
-        found = latest(self.run_dir) if self.mode == "auto" else None
+        found = latest(self.run_dir)
+        if found is not None and self.mode == "never" and is_main():  # starting over beside them would mix runs
+            set_aside(self.run_dir)
+            found = None
         if found is None:
             return 0, []
         try:

@@ -17,11 +17,11 @@ from typing import Annotated, Literal
 import torch
 from pydantic import Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from prunebench import PrunebenchError
 from prunebench.data import load_texts, tokenize
 from prunebench.models.blocks import prunable_weights
+from prunebench.progress import progress
 from prunebench.recovery import resume
 from prunebench.recovery.corpus import EVAL_SPLITS  # evaluation data: never a training source
 from prunebench.recovery.engine import ENGINES, is_main
@@ -281,7 +281,7 @@ def fit(
     params = [p for group in opt.param_groups for p in group["params"]]
     start, curve = checkpointer.resume() if checkpointer is not None else (0, [])
     model.train()
-    bar = tqdm(range(start, steps), desc=desc, unit="step", leave=False, disable=not is_main())
+    bar = progress(range(start, steps), desc=desc, unit="step", enabled=is_main())
     with resume.stop_signals(checkpointer is not None and checkpointer.enabled) as request:
         for step in bar:
             total = 0.0

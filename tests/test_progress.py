@@ -1,0 +1,52 @@
+"""Progress that survives in a log file (issue 29, first contact): a line per stage start and end, a
+progress line at most every EVERY seconds of a loop, a heartbeat for stages without a loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from prunebench import progress
+
+
+def test_progress_logs_periodic_lines_off_a_terminal(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    caplog.set_level(logging.INFO, logger="prunebench.progress")
+    bar = progress.progress(range(3), desc="wanda", unit="block")
+    seen = []
+    for i in bar:
+        bar.set_postfix(loss=f"{i:.1f}")
+        seen.append(i)
+    assert seen == [0, 1, 2]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("wanda: block 1/3, 0 s") and lines[-1].endswith("(loss 2.0)"), lines
+    assert len(lines) == 3
+
+
+def test_disabled_progress_is_silent(monkeypatch, caplog):
+    monkeypatch.setattr(progress, "EVERY", 0.0)
+    caplog.set_level(logging.INFO, logger="prunebench.progress")
+    assert list(progress.progress(iter([1, 2]), desc="x", enabled=False)) == [1, 2]
+    assert not caplog.records
+
+
+def test_heartbeat_speaks_when_nothing_else_did(caplog):
+    caplog.set_level(logging.INFO, logger="prunebench.progress")
+    with progress.heartbeat("load", every=1.0):
+        time.sleep(2.6)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines and all(line.startswith("load: still running (") for line in lines), lines
+
+
+def test_a_run_logs_each_stage_start_and_end_with_its_time(tmp_path):
+    """The run's log file (what `prunebench run > run.log 2>&1` also shows) names every stage as it starts
+    and ends; recovery=none has no recover stage (no time reported for a stage that did nothing)."""
+    from tests.conftest import run_cli
+
+    run_dir = tmp_path / "run"
+    res = run_cli("run", "experiment=smoke/tiny", f"hydra.run.dir={run_dir}", cache=tmp_path / "c", cwd=tmp_path)
+    assert res.exit_code == 0, res.stderr
+    log = next(run_dir.glob("*.log")).read_text()
+    for stage in ("load", "baseline", "calibration_data", "prune", "eval"):
+        assert f"{stage}: started" in log and f"{stage}: done in " in log, stage
+    assert "recover: started" not in log and "recover " not in res.stdout.split("seconds:")[-1]
