@@ -57,6 +57,12 @@ LR = Annotated[float, Field(gt=0.0, le=1.0, description="a learning rate above 1
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]  # warm-up fractions and the like
 Windows = Annotated[int, Field(ge=1, le=10**7, description="ten million windows is beyond every dataset here")]
 Positions = Annotated[int, Field(ge=1, le=131072), CONTEXT]  # a sequence length, within the model's context
+# a training window: the next-token loss of a 1-token window has no targets (NaN on every step)
+TrainPositions = Annotated[
+    int, Field(ge=2, le=131072, description="a next-token loss needs 2 tokens a window or more"), CONTEXT
+]
+# held-out windows are each evaluated before and after training
+HeldOut = Annotated[int, Field(ge=0, le=4096, description="held-out windows, each evaluated before and after training")]
 
 
 @dataclass(frozen=True)
@@ -196,8 +202,13 @@ def context_of(dims: typing.Mapping | None) -> int | None:
     """The model's context (positions) from its Hugging Face config; None when unknown."""
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         if (dims or {}).get(key):
-            return int(dims[key])
+            # RoBERTa-style position ids start at padding_idx + 1: 514 positions hold 512 tokens
+            offset = int(dims.get("pad_token_id") or 1) + 1 if dims.get("model_type") in OFFSET_POSITIONS else 0
+            return int(dims[key]) - offset
     return None
+
+
+OFFSET_POSITIONS = frozenset({"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "mpnet", "data2vec-text"})
 
 
 def linear_widths(dims: typing.Mapping) -> dict[str, int]:

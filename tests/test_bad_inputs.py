@@ -67,6 +67,15 @@ RUN_ROWS = [
     ("pattern-vs-sparsity", [*TINY, "pruner.pattern=2:4", "pruner.sparsity=0.6"], "pruner.sparsity=0.5"),
     ("pattern-width", [*TINY, "pruner.pattern=2:4", "model.hf_config.intermediate_size=130"], "intermediate_size=130"),
     ("group", [*TINY, "pruner.group=column"], "pruner.group"),
+    ("kd-on-encoder", ["model=tiny-bert", "eval=[]", "recovery=kd"], "recovery (KD distils next-token logits) needs a"),
+    ("lm-finetune-on-encoder", ["model=tiny-roberta", "eval=[]", "recovery=lm_finetune"], "needs a causal language"),
+    (
+        "modernbert-drops-layer-0",
+        ["model=tiny-modernbert", "eval=[]", "pruner=layer_drop", "pruner.keep=bottom", "pruner.layers=1"],
+        "keep layer 0",
+    ),
+    ("train-seqlen-1", [*TINY, "recovery=lm_finetune", "recovery.seqlen=1"], "recovery.seqlen=1 is outside [2,"),
+    ("val-windows-huge", [*TINY, "recovery=lora", "recovery.val_windows=100000"], "recovery.val_windows=100000"),
     # issue 29: an override that would change nothing is refused, so metrics.json's config is what ran
     (
         "hf-config-on-loaded-weights",

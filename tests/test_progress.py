@@ -50,3 +50,12 @@ def test_a_run_logs_each_stage_start_and_end_with_its_time(tmp_path):
     for stage in ("load", "baseline", "calibration_data", "prune", "eval"):
         assert f"{stage}: started" in log and f"{stage}: done in " in log, stage
     assert "recover: started" not in log and "recover " not in res.stdout.split("seconds:")[-1]
+
+
+def test_roberta_context_counts_its_position_offset():
+    """XLM-R/RoBERTa position ids start at padding_idx + 1: 258 positions hold 256 tokens, so the quick
+    profile's windows fit tiny-roberta (a 258-token window crashed it)."""
+    from prunebench.knobs import context_of
+
+    assert context_of({"model_type": "xlm-roberta", "max_position_embeddings": 258, "pad_token_id": 1}) == 256
+    assert context_of({"model_type": "llama", "max_position_embeddings": 258}) == 258

@@ -37,11 +37,19 @@ def snapshot(model: nn.Module) -> tuple[list[nn.Module], list | None]:
     return list(find_blocks(model)), (list(types) if types else None)
 
 
+def fixed_first_layer(model: nn.Module) -> bool:
+    """ModernBERT builds its first layer without an attention norm (Identity, by layer index): another
+    layer moved into slot 0 would lose its norm when the saved model is reloaded."""
+    return getattr(model.config, "model_type", None) == "modernbert"
+
+
 def keep_layers(model: nn.Module, keep: list[int]) -> None:
     """Keep blocks `keep` (in the given order), drop the rest, renumber, update the config."""
     blocks, types = snapshot(model)
     if not keep or len(set(keep)) != len(keep) or not all(0 <= i < len(blocks) for i in keep):
         raise ValueError(f"invalid layers to keep {keep} for a model of {len(blocks)} layers")
+    if fixed_first_layer(model) and keep[0] != 0:
+        raise ValueError("ModernBERT's first layer has no attention norm by construction: keep layer 0 first")
     set_blocks(model, [blocks[i] for i in keep], [types[i] for i in keep] if types else None)
 
 

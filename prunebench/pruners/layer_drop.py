@@ -102,7 +102,13 @@ class LayerDrop(ShapePruner):
 
     def check(self, num_layers: int, dims: dict | None = None) -> None:
         """Validate against a layer count (and hidden size) known before loading."""
-        select_layers(num_layers, self.keep, self.layers, self.remove)
+        kept = select_layers(num_layers, self.keep, self.layers, self.remove)
+        if (dims or {}).get("model_type") == "modernbert" and kept[0] != 0 and self.bridge_rank is None:
+            raise PrunebenchError(
+                f"pruner keeps layers {kept[0]}.. of ModernBERT, whose first layer is built without an attention"
+                " norm (a saved model would reload without the kept layer's norm); keep layer 0: pruner.keep=top,"
+                " or remove layers after it with pruner.remove"
+            )
         hidden = (dims or {}).get("hidden_size")
         if self.bridge_rank and hidden and self.bridge_rank > hidden:
             raise PrunebenchError(

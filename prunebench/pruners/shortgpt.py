@@ -21,7 +21,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
-from prunebench.models.surgery import remove_layers
+from prunebench.models.surgery import fixed_first_layer, remove_layers
 from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats, ShapePruner
 
@@ -81,7 +81,8 @@ class ShortGPT(ShapePruner):
         layers = len(find_blocks(model))
         self.check(layers)
         bi = layer_influence(model, calib.input_ids, calib.batch_size)
-        remove = sorted(sorted(range(layers), key=lambda i: bi[i])[: self.n])
+        first = 1 if fixed_first_layer(model) else 0  # ModernBERT: layer 0 is built differently, never removed
+        remove = sorted(sorted(range(first, layers), key=lambda i: bi[i])[: self.n])
         kept = remove_layers(model, remove)
         info = {
             "layers_before": layers,
