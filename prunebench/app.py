@@ -169,7 +169,8 @@ def task(cfg: DictConfig) -> float | None:
                 sys.exit(2)
         except PrunebenchError as err:
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)  # never raises
-            print(f"error: {err}", file=sys.stderr)
+            if _rank() == 0:  # every rank of a multi-process job refuses alike: one line, from rank 0
+                print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as err:
             # One line, exit 128 + signal (130 SIGINT, 143 SIGTERM); no metrics.json was written. Training

@@ -331,10 +331,48 @@ def steps_plot(runs: list[dict], path: Path) -> Path | None:
     return path
 
 
+# The cost columns of a method comparison (LaCo's table): where each value is read in metrics.json
+COSTS = {
+    "params": lambda r, m: m.get("efficiency/params") or r["prune"].get("params_after"),
+    "removed": lambda r, m: r["prune"].get("params_removed_share"),
+    "prune s": lambda r, m: r["timings"].get("prune"),
+    "peak RSS MB": lambda r, m: r.get("peak_rss_mb"),
+    "prefill tok/s": lambda r, m: m.get("efficiency/prefill_tokens_per_s"),
+    "decode tok/s": lambda r, m: m.get("efficiency/decode_tokens_per_s"),
+}
+
+
+def comparison_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Methods side by side, one row per run (its `expected` row label), the dense model first: the cost
+    columns (parameters, share removed, pruning seconds, the run's peak RSS, prefill and decode tokens/s
+    where eval=efficiency ran) and every metric the cells' `expected` entries name, in their order."""
+    metrics = list(dict.fromkeys(e["metric"] for r in runs for e in _as_list(r["config"].get("expected"))))
+    header = ["row", *COSTS, *metrics]
+    rows = []
+    dense = next((r for r in runs if r.get("baseline")), None)
+    if dense is not None:
+        base = dense["baseline"]
+        params = base.get("efficiency/params") or dense["prune"].get("params_before")
+        costs = [_fmt(params), "0", "", "", _fmt(base.get("efficiency/prefill_tokens_per_s"))]
+        rows.append(
+            ["Dense", *costs, _fmt(base.get("efficiency/decode_tokens_per_s"))] + [_fmt(base.get(k)) for k in metrics]
+        )
+    for r in runs:
+        label = next((e.get("row") for e in _as_list(r["config"].get("expected")) if e.get("row")), _short(r))
+        m = r["metrics"]
+        costs = [f(r, m) for f in COSTS.values()]
+        costs[1] = None if costs[1] is None else f"{costs[1]:.1%}"
+        rows.append([label] + [_fmt(c) for c in costs] + [_fmt(m.get(k)) for k in metrics])
+    return header, rows
+
+
 def extra_views(runs: list[dict], root: Path | None = None) -> dict:
-    """Views that only some runs have: the architecture search's candidates and rankings, and the
-    rows of stepwise compression."""
+    """Views that only some runs have: a method comparison (cells of one table that differ in method),
+    the architecture search's candidates and rankings, and the rows of stepwise compression."""
     views = {}
+    cells = [r for r in runs if r["config"].get("expected")]
+    if len({r["prune"]["method"] for r in cells}) > 1 and len({r["config"]["model"]["name"] for r in cells}) == 1:
+        views["comparison"] = comparison_table(cells)
     if any((r.get("prune") or {}).get("steps") for r in runs):
         views["steps"] = steps_table(runs, root)
     if not any(_searches(r) for r in runs):

@@ -469,3 +469,23 @@ def test_cli_refuses_a_rerun_of_another_command_into_a_folder_with_checkpoints(t
     assert (run_dir / ".hydra" / "overrides.yaml").read_text().endswith("0.001\n")
     _check_output_dirs([f"hydra.run.dir={run_dir}", "recovery=lora", "recovery.lr=0.002", "recovery.resume=never"])
     assert (run_dir / "earlier-1" / ".hydra" / "overrides.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
+def test_an_unwritable_checkpoint_folder_stops_before_training_in_one_line(student_teacher, tmp_path):
+    student, teacher, tok = student_teacher
+    (tmp_path / "checkpoints").write_text("a file where the folder should be")
+    with pytest.raises(PrunebenchError, match=r"^cannot write checkpoints into .*checkpoints: "):
+        _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+
+
+def test_a_full_disk_while_saving_is_one_line(student_teacher, tmp_path, monkeypatch):
+    """torch.save on a full disk raises RuntimeError('[enforce fail at inline_container.cc:...]')."""
+    student, teacher, tok = student_teacher
+
+    def full(*_a, **_k):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(resume.torch, "save", full)
+    with pytest.raises(PrunebenchError, match=r"could not write checkpoint .*step-2.pt: .*\(disk full\?\); free space"):
+        _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))

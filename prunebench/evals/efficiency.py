@@ -155,6 +155,7 @@ class Efficiency:
         _peak_reset(device)
         prefill = [timed(lambda: model(input_ids=prompt, use_cache=False), device) for _ in range(self.repeats)]
         out["prefill_ms"] = 1000 * statistics.median(prefill)
+        out["prefill_tokens_per_s"] = self.batch_size * self.prompt_len / max(statistics.median(prefill), 1e-9)
         if hasattr(model, "generate") and model.get_output_embeddings() is not None:
             kw = {"attention_mask": torch.ones_like(prompt), "do_sample": False, "use_cache": True,
                   "min_new_tokens": self.gen_len, "max_new_tokens": self.gen_len, "pad_token_id": 0}  # fmt: skip

@@ -80,6 +80,16 @@ def latest(run_dir) -> Path | None:
     return found[-1] if found else None
 
 
+def _why(err: BaseException) -> str:
+    """One line for a failed write: the OS's reason, and what to do about the common ones."""
+    text = getattr(err, "strerror", None) or str(err).strip().splitlines()[0]
+    if "No space left" in str(err) or "enforce fail at inline_container" in str(err) or getattr(err, "errno", 0) == 28:
+        return f"{text} (disk full?); free space or set recovery.keep_checkpoints lower / checkpoint_every higher"
+    if isinstance(err, PermissionError):
+        return f"{text}; make the run dir writable or choose another hydra.run.dir"
+    return text
+
+
 def set_aside(run_dir, record: bool = False) -> Path | None:
     """recovery.resume=never in a run dir that holds checkpoints: move them (and with `record`, Hydra's
     .hydra/ record of the command that wrote them) into `earlier-<k>/`, said in one line, so the new
@@ -223,6 +233,8 @@ class Checkpointer:
                 f.flush()
                 os.fsync(f.fileno())  # on disk before the rename: a crash never leaves a torn newest file
             os.replace(tmp, path)
+        except (OSError, RuntimeError) as err:  # permissions, a full disk (torch reports it as RuntimeError)
+            raise PrunebenchError(f"could not write checkpoint {path}: {_why(err)}") from None
         finally:
             tmp.unlink(missing_ok=True)
         for old in _checkpoints(out)[: -self.keep]:
@@ -242,6 +254,14 @@ class Checkpointer:
         (the model and `extra`), which every checkpoint carries and a resume must match."""
         if not self.enabled:
             return 0, []
+        if is_main():  # an unwritable checkpoint folder stops now, not after the first `every` steps
+            try:
+                folder(self.run_dir).mkdir(parents=True, exist_ok=True)
+                probe = folder(self.run_dir) / ".write-probe"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as err:
+                raise PrunebenchError(f"cannot write checkpoints into {folder(self.run_dir)}: {_why(err)}") from None
         self.start = digest(
             nn.ModuleDict({"model": self.model, **({"extra": self.extra} if self.extra is not None else {})})
         )
