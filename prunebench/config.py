@@ -130,6 +130,13 @@ def _check_cross(cfg: DictConfig) -> None:
             ) from None
     if m.get("source") == "path" and not m.get("path"):
         raise PrunebenchError("model.source=path needs model.path=/path/to/model")
+    hf = m.get("hf_config") or {}
+    experts = hf.get("num_local_experts") or hf.get("num_experts")
+    if experts and (hf.get("num_experts_per_tok") or 1) > experts:
+        raise PrunebenchError(
+            f"model.hf_config.num_experts_per_tok={hf.num_experts_per_tok} routes each token to more experts than"
+            f" the {experts} the model has; set it to at most {experts}"
+        )
     if m.get("hf_config") is not None and m.get("source") != "random":
         # the architecture of loaded weights comes from their own config.json: hf_config would be
         # recorded in metrics.json without having changed anything

@@ -224,6 +224,18 @@ class Minitron(ShapePruner):
                 raise PrunebenchError(
                     f"pruner.target.experts: {dims['model_type']} has no experts; drop pruner.target.experts"
                 )
+            if moe and (keep := t["experts"]) is not None:  # the counts too, before the model loads
+                have = next(int(dims[k]) for k in mexperts.CONFIG_KEYS if dims.get(k))
+                top_k = int(dims.get("num_experts_per_tok") or 1)
+                if keep > have:
+                    raise PrunebenchError(
+                        f"pruner.target.experts={keep} is more than the model's {have} experts per layer"
+                    )
+                if keep < top_k:
+                    raise PrunebenchError(
+                        f"pruner.target.experts={keep} is below num_experts_per_tok={top_k}: every token is routed"
+                        f" to {top_k} experts; keep at least {top_k}"
+                    )
         if dims and all(dims.get(k) for k in ("hidden_size", "num_attention_heads", "intermediate_size")):
             heads = dims["num_attention_heads"]
             d = Dims(
