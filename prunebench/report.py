@@ -345,8 +345,11 @@ COSTS = {
 def comparison_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     """Methods side by side, one row per run (its `expected` row label), the dense model first: the cost
     columns (parameters, share removed, pruning seconds, the run's peak RSS, prefill and decode tokens/s
-    where eval=efficiency ran) and every metric the cells' `expected` entries name, in their order."""
+    where eval=efficiency ran), every metric the cells' `expected` entries name, in their order, then
+    the category scores (`*/cat_*`) the runs hold."""
     metrics = list(dict.fromkeys(e["metric"] for r in runs for e in _as_list(r["config"].get("expected"))))
+    # category scores (OpenCompass-style cat_*) where the runs have them: the paper's category columns
+    metrics += sorted({k for r in runs for k in r["metrics"] if "/cat_" in k} - set(metrics))
     header = ["row", *COSTS, *metrics]
     rows = []
     dense = next((r for r in runs if r.get("baseline")), None)

@@ -205,3 +205,31 @@ def test_runs_table_cuts_an_absurd_override(tmp_path):
     (tmp_path / "a" / "metrics.json").write_text(json.dumps(data))
     _, rows = report.runs_table(report.collect(tmp_path), tmp_path)
     assert len(rows[0][0]) == 200 and rows[0][0].endswith("…")
+
+
+def test_comparison_view_puts_methods_side_by_side_with_their_costs():
+    """LaCo's table: one row per method (its expected row label), the dense row first, cost columns and the
+    cells' metrics plus category scores."""
+    from prunebench.report import comparison_table, extra_views
+
+    def run(method, row, removed, ppl):
+        return {
+            "config": {"model": {"name": "m"}, "expected": [{"row": row, "metric": "wikitext2/ppl"}]},
+            "prune": {
+                "method": method,
+                "params_before": 100,
+                "params_after": 100 - removed,
+                "params_removed_share": removed / 100,
+            },
+            "metrics": {"wikitext2/ppl": ppl, "opencompass/cat_reasoning": 0.5, "efficiency/decode_tokens_per_s": 9.0},
+            "baseline": {"wikitext2/ppl": 10.0, "opencompass/cat_reasoning": 0.6},
+            "timings": {"prune": 1.5},
+            "peak_rss_mb": 123.0,
+        }
+
+    runs = [run("laco", "LaCo", 24, 30.0), run("slicegpt", "SliceGPT", 23, 40.0)]
+    header, rows = comparison_table(runs)
+    assert header[-2:] == ["wikitext2/ppl", "opencompass/cat_reasoning"] and "prune s" in header
+    assert [r[0] for r in rows] == ["Dense", "LaCo", "SliceGPT"]
+    assert rows[0][1] == "100" and rows[0][-2] == "10" and rows[2][2] == "23.0%" and rows[2][-2] == "40"
+    assert "comparison" in extra_views(runs)
