@@ -489,3 +489,19 @@ def test_a_full_disk_while_saving_is_one_line(student_teacher, tmp_path, monkeyp
     with pytest.raises(PrunebenchError, match=r"could not write checkpoint .*step-2.pt: .*\(disk full\?\); free space"):
         _train(_recovery("lm_finetune", tmp_path, tok), copy.deepcopy(student), teacher)
     assert not list((tmp_path / "checkpoints").glob("*.tmp"))
+
+
+def test_window_order_is_built_one_epoch_at_a_time():
+    """The seeded order equals the concatenated permutations it replaced (resumes read the same
+    windows), slices cross epochs, and a huge token budget costs one epoch of memory, not the budget's."""
+    import math
+
+    from prunebench.recovery.train import window_order
+
+    g = torch.Generator().manual_seed(3)
+    ref = torch.cat([torch.randperm(7, generator=g) for _ in range(math.ceil(30 / 7))])
+    order = window_order(7, 30, 3)
+    assert len(order) == len(ref) and all(torch.equal(order[k : k + 4], ref[k : k + 4]) for k in range(0, 28, 4))
+    assert torch.equal(order[3:5], ref[3:5])  # back to an earlier epoch: replayed from the seed
+    huge = window_order(1000, 10**12 // 256, 0)  # recovery.tokens=1e12 at seqlen 256
+    assert len(huge) >= 10**12 // 256 and huge[:3].numel() == 3

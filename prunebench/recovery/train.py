@@ -114,10 +114,50 @@ def text_windows(
     return ids[: n * seqlen].view(n, seqlen)
 
 
-def window_order(n_windows: int, count: int, seed: int) -> torch.Tensor:
-    """`count` or more window indices: seeded permutations of all windows, concatenated."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.cat([torch.randperm(n_windows, generator=g) for _ in range(math.ceil(count / n_windows))])
+class WindowOrder:
+    """`count` or more window indices: seeded permutations of all windows, concatenated (epoch after
+    epoch, one generator), built one epoch at a time. Holding the whole order would cost 8 bytes a
+    window of the token budget (recovery.tokens=1e12 at 256 tokens: 31 GB); one epoch costs 8 bytes a
+    window of the corpus, which is in memory anyway. Slices `order[k : k + b]` may cross an epoch."""
+
+    def __init__(self, n_windows: int, count: int, seed: int):
+        self.n, self.seed = n_windows, seed
+        self.epochs = math.ceil(count / n_windows)
+        self._reset()
+
+    def _reset(self) -> None:
+        self._g = torch.Generator().manual_seed(self.seed)
+        self._e, self._perm = -1, None
+
+    def _epoch(self, e: int) -> torch.Tensor:
+        if e < self._e:  # a resume that went back: replay the generator from the start
+            self._reset()
+        while self._e < e:
+            self._perm, self._e = torch.randperm(self.n, generator=self._g), self._e + 1
+        return self._perm
+
+    def __len__(self) -> int:
+        return self.epochs * self.n
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                raise IndexError("WindowOrder takes contiguous slices only")
+            parts, k = [], start
+            while k < stop:
+                e, i = divmod(k, self.n)
+                take = min(stop - k, self.n - i)
+                parts.append(self._epoch(e)[i : i + take])
+                k += take
+            return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        e, i = divmod(int(index) % len(self), self.n)
+        return self._epoch(e)[i]
+
+
+def window_order(n_windows: int, count: int, seed: int) -> WindowOrder:
+    """The seeded window order of a training run (see WindowOrder)."""
+    return WindowOrder(n_windows, count, seed)
 
 
 def lr_lambda(steps: int, warmup: float, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
