@@ -324,27 +324,16 @@ class Plan:
         }  # fmt: skip
 
 
-def _stage_needs(cfg: DictConfig, shape: dict, elt: int) -> tuple[int, int, int]:
-    """(activations, statistics, largest block) in bytes for the run's stages, approximately:
-    calibration keeps one set of block inputs (nsamples × seqlen × hidden) plus one batch's block
-    intermediates; SparseGPT keeps a block's Hessians; GBLM keeps fp32 gradient accumulators of every
-    block linear and one sample's autograd graph; perplexity holds one batch's fp32 logits."""
-    hidden, layers = int(shape["hidden"]), int(shape["layers"])
+def _stage_needs(cfg: DictConfig, shape: dict, elt: int, pruner=None) -> tuple[int, int, int]:
+    """(activations, statistics, largest block) in bytes for the run's stages, approximately: the
+    pruner states its own need (`memory_bytes(shape, calib, elt)`: calibration inputs it keeps, its
+    statistics; see pruners/base.py), perplexity holds one batch's fp32 logits."""
+    hidden = int(shape["hidden"])
     ffn = int(shape.get("ffn") or 4 * hidden)
     vocab = int(shape.get("vocab") or 32000)
     block = (4 * hidden * hidden + 3 * hidden * ffn) * elt
-    act, stats = 0, 0
-    pruner = cfg.pruner
-    if pruner.get("name") not in (None, "none", "magnitude", "layer_drop"):
-        c = cfg.calib
-        act = max(act, c.nsamples * c.seqlen * hidden * elt + c.batch_size * c.seqlen * (4 * hidden + 3 * ffn) * elt)
-        if pruner.name == "sparsegpt":
-            stats = (6 * hidden * hidden + ffn * ffn) * 4  # one block's Hessians (one per linear), fp32
-        elif pruner.name == "gblm":
-            stats = int(shape["params"] - 2 * vocab * hidden) * (4 + elt)  # fp32 accumulators + one gradient
-            act = max(act, c.seqlen * layers * (6 * hidden + 3 * ffn) * elt)  # one sample's autograd graph
-        else:
-            stats = (4 * hidden + 2 * ffn) * 4
+    need = getattr(pruner, "memory_bytes", None)
+    act, stats = need({**shape, "ffn": ffn, "vocab": vocab}, cfg.calib, elt) if need is not None else (0, 0)
     for ev in (cfg.get("eval") or {}).values():
         if "_target_" not in ev:  # knobs of an evaluator the run did not select (config.selected_evals)
             continue
@@ -434,7 +423,7 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
         return p
     elt = torch.finfo(dtype).bits // 8
     p.weights = int(shape["params"]) * elt
-    p.activations, p.statistics, block = _stage_needs(cfg, shape, elt)
+    p.activations, p.statistics, block = _stage_needs(cfg, shape, elt, pruner)
     p.teacher, p.training, p.training_activations = _recovery_needs(recovery, shape, elt)
     p.engine = getattr(recovery, "engine", "ddp") if p.training else None
     p.recovery = p.teacher + math.ceil(p.training / p.shards)

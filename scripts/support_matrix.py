@@ -38,6 +38,12 @@ def cell(name: str, params: dict) -> tuple[str, str] | None:
         return family, "minitron heads+ffn"
     if name == "test_minitron_experts_round_trips":
         return family, "minitron experts"
+    if name == "test_llm_pruner_round_trips":
+        return family, "llm_pruner"
+    if name == "test_structured_baselines_refuse_encoders":
+        return family, params["method"]
+    if name == "test_slicegpt_round_trips" or name == "test_slicegpt_refuses_post_norm_families":
+        return family, "slicegpt"
     if name == "test_recovery_saves_a_model_that_evaluates_the_same":
         return family, f"{params['recovery']} + save/eval"
     return None

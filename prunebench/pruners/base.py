@@ -81,9 +81,26 @@ def mask_agreement(a: nn.Module, b: nn.Module) -> float:
     return same / max(total, 1)
 
 
+def capture_bytes(shape: Mapping, calib, elt: int) -> int:
+    """Bytes a layer-wise pass over the calibration windows holds: every window's block input
+    (nsamples × seqlen × hidden) plus one batch's block intermediates."""
+    hidden, ffn = int(shape["hidden"]), int(shape["ffn"])
+    return calib.nsamples * calib.seqlen * hidden * elt + calib.batch_size * calib.seqlen * (4 * hidden + 3 * ffn) * elt
+
+
+def norm_bytes(shape: Mapping) -> int:
+    """fp32 input-norm accumulators of one block's linears."""
+    return (4 * int(shape["hidden"]) + 2 * int(shape["ffn"])) * 4
+
+
 class ShapePruner:
     """What every pruner that removes whole layers or channels (no weight masks) shares: it takes
     `sparsity` and `pattern` only so that a config can name them, and refuses them."""
+
+    def memory_bytes(self, shape: Mapping, calib, elt: int) -> tuple[int, int]:
+        """(activations, statistics) in bytes beside the weights, for the memory plan (placement.py):
+        by default one layer-wise statistics pass over the calibration windows."""
+        return capture_bytes(shape, calib, elt), norm_bytes(shape)
 
     @classmethod
     def check_knobs(cls, knobs: Mapping) -> None:
@@ -144,6 +161,11 @@ class MaskPruner:
                 f"pruner.pattern={self.pattern} groups every {m} inputs but the model has {shown}, not a multiple"
                 f" of {m}; use pruner.pattern=unstructured or an M that divides it"
             )
+
+    def memory_bytes(self, shape: Mapping, calib, elt: int) -> tuple[int, int]:
+        """(activations, statistics) beside the weights: the block inputs of every calibration window
+        and one block's input-norm accumulators (a method that keeps more says so itself)."""
+        return capture_bytes(shape, calib, elt), norm_bytes(shape)
 
     def prepare(self, model: nn.Module, calib) -> None:
         """Work on the dense model before any block is pruned (default: none)."""

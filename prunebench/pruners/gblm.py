@@ -35,7 +35,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.pruners.base import MaskPruner
+from prunebench.pruners.base import MaskPruner, capture_bytes
 from prunebench.pruners.stats import InputNorms, cached_stats, gradient_norms
 
 TERMS = ("both", "gradient", "activation")
@@ -54,6 +54,12 @@ def score(
 class GBLM(MaskPruner):
     needs_lm = "GBLM's language-model loss"
     supports_offload = False  # the gradient pass backpropagates through the whole model
+
+    def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
+        hidden, ffn, layers = int(shape["hidden"]), int(shape["ffn"]), int(shape["layers"])
+        stats = int(shape["params"] - 2 * int(shape["vocab"]) * hidden) * (4 + elt)  # fp32 accumulators + a gradient
+        graph = calib.seqlen * layers * (6 * hidden + 3 * ffn) * elt  # one sample's autograd graph
+        return max(capture_bytes(shape, calib, elt), graph), stats
 
     def __init__(
         self,

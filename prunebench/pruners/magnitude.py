@@ -29,6 +29,9 @@ def score(weight: torch.Tensor) -> torch.Tensor:
 class Magnitude(MaskPruner):
     needs_calibration = False
 
+    def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
+        return 0, 0  # |W| alone: no calibration pass
+
     def __init__(
         self, name: str = "magnitude", sparsity: float = 0.5, pattern: str = "unstructured", group: str = "matrix"
     ):

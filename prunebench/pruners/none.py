@@ -11,6 +11,9 @@ class NoPruner(ShapePruner):
     needs_calibration = False
     supports_offload = True
 
+    def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
+        return 0, 0
+
     def __init__(self, name: str = "none", sparsity: float = 0.0, pattern: str = "unstructured"):
         self.name, self.sparsity = name, sparsity
 

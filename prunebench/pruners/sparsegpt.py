@@ -22,7 +22,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.pruners.base import MaskPruner
+from prunebench.pruners.base import MaskPruner, capture_bytes
 from prunebench.pruners.masks import matrix_mask, nm_mask
 
 
@@ -89,6 +89,10 @@ def prune(
 
 class SparseGPT(MaskPruner):
     make_stat = Hessian
+
+    def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
+        hidden, ffn = int(shape["hidden"]), int(shape["ffn"])
+        return capture_bytes(shape, calib, elt), (6 * hidden * hidden + ffn * ffn) * 4  # one block's fp32 Hessians
 
     def __init__(
         self,
