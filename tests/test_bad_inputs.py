@@ -74,6 +74,22 @@ RUN_ROWS = [
         ["model=tiny-modernbert", "eval=[]", "pruner=layer_drop", "pruner.keep=bottom", "pruner.layers=1"],
         "keep layer 0",
     ),
+    (
+        "experts-per-tok-above-experts",
+        ["model=tiny-mixtral", "model.hf_config.num_experts_per_tok=8"],
+        "num_experts_per_tok=8 routes each token to more experts than the 4",
+    ),
+    (
+        "minitron-experts-above-have",
+        [
+            "model=tiny-mixtral",
+            "pruner=minitron",
+            "pruner.target.heads=null",
+            "pruner.target.ffn=null",
+            "pruner.target.experts=9",
+        ],
+        "more than the model's 4 experts",
+    ),
     ("train-seqlen-1", [*TINY, "recovery=lm_finetune", "recovery.seqlen=1"], "recovery.seqlen=1 is outside [2,"),
     ("val-windows-huge", [*TINY, "recovery=lora", "recovery.val_windows=100000"], "recovery.val_windows=100000"),
     # issue 29: an override that would change nothing is refused, so metrics.json's config is what ran
@@ -494,3 +510,13 @@ def test_corpus_token_ids_outside_the_vocabulary(runner, earlier, tmp_path):
     result = runner.invoke(app, ["run", *args])
     assert_one_line(result.exit_code, result.stderr, "c.bin holds token id 65535, outside the tokenizer's", tmp_path,
                     earlier)  # fmt: skip
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_refusal_under_several_processes_is_said_once_and_exits_2_everywhere(runner, tmp_path, monkeypatch, rank):
+    """torchrun / SLURM: every rank refuses before any process group starts (exit 2); rank 0 alone prints."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["run", *TINY, "pruner.sparsity=1.5", f"hydra.run.dir={tmp_path / 'o'}"])
+    assert result.exit_code == 2
+    assert ("outside [0, 1)" in result.stderr) == (rank == "0") and "Traceback" not in result.stderr

@@ -505,3 +505,14 @@ def test_window_order_is_built_one_epoch_at_a_time():
     assert torch.equal(order[3:5], ref[3:5])  # back to an earlier epoch: replayed from the seed
     huge = window_order(1000, 10**12 // 256, 0)  # recovery.tokens=1e12 at seqlen 256
     assert len(huge) >= 10**12 // 256 and huge[:3].numel() == 3
+
+
+def test_an_edited_corpus_is_not_resumed(student_teacher, tmp_path):
+    """The checkpoint's fingerprint holds the corpus file's SHA-256: the same size, other text, refused."""
+    student, teacher, tok = student_teacher
+    corpus = tmp_path / "train.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    _train(_recovery("lm_finetune", tmp_path, tok, source=str(corpus)), copy.deepcopy(student), teacher)
+    corpus.write_text("THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG. " * 40)
+    with pytest.raises(PrunebenchError, match=r"written by a training with corpus="):
+        _train(_recovery("lm_finetune", tmp_path, tok, source=str(corpus)), copy.deepcopy(student), teacher)

@@ -25,9 +25,13 @@ the first documents whose tokens cover the job's token budget. A split named `te
 validation splits of WikiText (prunebench's perplexity set and its held-out set), are refused. Without
 the Hub (HF_HUB_OFFLINE, or no connection within 3 s) the run stops in one line before any model loads.
 
-An evaluation split stays refused also when given as a path: by resolved path and by SHA-256
-against the evaluation files found in the data roots. metrics.json names the files and a digest
-(for `hf:` sources: the id, config, split, documents read and a SHA-256 of what was read).
+An evaluation split stays refused also when given as a path: by resolved path and by SHA-256 against
+its file in the data roots (WikiText-2's wiki.test.raw). `contamination` measures the word 13-gram
+overlap (data/overlap.py) of the training text with WikiText-2 test in every form and the held-out set,
+before any model loads (token ids and `hf:` text once read); above overlap.MAX_OVERLAP the run stops in one
+line unless `recovery.allow_overlap=true`. metrics.json records the overlap, the files and their SHA-256
+(one file: its own, as `sha256sum` prints; several: of their bytes in order; `hf:` sources: the id,
+config, split, documents read and a SHA-256 of what was read).
 """
 
 from __future__ import annotations
@@ -37,23 +41,30 @@ import hashlib
 import json
 import re
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from prunebench import PrunebenchError
+from prunebench.data import overlap
 
 TEXT_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt", ".arrow")
 TOKEN_SUFFIXES = (".npy", ".bin")  # always token ids; .parquet / .arrow are when they hold `input_ids`
 TABLES = (".parquet", ".arrow")
 IDS_COLUMN = "input_ids"
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
-HUB_EVAL = {"wikitext": ("test", "validation"), "Salesforce/wikitext": ("test", "validation")}
+# Hub ids (compared in lower case, as the Hub resolves them) whose test and validation splits are WikiText's.
+_WIKITEXT_IDS = ("wikitext", "salesforce/wikitext", "eleutherai/wikitext_document_level")
+HUB_EVAL = dict.fromkeys(_WIKITEXT_IDS, ("test", "validation"))
+IGNORED = ("README", "LICENSE", "SHA256SUMS")  # beside corpus files in a folder: documentation, not text
 SAVE_TO_DISK_META = ("state.json", "dataset_info.json")  # beside the .arrow files of a saved Dataset
 MEGATRON_IDX = b"MMIDIDX\x00\x00"
 MEGATRON_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 _hub_read: dict[str, dict] = {}  # hf: source -> what the last read of it took (metrics.json's digest)
+_overlaps: dict[str, dict] = {}  # source -> the last overlap measured (metrics.json)
+_deferred: dict[str, tuple] = {}  # source -> (held-out, allow, knob): measured once the text is read
 
 
 def is_hub(source: str) -> bool:
@@ -91,30 +102,40 @@ def files(source: str, knob: str = "recovery.source") -> list[Path]:
             f" folder, e.g. {knob}={dicts[0].parent / (splits[0] if splits else 'train')}"
         )
     arrow_dirs = {f.parent for f in found if f.suffix == ".arrow"}
-    found = sorted(
-        f
-        for f in found
-        if f.suffix in TEXT_SUFFIXES + TOKEN_SUFFIXES and not (f.name in SAVE_TO_DISK_META and f.parent in arrow_dirs)
-    )
+    found = sorted(f for f in found if not _ignored(f, p if p.is_dir() else None, arrow_dirs))
+    if other := [f for f in found if f.suffix not in TEXT_SUFFIXES + TOKEN_SUFFIXES]:  # never skipped in silence
+        more = f" (and {len(other) - 1} more)" if len(other) > 1 else ""
+        raise PrunebenchError(
+            f"{knob}={source}: {other[0]}{more} is not a corpus file ({other[0].suffix or 'no suffix'}; corpus files:"
+            f" {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)}); convert it (e.g. a .csv to .jsonl) or move it out"
+        )
     if not found:
         raise PrunebenchError(f"{knob}={source}: no {', '.join(TEXT_SUFFIXES + TOKEN_SUFFIXES)} files there")
     return found
 
 
+def _ignored(f: Path, root: Path | None, arrow_dirs: set[Path]) -> bool:
+    """What a corpus folder may hold beside its text: hidden files and folders (.git), documentation
+    (README, LICENSE, *.md), checksums, save_to_disk's metadata, a Megatron .idx beside its .bin."""
+    rel = f.relative_to(root).parts if root is not None and f.is_relative_to(root) else (f.name,)
+    return (any(part.startswith(".") for part in rel) or f.suffix == ".md" or f.stem.upper() in IGNORED
+            or (f.name in SAVE_TO_DISK_META and f.parent in arrow_dirs)
+            or (f.suffix == ".idx" and f.with_suffix(".bin").is_file()))  # fmt: skip
+
+
 def _refuse_eval(found: list[Path], knob: str) -> None:
-    """An evaluation split given as a path (or a copy of it) is refused: by path, then by checksum."""
-    from prunebench.data import text, verify
+    """An evaluation split given as a path (or a copy of it) is refused: by path, then by checksum.
+    Its other forms (the tokenized file) and near copies (an edit, a slice) are `contamination`'s."""
+    from prunebench.data import verify
 
     for name in EVAL_SPLITS:
-        held = text.find(text.LOCAL[name]) if name in text.LOCAL else None
-        if held is None:
-            continue
-        digest = verify.sha256(held)
-        for f in found:
-            if f.resolve() == held.resolve() or (
-                f.stat().st_size == held.stat().st_size and verify.sha256(f) == digest
-            ):
-                raise PrunebenchError(f"{knob}: {f} is the evaluation split {name} and must never be trained on")
+        for _, held in overlap.located(name)[:1]:  # the form evaluated; the others are contamination's (named overlap)
+            digest = verify.sha256(held)
+            for f in found:
+                if f.resolve() == held.resolve() or (
+                    f.stat().st_size == held.stat().st_size and verify.sha256(f) == digest
+                ):
+                    raise PrunebenchError(f"{knob}: {f} is the evaluation split {name} and must never be trained on")
 
 
 def _arrow(f: Path, knob: str, schema_only: bool = False):
@@ -198,9 +219,22 @@ def _checked(source: str, text_field: str, knob: str) -> tuple[list[Path], str]:
 
 
 def _table_texts(table, f: Path, text_field: str, knob: str) -> list[str]:
+    """A table's text column: strings only (a number is not text, a null is no text: both refused)."""
+    import pyarrow as pa
+
     if text_field not in table.column_names:
         raise _no_field(f, text_field, table.column_names, knob)
-    return [t if isinstance(t, str) else "" if t is None else str(t) for t in table.column(text_field).to_pylist()]
+    col = table.column(text_field)
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        raise PrunebenchError(f"{knob}: {f}'s column {text_field!r} holds {col.type}, not text; give a text column")
+    rows = col.to_pylist()
+    if col.null_count:
+        first = next(i for i, t in enumerate(rows) if t is None)
+        raise PrunebenchError(
+            f"{knob}: {col.null_count} rows of {f} have a null {text_field!r} (the first: row {first + 1});"
+            " drop them or fill them with text"
+        )
+    return rows
 
 
 def _table_ids(table, f: Path, knob: str):
@@ -218,31 +252,55 @@ def _table_ids(table, f: Path, knob: str):
     return np.concatenate([c.to_numpy(zero_copy_only=False) for c in chunks]) if chunks else np.zeros(0, np.int64)
 
 
-def _rows(f: Path, text_field: str, knob: str) -> list[str]:
-    if f.suffix == ".txt":
-        return [f.read_text(encoding="utf-8")]
-    if f.suffix == ".parquet":
+def _texts(f: Path, text_field: str, knob: str) -> Iterator[str]:
+    """A text file's documents, checked row by row: valid UTF-8 and JSON (a bad row named by its line),
+    objects holding `text_field` as a string (null and numbers are refused, never trained on as "None")."""
+    if f.suffix == ".txt":  # newlines as read_text gives them (universal newlines)
+        yield overlap.utf8(f.read_bytes(), f, knob).replace("\r\n", "\n").replace("\r", "\n")
+    elif f.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         if text_field not in (names := _schema_names(f, knob)):
             raise _no_field(f, text_field, names, knob)
-        return _table_texts(pq.read_table(f, columns=[text_field]), f, text_field, knob)
-    if f.suffix == ".arrow":
-        return _table_texts(_arrow(f, knob), f, text_field, knob)
-    raw = f.read_text(encoding="utf-8")
+        yield from _table_texts(pq.read_table(f, columns=[text_field]), f, text_field, knob)
+    elif f.suffix == ".arrow":
+        yield from _table_texts(_arrow(f, knob), f, text_field, knob)
+    elif f.suffix == ".jsonl":
+        with f.open("rb") as lines:
+            for number, line in enumerate(lines, 1):
+                if line.strip():
+                    yield _field(_json(line, f, knob, number), f, text_field, knob, f"line {number}")
+    else:
+        rows = _json(f.read_bytes(), f, knob)
+        if not isinstance(rows, list):
+            raise PrunebenchError(
+                f"{knob}: {f} must hold a list of JSON objects (.json), or one object a line (.jsonl)"
+            )
+        for number, row in enumerate(rows, 1):
+            yield _field(row, f, text_field, knob, f"row {number}")
+
+
+def _json(data: bytes, f: Path, knob: str, line: int | None = None):
     try:
-        rows = (
-            [json.loads(line) for line in raw.splitlines() if line.strip()] if f.suffix == ".jsonl" else json.loads(raw)
-        )
+        return json.loads(overlap.utf8(data, f, knob))
     except json.JSONDecodeError as err:
-        raise PrunebenchError(f"{knob}: {f} is not valid JSON ({err.msg} at line {err.lineno})") from None
-    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-        raise PrunebenchError(f"{knob}: {f} must hold JSON objects (one per line for .jsonl, a list for .json)")
-    if missing := next((r for r in rows if text_field not in r), None):
+        where = f"line {line}, column {err.colno}" if line else f"line {err.lineno}, column {err.colno}"
+        raise PrunebenchError(f"{knob}: {f} is not valid JSON at {where} ({err.msg})") from None
+
+
+def _field(row, f: Path, text_field: str, knob: str, where: str) -> str:
+    if not isinstance(row, dict):
+        raise PrunebenchError(f"{knob}: {where} of {f} is {type(row).__name__}, not a JSON object")
+    if text_field not in row:
+        fields = ", ".join(row) or "none"
         raise PrunebenchError(
-            f"{knob}: a row of {f} has no field {text_field!r} (fields: {', '.join(missing)}); set recovery.text_field"
+            f"{knob}: {where} of {f} has no field {text_field!r} (fields: {fields}); set recovery.text_field"
         )
-    return [str(r[text_field]) for r in rows]
+    value = row[text_field]
+    if not isinstance(value, str):
+        what = "null" if value is None else f"{type(value).__name__} {json.dumps(value)[:40]}"
+        raise PrunebenchError(f"{knob}: {where} of {f} has {text_field!r} = {what}, not text; fix or drop the row")
+    return value
 
 
 def vocab_size(tokenizer) -> int:
@@ -313,14 +371,18 @@ def token_ids(tokenizer, source: str, text_field: str = "text", knob: str = "rec
     found, what = _checked(source, text_field, knob)
     if what == "ids":
         vocab = vocab_size(tokenizer)
-        return torch.from_numpy(np.concatenate([_ids(f, vocab, knob) for f in found]))
-    texts = [t for f in found for t in _rows(f, text_field, knob) if t]
+        ids = np.concatenate([_ids(f, vocab, knob) for f in found])
+        key = f"ids:{hashlib.sha256(ids.tobytes()).hexdigest()}:{getattr(tokenizer, 'name_or_path', '')}"
+        _late(source, key, lambda: overlap.decoded(tokenizer, ids))  # the text of the ids: with the tokenizer
+        return torch.from_numpy(ids)
+    texts = [t for f in found for t in _texts(f, text_field, knob) if t]
     return tokenize(tokenizer, "\n\n".join(texts))
 
 
 def digest(source: str, knob: str = "recovery.source") -> dict | None:
-    """What metrics.json records: for files, the files and one SHA-256 over their contents in order;
-    for `hf:` sources, what was read (`hub_token_ids`); None for a built-in name."""
+    """What metrics.json records: for files, the files, each one's SHA-256 and the SHA-256 of their
+    contents in order (one file: its own); for `hf:` sources, what was read (`hub_token_ids`); None
+    for a built-in name."""
     if is_hub(source):
         return _hub_read.get(source)
     if not is_path(source):
@@ -328,10 +390,73 @@ def digest(source: str, knob: str = "recovery.source") -> dict | None:
     from prunebench.data import verify
 
     found = files(source, knob)
-    h = hashlib.sha256()
-    for f in found:
-        h.update(verify.sha256(f).encode())
-    return {"files": [str(f) for f in found], "sha256": h.hexdigest()}
+    each = [verify.sha256(f) for f in found]
+    if len(found) == 1:
+        whole = each[0]  # the file's own SHA-256: what `sha256sum <file>` prints
+    else:  # the files' bytes in order: what `cat <files> | sha256sum` prints
+        h = hashlib.sha256()
+        for f in found:
+            with f.open("rb") as src:
+                while block := src.read(1 << 24):
+                    h.update(block)
+        whole = h.hexdigest()
+    return {"files": [str(f) for f in found], "sha256": whole, "file_sha256": each}
+
+
+# --- overlap with the evaluation sets (data/overlap.py) --------------------------------------------------
+
+
+def contamination(
+    source: str, text_field: str = "text", held_out: str | None = None, allow: bool = False,
+    knob: str = "recovery.source",
+) -> dict:  # fmt: skip
+    """Before any model loads: the word 13-gram overlap of the training text with WikiText-2 test (every
+    form in the data root) and the held-out set (`val_source`). An evaluation set with MAX_OVERLAP or
+    more of its 13-grams in the training text stops the run in one line, unless `allow`. Token ids and
+    `hf:` rows are measured when they are read (`token_ids`, `hub_token_ids`): decoding ids needs the
+    run's tokenizer, and Hub rows arrive only then. Returns what metrics.json records (`overlap_of`)."""
+    if is_hub(source) or (is_path(source) and check(source, text_field, knob) == "ids"):
+        _deferred[source] = (held_out, allow, knob)
+        when = "its rows are read" if is_hub(source) else "the run's tokenizer decodes its token ids"
+        _overlaps[source] = {"checked": f"when {when}"}
+    elif not (train := _parts(source, text_field, knob) if is_path(source) else _forms(source)[:1]):  # what it reads
+        _overlaps[source] = {"checked": False, "why": f"{source} has no local copy (read from the Hub)"}
+    else:
+        _overlaps[source] = _measure(source, train, held_out, allow, knob)
+    return _overlaps[source]
+
+
+def overlap_of(source: str) -> dict | None:
+    """The overlap last measured for a source (metrics.json)."""
+    return _overlaps.get(source)
+
+
+def _measure(source: str, train: list, held_out: str | None, allow: bool, knob: str) -> dict:
+    roles = {"wikitext2_test": "evaluation", **({held_out: "held-out"} if held_out else {})}
+    return overlap.gate(train, {name: (role, _forms(name)) for name, role in roles.items()}, f"{knob}={source}", allow)
+
+
+def _forms(name: str) -> list:
+    """An evaluation set's forms as overlap parts: a data-root dataset's files (WikiText-2: raw and
+    tokenized), or the text files a held-out path names (token ids cannot be read without a tokenizer)."""
+    if not is_path(name):
+        return overlap.builtin_parts(name)
+    return [] if check(name, knob="recovery.val_source") == "ids" else _parts(name, "text", "recovery.val_source")
+
+
+def _parts(source: str, text_field: str, knob: str) -> list:
+    """The files of a path source as overlap parts: .txt as plain text, other files' rows joined."""
+    from prunebench.data import verify
+
+    return [(str(f), f"{verify.sha256(f)}:{text_field}", overlap.plain(f, knob) if f.suffix == ".txt"
+             else lambda f=f: overlap.joined(_texts(f, text_field, knob))) for f in files(source, knob)]  # fmt: skip
+
+
+def _late(source: str, key: str, pieces) -> None:
+    """The overlap of text read after loading (token ids decoded, Hub rows): measured and gated now."""
+    if source in _deferred:
+        held_out, allow, knob = _deferred[source]
+        _overlaps[source] = _measure(source, [(source, key, pieces)], held_out, allow, knob)
 
 
 # --- the Hugging Face Hub ----------------------------------------------------------------------------
@@ -352,7 +477,7 @@ def check_hub(source: str, config: str | None, split: str | None, knob: str = "r
         raise PrunebenchError(f"{knob}={source}: give a Hugging Face dataset id, e.g. hf:HuggingFaceFW/fineweb-edu")
     split = split or "train"
     for part in _split_names(split):
-        if part == "test" or part in HUB_EVAL.get(name, ()):
+        if part.lower() == "test" or part.lower() in HUB_EVAL.get(name.lower(), ()):
             raise PrunebenchError(
                 f"recovery.source_split={split}: the {part} split of {name} is evaluation data and must never be"
                 " trained on; use recovery.source_split=train"
@@ -427,6 +552,8 @@ def hub_token_ids(
         out = done if done is not None else tokenize(tokenizer, joined) if joined else torch.zeros(0, dtype=torch.long)
     _hub_read[source] = {"hub": name, "config": config, "split": split, "streaming": streaming, "documents": docs,
                          "tokens": len(out), "sha256": h.hexdigest()}  # fmt: skip
+    key = f"ids:{h.hexdigest()}:{getattr(tokenizer, 'name_or_path', '')}" if ids else f"text:{h.hexdigest()}"
+    _late(source, key, (lambda: overlap.decoded(tokenizer, stream)) if ids else (lambda: overlap.joined(texts)))
     return out
 
 
@@ -447,10 +574,12 @@ def _stream(
         if IDS_COLUMN in row:
             ids.append(np.asarray(row[IDS_COLUMN], dtype=np.int64).reshape(-1))
             counted += len(ids[-1])
+        elif text_field in row and row[text_field] is not None and not isinstance(row[text_field], str):
+            raise PrunebenchError(f"{where}: row {docs} has {text_field!r} = {row[text_field]!r:.40}, not text")
         elif text_field in row:
-            if t := row[text_field]:
-                piece = ("\n\n" if texts else "") + str(t)  # as it appears in the joined text
-                texts.append(str(t))
+            if t := row[text_field]:  # null or "": no text
+                piece = ("\n\n" if texts else "") + t  # as it appears in the joined text
+                texts.append(t)
                 counted += len(tokenizer(piece, add_special_tokens=False).input_ids)
         else:
             raise PrunebenchError(

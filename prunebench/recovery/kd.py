@@ -26,7 +26,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError, knobs
-from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
+from prunebench.knobs import LR, Batch, Flag, Fraction, HeldOut, Seed, TrainPositions
 from prunebench.placement import Plan, compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 
 
 class KD:
+    needs_lm = "KD distils next-token logits"  # an encoder is refused before loading (config.validate)
+
     def __init__(
         self,
         name: str = "kd",
@@ -68,7 +70,7 @@ class KD:
         intermediate: dict | None = None,
         teacher: str | None = None,
         tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
-        seqlen: Positions = 256,
+        seqlen: TrainPositions = 256,
         batch_size: Batch = 1,
         grad_accum: GradAccum = None,
         lr: LR = 1e-4,
@@ -79,7 +81,7 @@ class KD:
         precision: str = "fp32",
         source: str = "c4",
         val_source: str = "wikitext2_valid",
-        val_windows: Annotated[int, Field(ge=0, le=100000)] = 16,
+        val_windows: HeldOut = 16,
         log_every: Annotated[int, Field(ge=1)] = 10,
         keep_masks: Flag = True,
         chunk: Annotated[int | None, Field(ge=1)] = None,
@@ -94,6 +96,7 @@ class KD:
         resume: Resume = "auto",
         gradient_checkpointing: Flag = False,
         global_batch: GlobalBatch = None,
+        allow_overlap: Flag = False,
     ):
         knobs.check_args(KD, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         check_engine(engine, precision)
@@ -133,6 +136,7 @@ class KD:
                 f"recovery.val_source={val_source} is the training source; held-out text must differ"
                 " (use recovery.val_source=wikitext2_valid with source=c4)"
             )
+        corpus.contamination(source, text_field, val_source, allow_overlap)  # 13-grams vs WikiText-2 test, held-out
         if teacher is not None:
             _teacher_cfg(teacher)  # exists? (cheap: composes a config or checks a folder)
         self.loss = DistillLoss(loss, temperature, topk, clm_weight, intermediate, chunk)
@@ -153,7 +157,14 @@ class KD:
         keys = ("teacher", "tokens", "seqlen", "batch_size", "grad_accum", "lr", "min_lr", "warmup",
                 "weight_decay", "clip", "precision", "source", "text_field", "seed", "keep_masks", "steps")  # fmt: skip
         loss = {k: getattr(self.loss, k) for k in ("temperature", "topk", "clm_weight", "intermediate")}
-        return {"loss": self.kind, **{k: getattr(self, k) for k in keys}, **loss, **self.hub, "world_size": world()[1]}
+        return {
+            "loss": self.kind,
+            **{k: getattr(self, k) for k in keys},
+            **loss,
+            **self.hub,
+            "world_size": world()[1],
+            "corpus": (corpus.digest(self.source) or {}).get("sha256"),
+        }  # an edited corpus
 
     @property
     def needs_teacher(self) -> bool:
@@ -288,6 +299,7 @@ class KD:
             "teacher": self.teacher or "unpruned model (copied before pruning)",
             "source": self.source,
             "source_digest": corpus.digest(self.source),
+            "overlap": corpus.overlap_of(self.source),
             "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "distillation_loss": {"before": before["kd"], "after": after["kd"]},
             "lm_val_loss": {"before": before["lm"], "after": after["lm"]},

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError, knobs
-from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
+from prunebench.knobs import LR, Batch, Flag, Fraction, Seed, TrainPositions
 from prunebench.placement import compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.engine import check_engine, describe, make_engine, world
@@ -47,6 +47,7 @@ from prunebench.recovery.train import (
 
 
 class LMFinetune:
+    needs_lm = "continued training on the next-token loss"  # encoders: refused before loading
     needs_teacher = False
 
     def training_bytes(self, shape: dict, elt: int) -> int:
@@ -58,7 +59,7 @@ class LMFinetune:
         name: str = "lm_finetune",
         source: str = "c4",
         tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
-        seqlen: Positions = 256,
+        seqlen: TrainPositions = 256,
         batch_size: Batch = 1,
         lr: LR = 2e-5,
         warmup: Fraction = 0.05,
@@ -78,6 +79,7 @@ class LMFinetune:
         keep_checkpoints: KeepCheckpoints = 2,
         resume: Resume = "auto",
         gradient_checkpointing: Flag = False,
+        allow_overlap: Flag = False,
     ):
         knobs.check_args(LMFinetune, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         check_engine(engine)
@@ -91,6 +93,7 @@ class LMFinetune:
             )
         self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
         check_source(source, "recovery.source", text_field, **self.hub)
+        corpus.contamination(source, text_field, None, allow_overlap)  # 13-gram overlap with WikiText-2 test
         self.name, self.source, self.tokens, self.seqlen, self.batch_size = name, source, tokens, seqlen, batch_size
         self.lr, self.warmup, self.weight_decay, self.keep_masks = lr, warmup, weight_decay, keep_masks
         self.reprune, self.log_every, self.seed, self.engine, self.text_field = (
@@ -110,7 +113,12 @@ class LMFinetune:
         """The knobs a checkpoint's training depends on: resuming under other values is refused."""
         keys = ("source", "text_field", "tokens", "seqlen", "batch_size", "grad_accum", "lr", "warmup",
                 "weight_decay", "keep_masks", "seed")  # fmt: skip
-        return {**{k: getattr(self, k) for k in keys}, **self.hub, "world_size": world()[1]}
+        return {
+            **{k: getattr(self, k) for k in keys},
+            **self.hub,
+            "world_size": world()[1],
+            "corpus": (corpus.digest(self.source) or {}).get("sha256"),
+        }  # an edited corpus
 
     def __call__(self, model: nn.Module, teacher=None, data=None) -> dict:
         if self.tokenizer is None:
@@ -165,6 +173,7 @@ class LMFinetune:
             "kept_masks": self.keep_masks,
             "source": self.source,
             "source_digest": corpus.digest(self.source),
+            "overlap": corpus.overlap_of(self.source),
             "resumed_from_step": saver.resumed_from,
             "gradient_checkpointing": self.gradient_checkpointing,
             **describe(engine, self.batch_size, self.grad_accum, self.engine),

@@ -48,7 +48,7 @@ from torch import nn
 
 from prunebench import PrunebenchError, knobs
 from prunebench.cache import output_folder
-from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed
+from prunebench.knobs import LR, Batch, Flag, Fraction, HeldOut, Seed, TrainPositions
 from prunebench.models.blocks import prunable_linears
 from prunebench.placement import compute_device
 from prunebench.recovery import corpus
@@ -94,9 +94,9 @@ class LoRA:
         adapter_dir: str | None = None,
         source: str = "c4",
         val_source: str = "wikitext2_valid",
-        val_windows: Annotated[int, Field(ge=0, le=100000)] = 16,
+        val_windows: HeldOut = 16,
         tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
-        seqlen: Positions = 256,
+        seqlen: TrainPositions = 256,
         batch_size: Batch = 1,
         lr: LR = 1e-4,
         warmup: Fraction = 0.05,
@@ -114,6 +114,7 @@ class LoRA:
         keep_checkpoints: KeepCheckpoints = 2,
         resume: Resume = "auto",
         gradient_checkpointing: Flag = False,
+        allow_overlap: Flag = False,
     ):
         knobs.check_args(LoRA, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
         for knob, value in (("r", r), ("seqlen", seqlen), ("batch_size", batch_size), ("log_every", log_every)):
@@ -162,6 +163,7 @@ class LoRA:
                 f"recovery.val_source={val_source} is the training source; held-out text must differ"
                 " (use recovery.val_source=wikitext2_valid with source=c4)"
             )
+        corpus.contamination(source, text_field, val_source if val_windows else None, allow_overlap)  # 13-grams
         kd = dict(kd or {})
         if set(kd) - {"loss", "temperature", "topk", "clm_weight"}:
             extra = ", ".join(sorted(set(kd) - {"loss", "temperature", "topk", "clm_weight"}))
@@ -188,7 +190,12 @@ class LoRA:
         """The knobs a checkpoint's training depends on: resuming under other values is refused."""
         keys = ("r", "alpha", "dropout", "target_modules", "objective", "kd", "source", "text_field", "tokens",
                 "seqlen", "batch_size", "grad_accum", "lr", "warmup", "weight_decay", "clip", "seed")  # fmt: skip
-        return {**{k: getattr(self, k) for k in keys}, **self.hub, "world_size": world()[1]}
+        return {
+            **{k: getattr(self, k) for k in keys},
+            **self.hub,
+            "world_size": world()[1],
+            "corpus": (corpus.digest(self.source) or {}).get("sha256"),
+        }  # an edited corpus
 
     @property
     def needs_teacher(self) -> bool:
@@ -345,6 +352,7 @@ class LoRA:
             "trainable_params": trainable,
             "source": self.source,
             "source_digest": corpus.digest(self.source),
+            "overlap": corpus.overlap_of(self.source),
             "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "lm_val_loss": {"before": before.get("lm"), "after": after.get("lm")},
             "loss_first": curve[0][1],

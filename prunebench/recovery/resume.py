@@ -286,7 +286,7 @@ class Checkpointer:
             )
         if saved != self.fingerprint:
             diff = [k for k in sorted(set(saved) | set(self.fingerprint)) if saved.get(k) != self.fingerprint.get(k)]
-            name = {k: k if k in ("windows", "world_size", "steps") else f"recovery.{k}" for k in diff}
+            name = {k: k if k in ("windows", "world_size", "steps", "corpus") else f"recovery.{k}" for k in diff}
             shown = ", ".join(f"{name[k]}={saved.get(k)!r} (now {self.fingerprint.get(k)!r})" for k in diff[:3])
             raise PrunebenchError(
                 f"{found} was written by a training with {shown}; rerun with the same knobs to resume,"

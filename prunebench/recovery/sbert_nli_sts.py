@@ -27,8 +27,9 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data.labelled import NLI_HUB, STS, nli, sts
+from prunebench.data.overlap import recipe_overlap
 from prunebench.evals.sts import sts_scores
-from prunebench.knobs import Positions, Seed
+from prunebench.knobs import Flag, Positions, Seed
 from prunebench.models.encoders import sentence_transformer
 from prunebench.placement import compute_device
 
@@ -57,6 +58,7 @@ class SbertNliSts:
         log_every: Annotated[int, Field(ge=1)] = 10,
         freeze_word_embeddings: bool = False,
         seed: Seed = 0,
+        allow_overlap: Flag = False,
     ):
         self.name = name
         self.nli = {"source": "snli", "split": "dev", "loss": "softmax", "epochs": 1, "batch_size": 16, "lr": 2e-5,
@@ -85,6 +87,8 @@ class SbertNliSts:
         self.eval_every, self.log_every, self.seed = eval_every, log_every, seed
         self.freeze_word_embeddings = freeze_word_embeddings
         self.tokenizer = None
+        # before any model loads: the training pairs against every STS test split and the dev split
+        self.overlap = recipe_overlap(self.nli, self.sts, self.dev, seed, allow_overlap)
 
     # -- data ----------------------------------------------------------------------------------
     def _nli_dataset(self):
@@ -175,7 +179,7 @@ class SbertNliSts:
             model.get_input_embeddings().weight.requires_grad_(False)
         st = sentence_transformer(model, self.tokenizer, self.pooling, self.max_length)
         self._dev_pairs = sts(self.dev["set"], self.dev["split"]).sample(self.dev["limit"], self.seed)
-        out = {"name": self.name, "dev_before": self._dev_spearman(st)}
+        out = {"name": self.name, "dev_before": self._dev_spearman(st), "overlap": self.overlap}
         if self.nli["source"] == "snli":
             out["note"] = "NLI stage on English SNLI (offline stand-in for IndicXNLI Marathi)"
         if self.nli["epochs"] or self.nli["max_steps"]:
