@@ -1,7 +1,7 @@
 """What a config may make Python call: the registry of instantiable components and Hydra's own hooks.
 
 The config is the registry: a `_target_` is instantiable only when a shipped YAML under conf/ names it
-(or `ALLOWED_IN_CODE` does) and the object it resolves to is defined in a prunebench module. A prefix
+and the object it resolves to is defined in a prunebench module. A prefix
 test alone is not enough: Hydra resolves `prunebench.config.Path.touch` or `prunebench.models.os.system`
 by attribute traversal to `pathlib.Path.touch` and `os.system`. The string is checked against the
 registry before anything is imported, so a refused target is never resolved, let alone called.
@@ -25,9 +25,6 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from prunebench import CONF_DIR, PrunebenchError
-
-# prunebench classes that code (not a YAML) may instantiate; none today.
-ALLOWED_IN_CODE: frozenset[str] = frozenset()
 
 CALLBACKS: frozenset[str] = frozenset()  # allowed hydra.callbacks targets: none by default
 
@@ -57,9 +54,9 @@ _TARGET = re.compile(r"""(?:^|[\s{,])_target_:\s*["']?([\w.]+)""", re.MULTILINE)
 
 @functools.lru_cache(maxsize=1)
 def registry() -> frozenset[str]:
-    """Every `_target_` of the shipped conf/ YAML files (Hydra's own conf/hydra excepted) plus
-    ALLOWED_IN_CODE: the components a run may instantiate."""
-    found: set[str] = set(ALLOWED_IN_CODE)
+    """Every `_target_` of the shipped conf/ YAML files (Hydra's own conf/hydra excepted): the
+    components a run may instantiate."""
+    found: set[str] = set()
     for path in CONF_DIR.rglob("*.yaml"):
         if path.relative_to(CONF_DIR).parts[0] != "hydra":
             found.update(_TARGET.findall(path.read_text()))

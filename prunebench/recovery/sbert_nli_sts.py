@@ -35,7 +35,6 @@ from prunebench.placement import compute_device
 
 log = logging.getLogger(__name__)
 
-STAGE_KEYS = {"epochs", "batch_size", "lr", "warmup", "max_samples", "max_steps"}
 
 
 class SbertNliSts:
