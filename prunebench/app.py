@@ -35,10 +35,13 @@ def summary(result: dict, run_dir: Path) -> str:
             f"pruner {prune['method']}: kept {len(prune['layers_kept'])} of {prune['layers_before']} layers"
             f" ({prune['layer_ratio']:.1%} removed); parameters {prune['params_before']:,} -> {prune['params_after']:,}"
         )
-    elif prune.get("params_after", 0) < prune.get("params_before", 0):  # width removal: LLM-Pruner, SliceGPT
+    elif "slicing_fraction" in prune or prune.get("params_after", 0) < prune.get("params_before", 0):
+        # width removal (LLM-Pruner, SliceGPT): the share of the whole model, signed (slicing a tied
+        # model's hidden size a little ADDS parameters: its head is untied, two shortcuts a layer)
+        sliced = f" (slicing {prune['slicing_fraction']:.0%}: d {prune['d']} of {prune['D']})" if "d" in prune else ""
         lines.append(
-            f"pruner {prune['method']}: parameters {prune['params_before']:,} -> {prune['params_after']:,}"
-            f" ({prune['params_removed_share']:.1%} of the whole model removed)"
+            f"pruner {prune['method']}{sliced}: parameters {prune['params_before']:,} -> {prune['params_after']:,}"
+            f" ({prune['params_removed_share']:+.1%} of the whole model removed)"
         )
     else:
         lines.append(

@@ -372,3 +372,28 @@ def test_structured_baselines_refuse_encoders(name, method, record_property):
     record_property("refused", "decoder-only: an encoder has no next-token loss / residual stream to slice")
     with pytest.raises(PrunebenchError, match="causal language model"):
         validate(compose("experiment=smoke/tiny", f"model={name}", f"pruner={method}", "eval=[]"), build=True)
+
+
+POST_NORM = ["tiny-gemma2", "tiny-gemma3", "tiny-olmo2"]  # a norm on the residual branch: no rotation invariance
+
+
+@pytest.mark.parametrize("name", [n for n in DECODERS if n not in POST_NORM])
+def test_slicegpt_round_trips(name, tmp_path):
+    """Norms folded, the residual stream rotated and sliced 25%: the saved sliced model (safetensors +
+    prunebench_sliced.json) reloads to the same logits."""
+    from prunebench.models.sliced import is_sliced, load_sliced, save_sliced
+    from prunebench.pruners.slicegpt import SliceGPT
+
+    model = tiny(name, layers=4)
+    SliceGPT(sparsity=0.25)(model, random_calib(n=4, seqlen=16))
+    assert is_sliced(model) and torch.isfinite(out(model)).all()
+    save_sliced(model, ByteTokenizer(), tmp_path)
+    again, _ = load_sliced(tmp_path)
+    torch.testing.assert_close(out(again), out(model))
+
+
+@pytest.mark.parametrize("name", POST_NORM)
+def test_slicegpt_refuses_post_norm_families(name, record_property):
+    record_property("refused", "a norm after the attention/MLP output does not commute with the rotation")
+    with pytest.raises(PrunebenchError, match="slicegpt|SliceGPT"):
+        validate(compose("experiment=smoke/tiny", f"model={name}", "pruner=slicegpt"), build=True)
