@@ -77,6 +77,7 @@ def render(cells: dict[tuple[str, str], str]) -> str:
     families = list(dict.fromkeys(f for f, _ in sorted(cells, key=lambda c: c[0])))
     order = ["magnitude", "magnitude 2:4", "wanda", "wanda 2:4", "sparsegpt", "sparsegpt 2:4", "gblm", "gblm 2:4",
              "layer_drop", "shortgpt", "laco", "minitron heads+ffn", "minitron all-axes", "minitron experts",
+             "llm_pruner", "slicegpt",
              "kd + save/eval", "lora + save/eval", "lm_finetune + save/eval"]  # fmt: skip
     columns = [c for c in order if any(k[1] == c for k in cells)]
     lines = [
@@ -86,7 +87,8 @@ def render(cells: dict[tuple[str, str], str]) -> str:
         "(do not edit by hand). ✔ = that test passed when this file was written: the method ran on the tiny",
         "random model of the family (`conf/model/tiny-*.yaml`, 2 layers, hidden 64) and its checks held",
         "(mask pruners: every linear and every expert matrix at the target sparsity, routers untouched;",
-        "depth and Minitron: saved, reloaded with `from_pretrained`, identical logits; recovery: masks kept,",
+        "depth and Minitron: saved, reloaded with `from_pretrained`, identical logits; LLM-Pruner (layers 1..2",
+        "of 4) and SliceGPT (25%): saved in prunebench's own format, reloaded, same logits; recovery: masks kept,",
         "the saved model evaluates to the same perplexity). refused = a test asserts the one-line refusal.",
         "— = not covered.",
         "",
