@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -45,6 +46,15 @@ def instantiate(node: DictConfig, **kwargs: Any) -> Any:
         cause = err.__cause__
         if isinstance(cause, PrunebenchError):
             raise cause from None
+        if isinstance(cause, TypeError) and (m := re.search(r"unexpected keyword argument '(\w+)'", str(cause))):
+            # a knob added with +group.knob= that the component does not take
+            root = node._get_root()
+            where = next((g for g in GROUPS if node is OmegaConf.select(root, g)), "the component")
+            name = node.get("name", "")
+            raise PrunebenchError(
+                f"{where}.{m.group(1)} is not a knob of {where}={name}; drop it"
+                f" (its knobs: prunebench run {where}={name} --cfg job)"
+            ) from None
         raise PrunebenchError(" ".join(str(err).split())) from None
 
 

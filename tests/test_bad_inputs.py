@@ -90,6 +90,11 @@ RUN_ROWS = [
         ],
         "more than the model's 4 experts",
     ),
+    (
+        "lora-engine-added",
+        [*TINY, "recovery=lora", "+recovery.engine=fsdp"],
+        "recovery.engine is not a knob of recovery=lora; drop it",
+    ),
     ("train-seqlen-1", [*TINY, "recovery=lm_finetune", "recovery.seqlen=1"], "recovery.seqlen=1 is outside [2,"),
     ("val-windows-huge", [*TINY, "recovery=lora", "recovery.val_windows=100000"], "recovery.val_windows=100000"),
     # issue 29: an override that would change nothing is refused, so metrics.json's config is what ran
