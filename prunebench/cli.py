@@ -393,7 +393,7 @@ def reproduce(
     """Run every experiment config of PAPER at SCALE as one sweep, then print the reproduced table
     beside the paper's numbers. Extra arguments are Hydra overrides/flags for every job.
 
-    Embedded scale on a 2-core CPU (docs/results.md): gblm 16 min, laco ~30 min (more with its baselines),
+    Embedded scale on a 2-core CPU (docs/results.md): gblm 16 min, laco ~30-40 min (9 cells with its baselines),
     bert_cls 35 min, sbert 74 min, minibridgebert 1.7 h, minitron 3.4 h. Paper scale needs the Hub and GPUs."""
     import datetime
 
