@@ -36,7 +36,6 @@ from prunebench.placement import compute_device
 log = logging.getLogger(__name__)
 
 
-
 class SbertNliSts:
     needs_teacher = False
 
