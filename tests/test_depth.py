@@ -160,7 +160,7 @@ def test_efficiency_flops_halve_with_half_the_layers():
     layer_drop.LayerDrop(keep="top", layers=4)(model)
     ratio = flops_per_token(model, 64) / dense
     assert 0.5 <= ratio < 0.6  # blocks halve; the LM head stays
-    m = Efficiency(prompt_len=16, gen_len=4, repeats=1)(model)
+    m = Efficiency(prompt_len=16, gen_len=8, repeats=3)(model)  # medians: decode time above noise
     assert m["layers"] == 4 and m["params"] >= m["nonzero_params"] > 0
     assert m["prefill_ms"] > 0 and m["decode_tokens_per_s"] > 0
 

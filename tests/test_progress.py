@@ -59,3 +59,18 @@ def test_roberta_context_counts_its_position_offset():
 
     assert context_of({"model_type": "xlm-roberta", "max_position_embeddings": 258, "pad_token_id": 1}) == 256
     assert context_of({"model_type": "llama", "max_position_embeddings": 258}) == 258
+
+
+def test_efficiency_records_no_decode_speed_when_noise_leaves_no_decode_time(monkeypatch, caplog):
+    """One repeat on a busy machine: generate can time below the prefill; no 1.5e10 tokens/s is recorded."""
+    from prunebench import models
+    from prunebench.config import compose
+    from prunebench.evals import efficiency
+
+    model, tok = models.load(compose("model=tiny-llama").model, "/nonexistent")
+    times = iter([2.0, 1.0])  # prefill 2 s, then generate 1 s
+
+    monkeypatch.setattr(efficiency, "timed", lambda fn, device: next(times))
+    out = efficiency.Efficiency(prompt_len=8, gen_len=4, repeats=1)(model, tok)
+    assert "decode_tokens_per_s" not in out and out["prefill_ms"] == 2000.0
+    assert "no decode tokens/s" in caplog.text

@@ -162,7 +162,13 @@ class Efficiency:
             decode = [timed(lambda: model.generate(input_ids=prompt, **kw), device) for _ in range(self.repeats)]
             # generate = one prefill + gen_len − 1 cached decode steps (+ the last token's sampling)
             decode_s = statistics.median(decode) - statistics.median(prefill)
-            out["decode_tokens_per_s"] = self.batch_size * (self.gen_len - 1) / max(decode_s, 1e-9)
+            if decode_s > 0:
+                out["decode_tokens_per_s"] = self.batch_size * (self.gen_len - 1) / decode_s
+            else:  # timing noise (one repeat on a busy machine) left no decode time: no number, not 1.5e10
+                log.warning(
+                    "efficiency: generate took no longer than the prefill (timing noise); no decode tokens/s"
+                    " recorded: raise eval.efficiency.repeats or eval.efficiency.gen_len"
+                )
         peak = _peak_mb(device)
         if peak is not None:
             out["peak_mb"] = peak
