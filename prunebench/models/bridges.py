@@ -54,11 +54,11 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
+from prunebench.models.spec import WEIGHTS_FILE, folder_tokenizer, load_weights, read_folder
 
 FORMS = ("residual", "plain")
 FIT_METHODS = ("rrr", "svd")
 SPEC_FILE = "prunebench_bridges.json"
-WEIGHTS_FILE = "model.safetensors"
 HEAD_FILE = "classifier_head.safetensors"
 
 
@@ -330,14 +330,9 @@ def classifier_logits(model: nn.Module, enc) -> torch.Tensor:
 def load_bridged(folder: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a `save_bridged` folder, in eval mode, on the CPU."""
     import transformers
-    from safetensors.torch import load_model
 
     folder = Path(folder)
-    try:
-        spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise PrunebenchError(f"cannot read the bridged model in {folder}: {err}") from None
+    spec, config = read_folder(folder, SPEC_FILE, "bridged")
     if spec.get("format") != "prunebench-bridges":
         raise PrunebenchError(f"{folder / SPEC_FILE} is not a prunebench bridge spec")
     cls = getattr(transformers, spec.get("arch", ""), None)
@@ -351,11 +346,7 @@ def load_bridged(folder: str | Path, dtype: torch.dtype | None = None):
     for b in spec["bridges"]:
         bridge = LowRankBridge(int(b["hidden"]), int(b["rank"]), b["form"], bool(b["bias"]))
         replace_block(model, int(b["index"]), bridge, returns=b["returns"])
-    try:
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    except (OSError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrunebenchError(f"{folder / WEIGHTS_FILE} does not match {SPEC_FILE}: {first}") from None
+    load_weights(model, folder, SPEC_FILE)
     if "head" in spec:
         from safetensors.torch import load_file
 
@@ -363,10 +354,7 @@ def load_bridged(folder: str | Path, dtype: torch.dtype | None = None):
         head = nn.Sequential(nn.Dropout(h["dropout"]), nn.Linear(config.hidden_size, int(h["classes"])))
         head.load_state_dict(load_file(folder / HEAD_FILE), strict=True)
         model.prunebench_head = (head.eval(), h["pooling"])
-    tokenizer = None
-    with contextlib.suppress(OSError, ValueError):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
+    return model.eval(), folder_tokenizer(folder)
 
 
 def bridge_count(model: nn.Module) -> int:

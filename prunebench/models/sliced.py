@@ -43,7 +43,6 @@ the spec.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +52,9 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks, fused_experts
+from prunebench.models.spec import WEIGHTS_FILE, folder_tokenizer, load_weights, read_folder
 
 SPEC_FILE = "prunebench_sliced.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT = "prunebench-sliced"
 
 # Pre-norm decoders whose residual branches end in a linear: the rotation commutes with everything
@@ -541,14 +540,9 @@ def build_structure(model: nn.Module, spec: dict) -> None:
 def load_sliced(folder: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a `save_sliced` folder, in eval mode, on the CPU."""
     import transformers
-    from safetensors.torch import load_model
 
     folder = Path(folder)
-    try:
-        spec = json.loads((folder / SPEC_FILE).read_text(encoding="utf-8"))
-        config = transformers.AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError) as err:
-        raise PrunebenchError(f"cannot read the sliced model in {folder}: {err}") from None
+    spec, config = read_folder(folder, SPEC_FILE, "sliced")
     if not isinstance(spec, dict) or spec.get("format") != FORMAT:
         raise PrunebenchError(f"{folder / SPEC_FILE} is not a prunebench sliced-model spec")
     if problem := family_problem(getattr(config, "model_type", None)):
@@ -566,12 +560,5 @@ def load_sliced(folder: str | Path, dtype: torch.dtype | None = None):
         build_structure(model, spec)
     except (KeyError, TypeError) as err:
         raise PrunebenchError(f"{folder / SPEC_FILE} is incomplete ({type(err).__name__}: {err})") from None
-    try:
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    except (OSError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrunebenchError(f"{folder / WEIGHTS_FILE} does not match {SPEC_FILE}: {first}") from None
-    tokenizer = None
-    with contextlib.suppress(OSError, ValueError):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
+    load_weights(model, folder, SPEC_FILE)
+    return model.eval(), folder_tokenizer(folder)

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from prunebench import PrunebenchError
-from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
+from prunebench.models.spec import WEIGHTS_FILE, folder_tokenizer, load_weights, read_folder
+from prunebench.models.trim import _mlp, ffn_size, head_dim, layer_heads, trim_heads, trim_mlp
 
 SPEC_FILE = "prunebench_widths.json"
-WEIGHTS_FILE = "model.safetensors"
 FORMAT = "prunebench-widths"
 
 
@@ -48,9 +48,9 @@ def layer_widths(model: nn.Module) -> list[dict]:
     experts), read from the weights. ValueError for blocks that are not decoder attention blocks."""
     out = []
     for i, block in enumerate(find_blocks(model)):
-        heads, kv = trim_ops.layer_heads(model, i)
+        heads, kv = layer_heads(model, i)
         try:
-            ffn = trim_ops.ffn_size(trim_ops._mlp(block))
+            ffn = ffn_size(_mlp(block))
         except ValueError:  # a mixture of experts: no single intermediate size
             ffn = None
         out.append({"heads": heads, "kv_heads": kv, "intermediate": ffn})
@@ -106,7 +106,7 @@ def pin_layer_shapes(model: nn.Module) -> None:
         attn = getattr(block, "self_attn", None)
         if attn is None or getattr(attn, "config", None) is None:
             continue
-        mine = trim_ops.layer_heads(model, i)
+        mine = layer_heads(model, i)
         if mine != (heads, kv):
             attn.config = LayerConfig(config, num_attention_heads=mine[0], num_key_value_heads=mine[1])
         elif isinstance(attn.config, LayerConfig):
@@ -119,7 +119,7 @@ def widths_spec(model: nn.Module) -> dict:
         "version": 1,
         "arch": type(model).__name__,
         "num_hidden_layers": len(find_blocks(model)),
-        "head_dim": trim_ops.head_dim(model),
+        "head_dim": head_dim(model),
         "layers": layer_widths(model),
     }
 
@@ -182,7 +182,7 @@ def _build(spec: dict, config, dtype: torch.dtype | None) -> nn.Module:
 
 
 def _trim_to(model: nn.Module, i: int, want: dict, folder: Path) -> None:
-    heads, kv = trim_ops.layer_heads(model, i)
+    heads, kv = layer_heads(model, i)
     if (want["heads"], want["kv_heads"]) != (heads, kv):
         r, r_new = heads // kv, want["heads"] // want["kv_heads"]
         if want["kv_heads"] > kv or r_new > r:
@@ -191,34 +191,28 @@ def _trim_to(model: nn.Module, i: int, want: dict, folder: Path) -> None:
                 f" config.json's {heads} / {kv}"
             )
         keep = [g * r + j for g in range(want["kv_heads"]) for j in range(r_new)]  # first heads of the first groups
-        trim_ops.trim_heads(model, i, keep, range(want["kv_heads"]))
+        trim_heads(model, i, keep, range(want["kv_heads"]))
     if want["intermediate"] is not None:
-        ffn = trim_ops.ffn_size(trim_ops._mlp(find_blocks(model)[i]))
+        ffn = ffn_size(_mlp(find_blocks(model)[i]))
         if want["intermediate"] > ffn:
             raise PrunebenchError(
                 f"{folder / SPEC_FILE}: layer {i} has intermediate {want['intermediate']}, more than config.json's"
                 f" {ffn}"
             )
         if want["intermediate"] < ffn:
-            trim_ops.trim_mlp(model, i, range(want["intermediate"]))
+            trim_mlp(model, i, range(want["intermediate"]))
 
 
 def load_widths(folder: str | Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from a `save_widths` folder, in eval mode, on the CPU."""
-    import transformers
-    from safetensors.torch import load_model
-
     folder = Path(folder)
     spec = _read_spec(folder)
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder)  # no trust_remote_code: stock classes only
-    except (OSError, ValueError) as err:
-        raise PrunebenchError(f"cannot read {folder / 'config.json'}: {str(err).splitlines()[0]}") from None
+    _, config = read_folder(folder, SPEC_FILE, "per-layer-widths")
     model = _build(spec, config, dtype)
     blocks = find_blocks(model)
     if len(blocks) != spec["num_hidden_layers"]:
         raise PrunebenchError(f"{folder}: config.json and {SPEC_FILE} disagree on the number of layers")
-    if trim_ops.head_dim(model) != spec.get("head_dim"):
+    if head_dim(model) != spec.get("head_dim"):
         raise PrunebenchError(f"{folder}: config.json and {SPEC_FILE} disagree on head_dim")
     try:
         for i, want in enumerate(spec["layers"]):
@@ -227,12 +221,5 @@ def load_widths(folder: str | Path, dtype: torch.dtype | None = None):
         raise PrunebenchError(f"{folder / SPEC_FILE} does not fit the model: {err}") from None
     pin_layer_shapes(model)
     model.tie_weights()  # no_init_weights skipped the tying post-init does (a no-op for untied models)
-    try:
-        load_model(model, str(folder / WEIGHTS_FILE), strict=True)
-    except (OSError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PrunebenchError(f"{folder / WEIGHTS_FILE} does not match {SPEC_FILE}: {first}") from None
-    tokenizer = None
-    with contextlib.suppress(OSError, ValueError):
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    return model.eval(), tokenizer
+    load_weights(model, folder, SPEC_FILE)
+    return model.eval(), folder_tokenizer(folder)
