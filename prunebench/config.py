@@ -283,6 +283,8 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
                 f"the cached config.json of model {cfg.model.name} is unreadable ({type(err).__name__});"
                 f" delete {Path(cfg.paths.cache_dir) / 'models' / safe_name(cfg.model.name)} to rebuild it"
             ) from None
+        if dims is None and cfg.model.get("model_type"):  # a GGUF model before its first conversion
+            dims = {"model_type": cfg.model.model_type, "num_hidden_layers": cfg.model.get("num_layers")}
         recovery = instantiate(cfg.recovery)
         if "_target_" in (cfg.get("logger") or {}):  # logger knobs (wandb mode, ...) fail before any model loads
             instantiate(cfg.logger)

@@ -90,6 +90,11 @@ RUN_ROWS = [
         ],
         "more than the model's 4 experts",
     ),
+    (  # before the 2.7-minute GGUF conversion: the model YAML's model_type is known without a config.json
+        "experts-on-dense-gguf",
+        ["model=gemma3-270m", "pruner=minitron", "pruner.target.heads=null", "pruner.target.experts=2"],
+        "pruner.target.experts: gemma3_text has no experts",
+    ),
     (
         "lora-engine-added",
         [*TINY, "recovery=lora", "+recovery.engine=fsdp"],
