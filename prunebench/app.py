@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -188,6 +189,12 @@ def task(cfg: DictConfig) -> float | None:
             sys.exit(128 + signum)
         except Exception as err:  # a bug, an out-of-memory: the tracker shows the failed run, then the traceback
             tracking.log_failure(cfg, Path(HydraConfig.get().runtime.output_dir), err)
+            from prunebench.launch import lost_peer
+
+            if lost_peer(err):  # another rank ended first: its own output says why, this one only follows
+                rank, world = _rank(), int(os.environ["WORLD_SIZE"])
+                print(f"process {rank} of {world} stops: another process of the job ended", file=sys.stderr)
+                sys.exit(1)
             raise
     _FINISHED.append(run_dir)
     if result.get("rank"):  # a non-zero rank of a multi-process job: rank 0 reports, logs and writes

@@ -214,23 +214,49 @@ def _rank_overrides(overrides: list[str]) -> list[str]:
     return extra
 
 
+@contextlib.contextmanager
+def _world_size(nproc: int | None):
+    """WORLD_SIZE set to the processes `--nproc` will start, while the config is checked."""
+    if not nproc or nproc == 1:
+        yield
+        return
+    os.environ["WORLD_SIZE"] = str(nproc)
+    try:
+        yield
+    finally:
+        del os.environ["WORLD_SIZE"]
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
 )
 def run(ctx: typer.Context) -> None:
     """Run prune -> recover -> evaluate. Arguments are Hydra's: overrides (pruner=wanda
-    pruner.sparsity=0.6), -m for sweeps, --cfg job to print the config, hydra.run.dir=..."""
+    pruner.sparsity=0.6), -m for sweeps, --cfg job to print the config, hydra.run.dir=...; and
+    --nproc N: N processes on this node (torchrun --standalone --nproc_per_node N, checked once)."""
     args = list(ctx.args)
     if args[:1] in (["--help"], ["-h"]):
         typer.echo(ctx.get_help())
         typer.echo("\nHydra's own help: prunebench run --hydra-help; options: prunebench ls")
         raise typer.Exit(0)
+    from prunebench.launch import launch, split_nproc, under_launcher
+
+    try:
+        nproc, args = split_nproc(args)
+        if nproc and under_launcher():
+            raise PrunebenchError("--nproc starts the processes itself: drop it under torchrun, accelerate or SLURM")
+    except PrunebenchError as err:
+        _fail(str(err))
     overrides = split_args(args)
     try:
         named = _check_output_dirs(overrides)
-        check_overrides(overrides, config_dirs(args))
+        # checked once here, for the number of processes that will run (world-size rules: global_batch)
+        with _world_size(nproc):
+            check_overrides(overrides, config_dirs(args))
     except PrunebenchError as err:
         _fail(str(err))
+    if nproc and nproc > 1:
+        raise typer.Exit(launch(nproc, args))
     from prunebench.app import busy_message, run_task
     from prunebench.cache import RunDirBusy, run_dir_lock
 

@@ -530,3 +530,29 @@ def test_a_refusal_under_several_processes_is_said_once_and_exits_2_everywhere(r
     result = runner.invoke(app, ["run", *TINY, "pruner.sparsity=1.5", f"hydra.run.dir={tmp_path / 'o'}"])
     assert result.exit_code == 2
     assert ("outside [0, 1)" in result.stderr) == (rank == "0") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--nproc", "2", *KD, "recovery.global_batch=3"], "recovery.global_batch=3 is not a multiple of"),
+        (["--nproc", "0", *TINY], "--nproc 0 must be a whole number of processes"),
+        (["--nproc=two", *TINY], "--nproc two must be a whole number"),
+        ([*TINY, "--nproc"], "--nproc needs a number of processes"),
+    ],
+    ids=["world-size-rule", "zero", "word", "missing"],
+)
+def test_nproc_is_checked_once_before_any_process_starts(runner, earlier, tmp_path, no_loading, monkeypatch, args,
+                                                         needle):  # fmt: skip
+    """`prunebench run --nproc N`: the launching process checks the config for N processes (WORLD_SIZE
+    rules included) before starting any: one line, exit 2, no worker, no torchrun traceback."""
+    monkeypatch.setattr("prunebench.launch.launch", lambda *a: pytest.fail("a worker was started"))
+    result = runner.invoke(app, ["run", *args, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert_one_line(result.exit_code, result.stderr, needle, tmp_path, earlier)
+
+
+def test_nproc_under_torchrun_is_refused(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = runner.invoke(app, ["run", "--nproc", "2", *TINY, f"hydra.run.dir={tmp_path / 'o'}"])
+    assert result.exit_code == 2 and "--nproc starts the processes itself" in result.stderr

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -166,10 +167,9 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(tmp_path):
     loss curves agree to the 1e-3 of the DDP test and perplexity to the issue's 1%. Rank 0 held about
     half the parameters while training (really sharded), and evaluated the gathered full model."""
     runs = {}
-    for engine in ("ddp", "fsdp"):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "prunebench", "run", *RUN, "recovery.grad_accum=1", f"recovery.engine={engine}",
-               f"hydra.run.dir={tmp_path / engine}"]  # fmt: skip
+    for engine in ("ddp", "fsdp"):  # through `prunebench run --nproc 2` (torchrun's launch, inside prunebench)
+        cmd = [sys.executable, "-m", "prunebench", "run", "--nproc", "2", *RUN, "recovery.grad_accum=1",
+               f"recovery.engine={engine}", f"hydra.run.dir={tmp_path / engine}"]  # fmt: skip
         r = subprocess.run(cmd, capture_output=True, text=True, env=_env(tmp_path), cwd=tmp_path, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[engine] = json.loads((tmp_path / engine / "metrics.json").read_text())
@@ -215,3 +215,29 @@ def test_lora_trains_data_parallel_on_two_processes(tmp_path, cli_inproc):
 
     rng = torch.load(two / "checkpoints" / "step-2.pt", weights_only=True)["rng"]
     assert isinstance(rng, list) and len(rng) == 2 and not torch.equal(rng[0]["cpu"], rng[1]["cpu"])
+
+
+@pytest.mark.slow
+def test_a_killed_process_is_one_line_from_each_side(tmp_path):
+    """`prunebench run --nproc 2`, one worker SIGKILLed while training (the kernel's out-of-memory
+    killer does this): the launcher names the process and the signal in one line and exits 137; the
+    survivor, whose collective fails, says in one line that it follows; no traceback anywhere."""
+    import psutil
+
+    run = ["experiment=smoke/tiny", "recovery=kd", "recovery.tokens=4000000", f"hydra.run.dir={tmp_path / 'o'}"]
+    cmd = [sys.executable, "-m", "prunebench", "run", "--nproc", "2", *run]
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(tmp_path), cwd=tmp_path)
+        deadline = time.monotonic() + 300
+        while "recover: started" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2, log.read_text()[-2000:]
+        time.sleep(2)
+        workers[1].kill()
+        rc = proc.wait(timeout=120)
+    text = log.read_text()
+    assert rc == 137, text[-2000:]
+    assert text.count("was killed by SIGKILL") == 1 and "another process of the job ended" in text
+    assert "Traceback" not in text and "ChildFailedError" not in text
