@@ -290,6 +290,7 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
             instantiate(cfg.logger)
         evaluators = {name: instantiate(node) for name, node in selected_evals(cfg).items()}
         _check_model_fit(cfg, pruner, evaluators, dims)
+        check_contamination(cfg, evaluators)
         layers = cfg.model.get("num_layers") or (dims or {}).get("num_hidden_layers")
         if layers:  # each component's knobs against the model's shape (depth, widths, heads, context)
             for component in (pruner, recovery, *evaluators.values()):
@@ -299,6 +300,22 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
 
         check_available(cfg.model)
         placement.plan(cfg, pruner, evaluators, recovery)  # the memory plan: stops before loading
+
+
+def check_contamination(cfg: DictConfig, evaluators: dict) -> None:
+    """A recovery's training text against every evaluation set of the run (beyond WikiText-2 test and the
+    held-out set, which the recovery gates itself): lm-eval's local tasks, another perplexity set."""
+    source = cfg.recovery.get("source")
+    if not isinstance(source, str):
+        return
+    from prunebench.recovery import corpus
+
+    sets = {}
+    for ev in evaluators.values():
+        if text := getattr(ev, "evaluation_text", None):  # evaluators of text an LM could train on
+            sets.update(text())
+    allow = bool(cfg.recovery.get("allow_overlap", False))
+    corpus.against_evaluations(source, sets, cfg.recovery.get("text_field") or "text", allow)
 
 
 def group_options(group: str, roots: tuple[Path, ...] = ()) -> dict[str, str]:

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError, cache, models, placement
 from prunebench.cache import fingerprint
-from prunebench.config import fit_quick_profile, instantiate, selected_evals, validate
+from prunebench.config import check_contamination, fit_quick_profile, instantiate, selected_evals, validate
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
 from prunebench.placement import stage
@@ -157,6 +157,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         recovery = instantiate(cfg.recovery)
         evaluators = {name: instantiate(ev) for name, ev in selected_evals(cfg).items()}
         verify_texts(cfg, pruner, recovery, evaluators)  # a corrupted data file stops here, not after loading
+        check_contamination(cfg, evaluators)  # training text vs lm-eval's tasks and the other evaluated sets
         plan = placement.plan(cfg, pruner, evaluators, recovery, engine.world()[1])  # stops here if it cannot fit
     log.info(plan.line())
     device, timings = plan.device, {}

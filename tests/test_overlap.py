@@ -2,7 +2,8 @@
 tokenized and detokenized forms normalise to the raw form's words (on the real files); hashed 13-gram
 overlap equals a plain-Python count; the tokenized test file, the test file plus a newline, a folder
 holding a 20 kB slice of it and a copy of the held-out file stop the run in one line naming the file,
-the set and the overlap, before any model loads; a clean C4-derived corpus trains with its overlap
+the set and the overlap, before any model loads, and so does training text holding an lm-eval task's rows
+(the evaluators' own text: `evaluation_text()`); a clean C4-derived corpus trains with its overlap
 (0) and its `sha256sum` recorded; `recovery.allow_overlap=true` trains knowingly. Also the corpus rows
 of issue 29's weak list (exit 2, one `error:` line, no traceback): a bad JSON row named by its line,
 latin-1 text, null and numeric text fields, a .csv in a source folder, `hf:WikiText` in another case."""
@@ -299,6 +300,12 @@ def one_line(r, needle: str) -> None:
     assert len(errors) == 1 and re.search(needle, errors[0]), r.stderr[-2000:]
 
 
+def boolq_rows(path: Path, n: int = 60) -> bytes:
+    """A training corpus holding the passages and questions of BoolQ's first rows (an evaluation task)."""
+    rows = [json.loads(line)["query"] for line in path.read_text().splitlines()[:n]]
+    return "".join(json.dumps({"text": t}) + "\n" for t in rows).encode()
+
+
 KD = ["recovery=kd"]
 HUB = ["recovery.source=hf:WikiText", "recovery.source_config=wikitext-2-raw-v1", "recovery.source_split=validation"]
 SBERT = ["model=tiny-bert", "eval=[]", "calib.seqlen=16", "calib.nsamples=2", "recovery=sbert_nli_sts"]
@@ -324,6 +331,9 @@ ROWS = [  # (id, files to write: name -> bytes, or a function of the data root; 
     ("csv-in-folder", {"f/a.jsonl": b'{"text": "a"}\n', "f/b.csv": b"text\nb\n"}, [*KD, "recovery.source={tmp}/f"],
      "f/b.csv is not a corpus file"),
     ("hub-wikitext-case", {}, [*KD, *HUB], "the validation split of WikiText is evaluation data"),
+    ("lm-eval-task-text", {"q.jsonl": lambda d: boolq_rows(d / "boolq" / "boolq.jsonl")},
+     [*KD, "recovery.source={tmp}/q.jsonl", "eval=lm_eval", "eval.lm_eval.tasks=[boolq]"],
+     f"q.jsonl holds 1.91% {WORDS} evaluation set lm_eval/boolq"),
     ("sbert-on-test", {}, [*SBERT, "recovery.sts.split=test", "recovery.nli.epochs=0"],
      "100% of the sentence pairs of the evaluation split stsb_mr/test"),
 ]  # fmt: skip
@@ -352,6 +362,11 @@ def test_clean_corpus_trains_and_records_overlap_and_sha256sum(tmp_path, cli_inp
     rec = json.loads((tmp_path / "a" / "metrics.json").read_text())["recovery"]
     assert rec["source_digest"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert rec["overlap"]["sets"]["wikitext2_test"]["overlap"] == 0 and rec["overlap"]["train_ngrams"] > 100000
+    r = cli_inproc("run", *common, f"recovery.source={src}", "eval=opencompass", "eval.opencompass.limit=2",
+                   "eval.opencompass.tasks=[boolq,rte]", f"hydra.run.dir={tmp_path / 'o'}")  # fmt: skip
+    assert r.exit_code == 0, r.stderr[-2000:]
+    sets = json.loads((tmp_path / "o" / "metrics.json").read_text())["recovery"]["overlap"]["sets"]
+    assert sets["lm_eval/boolq"]["overlap"] == sets["lm_eval/rte"]["overlap"] == 0  # the run's lm-eval tasks too
     (tmp_path / "mix").mkdir()
     (tmp_path / "mix" / "a.jsonl").write_bytes(src.read_bytes())
     (tmp_path / "mix" / "b.txt").write_bytes(data_file(RAW).read_bytes()[:30000])
@@ -361,3 +376,18 @@ def test_clean_corpus_trains_and_records_overlap_and_sha256sum(tmp_path, cli_inp
     assert (r.stdout + r.stderr).count("training on it anyway (recovery.allow_overlap=true)") >= 1
     rec = json.loads((tmp_path / "b" / "metrics.json").read_text())["recovery"]["overlap"]
     assert rec["allowed"] and rec["worst_part"].endswith("b.txt") and rec["sets"]["wikitext2_test"]["overlap"] > 0.02
+
+
+def test_the_classification_splits_overlap_is_recorded():
+    """eval=cola / classification train on one split and score another; the share of scored sentences
+    the training split holds (normalised words) is recorded: 2/3 here, 1.33% for CoLA's real splits."""
+    from prunebench.data.labelled import classification
+    from prunebench.evals.finetune import split_overlap
+
+    assert split_overlap(["The cat sat.", "A dog ran"], ["the CAT sat", "birds fly", "a  dog ran!"]) == 2 / 3
+    assert split_overlap(["x"], []) == 0.0
+    try:
+        train, dev = classification("cola", "in_domain_train"), classification("cola", "in_domain_dev")
+    except PrunebenchError:
+        pytest.skip("CoLA is not in a data root here")
+    assert split_overlap(train.texts, dev.texts) == pytest.approx(0.01328, abs=1e-4)

@@ -9,7 +9,8 @@ encoder, trained on one split and scored on another.
 
 Reported ×100: accuracy, macro-F1 (mean of per-class F1) and MCC
 = (TP·TN − FP·FN) / √((TP+FP)(TP+FN)(TN+FP)(TN+FN)), its multi-class form (Gorodkin's R_K) for K > 2.
-The copy is fine-tuned; the model handed to the next evaluator is untouched.
+The copy is fine-tuned; the model handed to the next evaluator is untouched. `test_in_train` records the
+share of the scored sentences that the training split holds too (`split_overlap`).
 """
 
 from __future__ import annotations
@@ -171,4 +172,17 @@ class FineTuneClassifier:
             "mcc": 100 * mcc(pred, gold, k),
             "train_loss_first": losses[0],
             "train_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+            "test_in_train": split_overlap(train.texts, test.texts),
         }
+
+
+def split_overlap(train: list[str], test: list[str]) -> float:
+    """The share of the scored split's distinct sentences (normalised words, data/overlap.py) that the
+    training split holds too: the protocol's own splits overlap (CoLA in_domain_train vs in_domain_dev,
+    MahaNews valid vs test: 1–3% here), so it is recorded beside the score, not refused."""
+    import numpy as np
+
+    from prunebench.data import overlap
+
+    seen, scored = (overlap.distinct(overlap.sentence_hashes(t)) for t in (train, test))
+    return float(np.isin(scored, seen).mean()) if len(scored) else 0.0

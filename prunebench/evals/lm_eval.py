@@ -71,6 +71,15 @@ def load_task(name: str) -> list[dict]:
     return [{"query": d["query"] + suffix, "choices": d["choices"], "gold": d["gold"]} for d in rows]
 
 
+def _row_text(name: str) -> list[str]:
+    """Every string a task's rows show the model, one text a row."""
+    texts = []
+    for row in load_task(name):
+        parts = [row.get("query", ""), *row.get("choices", []), *row.get("contexts", []), row.get("continuation", "")]
+        texts.append("\n".join(p for p in parts if isinstance(p, str) and p))
+    return texts
+
+
 def local_file(name: str, cache_dir: Path) -> Path:
     """The task's rows normalised to one JSONL file under cache_dir (rewritten only when changed)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -197,6 +206,18 @@ class LMEval:
     def check(self, num_layers: int, dims=None) -> None:
         """Before any model loads (config.validate): every task name lm-eval does not know."""
         self._check_tasks([name for name in self.tasks if not (self.local and name in FILES)])
+
+    def evaluation_text(self) -> dict[str, list]:
+        """The text of each local task (queries, choices, contexts, continuations) as one overlap form
+        (data/overlap.py), for the contamination gate of a training source; Hub tasks are not read here."""
+        from prunebench.data import overlap, verify
+
+        out = {}
+        for name in self.tasks:
+            if self.local and name in FILES and (path := find(FILES[name])) is not None:
+                label = f"lm_eval/{name}"
+                out[label] = [(label, f"{verify.sha256(path)}:{name}:rows", lambda n=name: overlap.joined(_row_text(n)))]
+        return out
 
     def _check_tasks(self, hub: list[str]):
         manager = task_manager(bool(hub))  # built once per process: the run reuses the index

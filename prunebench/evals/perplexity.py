@@ -76,6 +76,12 @@ class Perplexity:
         self.max_windows, self.batch_size = max_windows, batch_size
         self._tokens: tuple[object, torch.Tensor] | None = None
 
+    def evaluation_text(self) -> dict[str, list]:
+        """The evaluated text in every form a data root holds (data/overlap.py), for the contamination gate."""
+        from prunebench.data import overlap
+
+        return {self.dataset: overlap.builtin_parts(self.dataset)}
+
     def tokens(self, tokenizer) -> torch.Tensor:
         if self._tokens is None or self._tokens[0] is not tokenizer:  # tokenize once per tokenizer
             self._tokens = (tokenizer, tokenize(tokenizer, "\n\n".join(load_texts(self.dataset))))

@@ -426,6 +426,26 @@ def contamination(
     return _overlaps[source]
 
 
+def against_evaluations(
+    source: str, sets: dict[str, list], text_field: str = "text", allow: bool = False, knob: str = "recovery.source"
+) -> None:  # fmt: skip
+    """The training text against the run's other evaluation sets (`evaluation_text()` of its evaluators:
+    lm-eval's local tasks, a perplexity set besides WikiText-2 test), gated as `contamination` gates and
+    added to the same record. Sources measured only once read (token ids, `hf:`) are named unchecked here."""
+    sets = {name: forms for name, forms in sets.items() if name != "wikitext2_test" and forms}  # gated already
+    if not sets or source not in _overlaps or source in _deferred:
+        if sets and source in _deferred:
+            _overlaps[source]["unchecked"] = sorted(sets)  # read after loading: the evaluators' sets not measured
+        return
+    train = _parts(source, text_field, knob) if is_path(source) else _forms(source)[:1]
+    if not train:
+        return
+    report = overlap.gate(train, {name: ("evaluation", forms) for name, forms in sets.items()}, f"{knob}={source}", allow)
+    record = _overlaps[source]
+    record.setdefault("sets", {}).update(report["sets"])
+    record.setdefault("roles", {}).update(report["roles"])
+
+
 def overlap_of(source: str) -> dict | None:
     """The overlap last measured for a source (metrics.json)."""
     return _overlaps.get(source)
