@@ -440,7 +440,8 @@ def against_evaluations(
     train = _parts(source, text_field, knob) if is_path(source) else _forms(source)[:1]
     if not train:
         return
-    report = overlap.gate(train, {name: ("evaluation", forms) for name, forms in sets.items()}, f"{knob}={source}", allow)
+    roles = {name: ("evaluation", forms) for name, forms in sets.items()}
+    report = overlap.gate(train, roles, f"{knob}={source}", allow)
     record = _overlaps[source]
     record.setdefault("sets", {}).update(report["sets"])
     record.setdefault("roles", {}).update(report["roles"])
