@@ -218,10 +218,10 @@ def fit_quick_profile(cfg: DictConfig, overrides: list[str] | None) -> str | Non
     `validate`. Nothing changes outside the quick profile or when the context is unknown."""
     if cfg.get("profile") != "quick":
         return None
-    from prunebench import placement
+    from prunebench import memory
 
     try:
-        ctx = knobs.context_of(placement.hf_config(cfg.model, cfg.paths.get("cache_dir")))
+        ctx = knobs.context_of(memory.hf_config(cfg.model, cfg.paths.get("cache_dir")))
     except (ValueError, OSError, OmegaConfBaseException):  # validate says what is wrong with it
         return None
     named = {o.lstrip("+~").split("=", 1)[0] for o in overrides or []}
@@ -268,7 +268,7 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
         _check_cross(cfg)
     except OmegaConfBaseException as err:  # an interpolation that does not resolve, e.g. ${oc.env:MISSING}
         raise PrunebenchError(str(err).splitlines()[0]) from None
-    from prunebench import placement  # torch: only once a run is being checked
+    from prunebench import memory, placement  # torch: only once a run is being checked
 
     device = placement.resolve_device(cfg.get("device", "auto"))
     placement.resolve_dtype(cfg.model.dtype, device)
@@ -277,7 +277,7 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
     if build:
         pruner = instantiate(cfg.pruner)
         try:
-            dims = placement.hf_config(cfg.model, cfg.paths.get("cache_dir"))  # None until first converted
+            dims = memory.hf_config(cfg.model, cfg.paths.get("cache_dir"))  # None until first converted
         except (ValueError, OSError) as err:  # a truncated or binary config.json in the converted-model cache
             raise PrunebenchError(
                 f"the cached config.json of model {cfg.model.name} is unreadable ({type(err).__name__});"
@@ -290,7 +290,6 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
             instantiate(cfg.logger)
         evaluators = {name: instantiate(node) for name, node in selected_evals(cfg).items()}
         _check_model_fit(cfg, pruner, evaluators, dims)
-        check_contamination(cfg, evaluators)
         layers = cfg.model.get("num_layers") or (dims or {}).get("num_hidden_layers")
         if layers:  # each component's knobs against the model's shape (depth, widths, heads, context)
             for component in (pruner, recovery, *evaluators.values()):
@@ -299,23 +298,7 @@ def validate(cfg: DictConfig, build: bool = False) -> None:
         from prunebench.models.loading import check_available
 
         check_available(cfg.model)
-        placement.plan(cfg, pruner, evaluators, recovery)  # the memory plan: stops before loading
-
-
-def check_contamination(cfg: DictConfig, evaluators: dict) -> None:
-    """A recovery's training text against every evaluation set of the run (beyond WikiText-2 test and the
-    held-out set, which the recovery gates itself): lm-eval's local tasks, another perplexity set."""
-    source = cfg.recovery.get("source")
-    if not isinstance(source, str):
-        return
-    from prunebench.recovery import corpus
-
-    sets = {}
-    for ev in evaluators.values():
-        if text := getattr(ev, "evaluation_text", None):  # evaluators of text an LM could train on
-            sets.update(text())
-    allow = bool(cfg.recovery.get("allow_overlap", False))
-    corpus.against_evaluations(source, sets, cfg.recovery.get("text_field") or "text", allow)
+        memory.plan(cfg, pruner, evaluators, recovery)  # the memory plan: stops before loading
 
 
 def group_options(group: str, roots: tuple[Path, ...] = ()) -> dict[str, str]:

@@ -13,14 +13,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from prunebench import PrunebenchError, cache, models, placement
+from prunebench import PrunebenchError, cache, memory, models, placement
 from prunebench.cache import fingerprint
-from prunebench.config import check_contamination, fit_quick_profile, instantiate, selected_evals, validate
+from prunebench.config import fit_quick_profile, instantiate, selected_evals, validate
 from prunebench.data import calibration_windows, text, verify
 from prunebench.models.loading import weights_digest
+from prunebench.models.stream import streamed
 from prunebench.placement import stage
 from prunebench.progress import heartbeat
-from prunebench.recovery import engine
+from prunebench.recovery import corpus, engine
 from prunebench.results import (
     check_metrics,
     check_numbers,
@@ -55,6 +56,20 @@ def data_digests(evaluators: dict) -> dict[str, str]:
         elif getattr(ev, "dataset", None) in text.LOCAL and (found := text.find(text.LOCAL[ev.dataset])):
             files.append(found)
     return {str(f.resolve()): verify.sha256(f) for f in sorted(set(files))}
+
+
+def check_contamination(cfg: DictConfig, evaluators: dict) -> None:
+    """A recovery's training text against every evaluation set of the run (beyond WikiText-2 test and the
+    held-out set, which the recovery gates itself): lm-eval's local tasks, another perplexity set."""
+    source = cfg.recovery.get("source")
+    if not isinstance(source, str):
+        return
+    sets = {}
+    for ev in evaluators.values():
+        if text := getattr(ev, "evaluation_text", None):  # evaluators of text an LM could train on
+            sets.update(text())
+    allow = bool(cfg.recovery.get("allow_overlap", False))
+    corpus.against_evaluations(source, sets, cfg.recovery.get("text_field") or "text", allow)
 
 
 def verify_texts(cfg: DictConfig, pruner, recovery, evaluators: dict) -> None:
@@ -128,6 +143,21 @@ def step(name: str, timings: dict | None = None, device=None):
         raise Interrupted(name) from None
 
 
+STREAMED = "model.partial"  # placement=stream: the pruned blocks as they are written; kept for a resume
+
+
+def _finish_stream(stream, tokenizer, staged: Path, cfg: DictConfig) -> dict | None:
+    """placement=stream: with save_model, the written blocks completed into the saved model's folder
+    (staged, renamed into place with metrics.json); without, the blocks are deleted."""
+    if not cfg.get("save_model"):
+        shutil.rmtree(stream.out, ignore_errors=True)
+        return None
+    if cfg.get("save_format", "hf") != "hf":
+        raise PrunebenchError("placement=stream writes save_format=hf; convert the saved folder afterwards")
+    os.replace(stream.finish(tokenizer), staged)
+    return {"format": "hf", "layout": None, "weight_bytes": sum(p.stat().st_size for p in staged.glob("*.safetensors"))}
+
+
 @contextmanager
 def _removed_on_failure(folder: Path):
     """A staged folder (the saved model before it is renamed into place) never outlives a failure."""
@@ -158,7 +188,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
         evaluators = {name: instantiate(ev) for name, ev in selected_evals(cfg).items()}
         verify_texts(cfg, pruner, recovery, evaluators)  # a corrupted data file stops here, not after loading
         check_contamination(cfg, evaluators)  # training text vs lm-eval's tasks and the other evaluated sets
-        plan = placement.plan(cfg, pruner, evaluators, recovery, engine.world()[1])  # stops here if it cannot fit
+        plan = memory.plan(cfg, pruner, evaluators, recovery, engine.world()[1])  # stops here if it cannot fit
     log.info(plan.line())
     device, timings = plan.device, {}
 
@@ -191,6 +221,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
             part.tokenizer = tokenizer
     if hasattr(recovery, "run_dir"):  # training checkpoints (recovery.checkpoint_every) live in the run dir
         recovery.run_dir = run_dir
+    if (stream := streamed(model)) is not None:  # placement=stream: each pruned block goes to disk at once
+        knobs = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["pruner", "calib", "seed"]), resolve=True)
+        key = fingerprint(knobs, weights_digest(model, Path(cfg.paths.cache_dir) / "digests"), str(plan.dtype))
+        if done := stream.write_to(run_dir / STREAMED, key):
+            log.info("stream: resuming after block %d of %d (its shards verified by SHA-256 in %s)",
+                     done - 1, stream.num_blocks, run_dir / STREAMED)  # fmt: skip
     with step("prune", timings, device):
         stats = pruner(model, calib)
         check_weights(model, "prune")
@@ -218,7 +254,10 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
             metrics.update({f"{name}/{k}": v for k, v in ev.relative(mine, dense).items()})
     params_after, nonzero_after = models.count_params(model)
     saved, staged = None, run_dir / ".tmp-model"  # renamed to model/ with metrics.json: never half a checkpoint
-    if cfg.get("save_model"):
+    if stream is not None:  # the pruned blocks are written already: the rest of the folder, or nothing kept
+        with step("save", timings, device):
+            saved = _finish_stream(stream, tokenizer, staged, cfg)
+    elif cfg.get("save_model"):
         with step("save", timings, device), _removed_on_failure(staged):
             saved = models.save_checkpoint(model, tokenizer, staged, cfg.model, cfg.get("save_format", "hf"))
 

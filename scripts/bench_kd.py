@@ -21,7 +21,7 @@ import time
 def measure(mode: str, model_name: str, device: str, batch: int, seqlen: int, steps: int) -> dict:
     import torch
 
-    from prunebench import models, placement
+    from prunebench import memory, models, placement
     from prunebench.config import compose
     from prunebench.recovery.distill import logit_loss
     from prunebench.recovery.train import text_windows
@@ -30,7 +30,7 @@ def measure(mode: str, model_name: str, device: str, batch: int, seqlen: int, st
     dev = torch.device(device)
     cfg = compose(f"model={model_name}")
     dtype = placement.resolve_dtype(cfg.model.dtype, dev)
-    model, tok = models.load(cfg.model, cfg.paths.cache_dir, plan=placement.Plan(dev, dtype, "device"))
+    model, tok = models.load(cfg.model, cfg.paths.cache_dir, plan=memory.Plan(dev, dtype, "device"))
     teacher = copy.deepcopy(model).requires_grad_(False) if mode == "kd" else None
     windows = text_windows(tok, "c4", seqlen)[: batch * (steps + 1)].view(steps + 1, batch, seqlen)
     loaded_rss = peak_rss_mb()

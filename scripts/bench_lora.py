@@ -22,7 +22,7 @@ import benchlib
 
 
 def measure(mode: str, a) -> dict:
-    from prunebench import placement
+    from prunebench import memory, placement
     from prunebench.config import compose, instantiate
     from prunebench.data import calibration_windows
     from prunebench.models import load
@@ -34,7 +34,7 @@ def measure(mode: str, a) -> dict:
         overrides += ["recovery.val_windows=0"]
     cfg = compose(*overrides)
     dtype = placement.resolve_dtype(cfg.model.dtype, dev)
-    model, tok = load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed, plan=placement.Plan(dev, dtype, "device"))
+    model, tok = load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed, plan=memory.Plan(dev, dtype, "device"))
     pruner = instantiate(cfg.pruner)
     calib = None
     if pruner.needs_calibration:

@@ -39,7 +39,7 @@ def worker(model_name: str, seqlen: int, steps: int, accum: int) -> dict:
 
     import torch
 
-    from prunebench import models, placement
+    from prunebench import memory, models
     from prunebench.config import compose
     from prunebench.recovery.engine import world
     from prunebench.recovery.kd import KD
@@ -48,7 +48,7 @@ def worker(model_name: str, seqlen: int, steps: int, accum: int) -> dict:
     rank, size = world()
     cfg = compose(f"model={model_name}")
     cpu = torch.device("cpu")
-    plan = placement.Plan(cpu, torch.float32, "device")
+    plan = memory.Plan(cpu, torch.float32, "device")
     model, tok = models.load(cfg.model, cfg.paths.cache_dir, seed=cfg.seed, plan=plan)
     teacher = copy.deepcopy(model)
     kd = KD(tokens=steps * seqlen * accum * size, seqlen=seqlen, grad_accum=accum, val_windows=1, log_every=1)

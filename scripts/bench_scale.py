@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from prunebench import placement
+from prunebench import memory, placement
 from prunebench.config import compose
 from prunebench.data import Calibration
 from prunebench.evals.perplexity import Perplexity
@@ -143,7 +143,7 @@ def main() -> None:
         rows.append((f"{name}, placement=device", seconds, seconds / bound, peak))
         if "offload" not in skip:
             home = build(shape, dtype, torch.device("cpu"))
-            home = placement.place(home, placement.Plan(device, dtype, "offload"))
+            home = memory.place(home, memory.Plan(device, dtype, "offload"))
             off, peak_off = prune_time(home, type(pruner)(sparsity=0.5), calib, device)
             note = {**peak_off, "vs device": round(off / seconds, 2)}
             rows.append((f"{name}, placement=offload", off, off / bound, note))

@@ -129,11 +129,11 @@ def test_cli_saves_compressed_with_card(tmp_path):
 def test_compressed_folder_follows_device_map_placement(tmp_path):
     """placement=device_map reaches the folders prunebench decompresses itself: accelerate maps the
     model (hf_device_map set) and the logits are the saved model's."""
-    from prunebench import placement
+    from prunebench import memory
 
     model, tokenizer, cfg = pruned()
     save_checkpoint(model, tokenizer, tmp_path / "ct", cfg, "compressed-tensors")
-    plan = placement.Plan(torch.device("cpu"), torch.float32, "device_map", max_memory={"cpu": "1GiB"})
+    plan = memory.Plan(torch.device("cpu"), torch.float32, "device_map", max_memory={"cpu": "1GiB"})
     mapped, _ = models.load(compose_cfg(f"model.path={tmp_path / 'ct'}", "model=tiny-llama").model, "/none", plan=plan)
     assert getattr(mapped, "hf_device_map", None)
     x = torch.randint(3, 259, (1, 16), generator=torch.Generator().manual_seed(2))

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from prunebench import models, placement
+from prunebench import memory, models, placement
 from prunebench.evals.perplexity import Perplexity
 from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.base import mask_agreement
@@ -35,7 +35,7 @@ def masks(model):
 def test_cuda_fp32_matches_cpu(pruner, where):
     cpu_model = tiny()
     cuda = torch.device("cuda")
-    gpu_model = placement.place(copy.deepcopy(cpu_model), placement.Plan(cuda, torch.float32, where))
+    gpu_model = memory.place(copy.deepcopy(cpu_model), memory.Plan(cuda, torch.float32, where))
     calib = random_calib(n=8, seqlen=64)
     for model in (cpu_model, gpu_model):
         pruner(sparsity=0.5)(model, calib)
@@ -58,7 +58,7 @@ def test_cuda_half_precision_runs_with_fp32_statistics(dtype):
 
 def test_cuda_plan_and_peak_memory():
     cfg = compose_cfg("model=tiny-llama", "device=cuda")
-    p = placement.plan(cfg)
+    p = memory.plan(cfg)
     assert p.device.type == "cuda" and p.placement == "device"
     placement.reset_peak(p.device)
     torch.ones(1024, 1024, device=p.device)

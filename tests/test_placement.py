@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from prunebench import PrunebenchError, models, pipeline, placement
+from prunebench import PrunebenchError, memory, models, pipeline, placement
 from prunebench.evals.perplexity import Perplexity
 from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.base import mask_agreement
@@ -22,7 +22,7 @@ def tiny(dtype=torch.float32):
 
 def offload(model):
     cpu = torch.device("cpu")
-    return placement.place(model, placement.Plan(cpu, torch.float32, "offload"))
+    return memory.place(model, memory.Plan(cpu, torch.float32, "offload"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
@@ -96,29 +96,29 @@ def test_half_precision_keeps_fp32_statistics_and_masks(dtype):
 
 
 def test_plan_stops_before_loading_when_it_cannot_fit(monkeypatch):
-    monkeypatch.setattr(placement, "free_bytes", lambda device: 8 * placement.GiB)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * placement.GiB)
     cfg = compose_cfg("model=llama2-7b", "device=cpu")
     with pytest.raises(PrunebenchError, match=r"needs ~.* GiB on cpu, 8.0 GiB free"):
-        placement.plan(cfg)
-    small = placement.plan(compose_cfg("model=tiny-llama", "device=cpu"))
+        memory.plan(cfg)
+    small = memory.plan(compose_cfg("model=tiny-llama", "device=cpu"))
     assert small.placement == "device" and "memory plan" in small.line()
 
 
 def test_auto_placement_offloads_when_the_device_is_too_small(monkeypatch):
     fake = torch.device("meta")  # stands in for an accelerator with 8 GiB free
-    monkeypatch.setattr(placement, "resolve_device", lambda spec: fake)
-    monkeypatch.setattr(placement, "free_bytes", lambda device: 8 * placement.GiB)
+    monkeypatch.setattr(memory, "resolve_device", lambda spec: fake)
+    monkeypatch.setattr(memory, "free_bytes", lambda device: 8 * placement.GiB)
     cfg = compose_cfg("model=llama2-7b", "model.dtype=float16", "pruner=wanda")
     from prunebench.config import instantiate
 
     evaluators = {n: instantiate(e) for n, e in cfg.eval.items()}
-    p = placement.plan(cfg, instantiate(cfg.pruner), evaluators, instantiate(cfg.recovery))
+    p = memory.plan(cfg, instantiate(cfg.pruner), evaluators, instantiate(cfg.recovery))
     assert p.placement == "offload" and p.on_device < 8 * placement.GiB < p.weights * 1.5
     gblm = compose_cfg("model=llama2-7b", "model.dtype=float16", "pruner=gblm")
-    p = placement.plan(gblm, instantiate(gblm.pruner), evaluators, instantiate(gblm.recovery))
+    p = memory.plan(gblm, instantiate(gblm.pruner), evaluators, instantiate(gblm.recovery))
     assert p.placement == "device_map"  # the gradient pass needs the whole model: accelerate spreads it
     with pytest.raises(PrunebenchError, match="placement=offload"):
-        placement.plan(compose_cfg("pruner=gblm", "placement=offload"), instantiate(gblm.pruner))
+        memory.plan(compose_cfg("pruner=gblm", "placement=offload"), instantiate(gblm.pruner))
 
 
 def test_pipeline_records_the_device_and_offload_matches(tmp_path):
@@ -140,10 +140,10 @@ def test_device_map_placement_loads_through_accelerate(tmp_path):
 
     dense = tiny()
     dense.save_pretrained(tmp_path / "m")
-    p = placement.Plan(torch.device("cpu"), torch.float32, "device_map", max_memory={"cpu": "1GiB"})
-    kw = placement.load_kwargs(p)
+    p = memory.Plan(torch.device("cpu"), torch.float32, "device_map", max_memory={"cpu": "1GiB"})
+    kw = memory.load_kwargs(p)
     assert kw == {"device_map": "auto", "max_memory": {"cpu": "1GiB"}}
-    mapped = placement.place(AutoModelForCausalLM.from_pretrained(tmp_path / "m", **kw), p)
+    mapped = memory.place(AutoModelForCausalLM.from_pretrained(tmp_path / "m", **kw), p)
     assert not placement.offloaded(mapped)
     ppl = Perplexity(seqlen=64, max_windows=2)
     tok = models.ByteTokenizer()
@@ -156,7 +156,7 @@ def test_plan_counts_what_recovery_keeps():
 
     def plan_for(*knobs):
         cfg = compose_cfg("model=smollm2-135m", "device=cpu", *knobs)
-        return placement.plan(cfg, instantiate(cfg.pruner), None, instantiate(cfg.recovery))
+        return memory.plan(cfg, instantiate(cfg.pruner), None, instantiate(cfg.recovery))
 
     none, ft, kd = plan_for(), plan_for("recovery=lm_finetune"), plan_for("recovery=kd")
     lora = plan_for("recovery=lora")
@@ -179,13 +179,13 @@ def _kd_plan(monkeypatch, free_bytes: int, world: int, *knobs: str, device: str 
     accelerator (the meta device) with `free_bytes` free."""
     from prunebench.config import instantiate
 
-    monkeypatch.setattr(placement, "resolve_device", lambda spec: torch.device(device))
-    monkeypatch.setattr(placement, "free_bytes", lambda d: free_bytes)
+    monkeypatch.setattr(memory, "resolve_device", lambda spec: torch.device(device))
+    monkeypatch.setattr(memory, "free_bytes", lambda d: free_bytes)
     cfg = compose_cfg(
         "model=tiny-llama", "pruner=none", "eval=[]", "recovery=kd", "recovery.seqlen=32", "recovery.tokens=4096",
         *knobs,
     )  # fmt: skip
-    return placement.plan(cfg, instantiate(cfg.pruner), {}, instantiate(cfg.recovery), world)
+    return memory.plan(cfg, instantiate(cfg.pruner), {}, instantiate(cfg.recovery), world)
 
 
 def _during(shards: int, elt: int = 4, precision_bytes: int = 4) -> int:
@@ -200,7 +200,7 @@ def _during(shards: int, elt: int = 4, precision_bytes: int = 4) -> int:
 
 
 def test_plan_divides_the_training_state_under_fsdp(monkeypatch):
-    assert placement.model_shape(compose_cfg("model=tiny-llama").model)["params"] == TINY_PARAMS
+    assert memory.model_shape(compose_cfg("model=tiny-llama").model)["params"] == TINY_PARAMS
     need_fsdp4 = int(1.1 * _during(4))  # 1,774,924 bytes
     p = _kd_plan(monkeypatch, need_fsdp4, 4, "recovery.engine=fsdp")
     assert p.world == 4 and p.shards == 4 and p.engine == "fsdp"
@@ -245,11 +245,11 @@ def test_several_processes_take_a_gpu_each_and_no_device_map(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # SLURM --gpus-per-task: each task sees its own GPU
     assert placement.resolve_device("auto") == placement.resolve_device("cuda") == torch.device("cuda", 0)
     with pytest.raises(PrunebenchError, match="placement=device_map spreads one process"):
-        placement.plan(compose_cfg("model=tiny-llama", "device=cpu", "placement=device_map"), world=2)
+        memory.plan(compose_cfg("model=tiny-llama", "device=cpu", "placement=device_map"), world=2)
     from types import SimpleNamespace  # accelerate would silently run DDP on the CPU instead of ZeRO-3
 
     with pytest.raises(PrunebenchError, match="deepspeed is not supported yet; use recovery.engine=fsdp"):
-        placement.plan(compose_cfg("model=tiny-llama", "device=cpu"), recovery=SimpleNamespace(engine="deepspeed"))
+        memory.plan(compose_cfg("model=tiny-llama", "device=cpu"), recovery=SimpleNamespace(engine="deepspeed"))
 
 
 def test_cpu_processes_share_the_host_memory(monkeypatch):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from prunebench import PrunebenchError, models, pipeline, placement
+from prunebench import PrunebenchError, memory, models, pipeline
 from prunebench.config import instantiate, selected_evals, validate
 from prunebench.models import sliced
 from prunebench.models.blocks import find_blocks
@@ -169,7 +169,7 @@ def test_sliced_model_equals_the_projected_reference(name):
 
 def test_offload_slices_the_same_model():
     model, moved = tiny("tiny-llama"), tiny("tiny-llama")
-    moved = placement.place(moved, placement.Plan(torch.device("cpu"), torch.float32, "offload"))
+    moved = memory.place(moved, memory.Plan(torch.device("cpu"), torch.float32, "offload"))
     for m in (model, moved):
         SliceGPT(sparsity=0.25)(m, CALIB)
     torch.testing.assert_close(logits(moved), logits(model), rtol=0, atol=0)

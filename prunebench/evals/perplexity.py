@@ -26,7 +26,7 @@ from prunebench.data.text import check_dataset
 from prunebench.knobs import Batch, Positions, Windows
 from prunebench.models import max_context
 from prunebench.models.blocks import final_norm, find_blocks
-from prunebench.placement import compute_device, offloaded, on_device
+from prunebench.placement import compute_device, ends, offloaded, visit
 from prunebench.progress import progress
 from prunebench.pruners.stats import capture_inputs
 
@@ -49,19 +49,20 @@ def blockwise_logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
     once, each block visits the device once and transforms all of them, then the final norm and
     the head (already on the device) give the logits, one batch at a time."""
     hidden, calls = capture_inputs(model, windows, batch_size)
-    device = compute_device(model)
-    for block in progress(find_blocks(model), desc="ppl (offload)", unit="block"):
-        with on_device(block, device):
+    for i, block in enumerate(progress(find_blocks(model), desc="ppl (layer-wise)", unit="block")):
+        with visit(model, i, block):  # offload: moved to the device; stream: read from disk
             for j, call in enumerate(calls):
                 hidden[j] = call(block, hidden[j])
-    norm, head = final_norm(model), model.get_output_embeddings()
-    for batch, h in zip(windows.split(batch_size), hidden, strict=True):
-        yield batch, head(norm(h))
+    with ends(model):  # stream: the final norm and head are read for this only
+        norm, head = final_norm(model), model.get_output_embeddings()
+        for batch, h in zip(windows.split(batch_size), hidden, strict=True):
+            yield batch, head(norm(h))
 
 
 class Perplexity:
     needs_lm = "perplexity"
     supports_offload = True
+    supports_stream = True  # layer-wise perplexity reads one block at a time
 
     def __init__(
         self,

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from prunebench import PrunebenchError
 from prunebench.cache import safe_name
-from prunebench.placement import Plan, load_kwargs, place, resolve_dtype
+from prunebench.memory import Plan, load_kwargs, place
+from prunebench.placement import resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ def load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int = 0, plan: Pla
         plan = Plan(cpu, resolve_dtype(cfg.dtype, cpu), "device")
     model, tokenizer = _load(cfg, cache_dir, seed, plan.dtype, load_kwargs(plan))
     if cfg.get("reinit"):
+        if plan.placement == "stream":
+            raise PrunebenchError("model.reinit=true draws weights in memory; placement=stream reads them from disk")
         torch.manual_seed(seed)
         model = type(model)(model.config).to(plan.dtype).eval()  # the class's own initialisation
     return place(model, plan), tokenizer
@@ -123,6 +126,11 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
             raise PrunebenchError(f"model.path={path} does not exist; point it at a saved Hugging Face model folder")
         return _from_folder(auto, path, dtype, trust, kw)
     if cfg.source == "random":
+        if kw.get("stream") is not None:
+            raise PrunebenchError(
+                f"placement=stream reads weights from a safetensors folder, and model={cfg.name} is built in memory;"
+                " save it first (save_model=true) and give its folder as model.path"
+            )
         return _random(cfg, dtype, seed)
     memo = Path(cache_dir) / "digests"
     if cfg.source == "gguf_package":
@@ -164,6 +172,16 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
     from transformers import AutoTokenizer
 
     from prunebench.models.export import load_compressed, sparsity_layout
+
+    if (device := kw.get("stream")) is not None:  # placement=stream: a skeleton, blocks read when visited
+        from prunebench.models.stream import skeleton
+
+        if sparsity_layout(path) or any((path / f).exists() for f in SPEC_FILES):
+            raise PrunebenchError(
+                f"placement=stream reads a plain Hugging Face safetensors folder; {path} is a prunebench or"
+                " compressed-tensors layout: use placement=offload"
+            )
+        return skeleton(path, auto, dtype, device, trust), AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
 
     if sparsity_layout(path):  # compressed-tensors sparse layout: transformers no longer decompresses it
         model, tokenizer = load_compressed(path)
@@ -305,6 +323,12 @@ def _from_hub(auto, cfg: DictConfig, dtype: torch.dtype, trust: bool, kw: dict):
     from transformers import AutoTokenizer
 
     def fetch(local_only: bool):
+        if kw.get("stream") is not None:  # the snapshot's shards are read block by block, never loaded whole
+            from huggingface_hub import snapshot_download
+
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]  # no pickles
+            folder = snapshot_download(cfg.hub_id, allow_patterns=patterns, local_files_only=local_only)
+            return _from_folder(auto, Path(folder), dtype, trust, kw)
         tokenizer = AutoTokenizer.from_pretrained(cfg.hub_id, trust_remote_code=trust, local_files_only=local_only)
         model = auto.from_pretrained(
             cfg.hub_id, dtype=dtype, trust_remote_code=trust, local_files_only=local_only, **kw
@@ -502,10 +526,19 @@ def weights_note(cfg: DictConfig) -> str | None:
 
 def count_params(model: torch.nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters); tied weights counted once."""
+    from prunebench.models.blocks import find_blocks
+    from prunebench.models.stream import streamed
+
     total = nonzero = 0
-    for p in model.parameters():  # parameters() already deduplicates tied tensors
-        total += p.numel()
-        nonzero += int(torch.count_nonzero(p))
+    stream = streamed(model)
+    with stream.ends(torch.device("cpu")) if stream is not None else contextlib.nullcontext():
+        for p in model.parameters():  # parameters() already deduplicates tied tensors
+            total += p.numel()
+            nonzero += int(torch.count_nonzero(p)) if p.device.type != "meta" else 0
+    if stream is not None:  # the blocks are on disk: each read once to count
+        for i, block in enumerate(find_blocks(model)):
+            with stream.visit(i, block, torch.device("cpu")):
+                nonzero += sum(int(torch.count_nonzero(p)) for p in block.parameters())
     return total, nonzero
 
 

@@ -20,6 +20,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.knobs import Flag, linear_widths
 from prunebench.models.blocks import ExpertSlice, block_weights, find_blocks, prunable_weights, routers
+from prunebench.placement import resident
 from prunebench.pruners.masks import make_mask, parse_pattern
 from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms, routed_nothing
 
@@ -49,16 +50,8 @@ def measure(model: nn.Module, target: float, timings: dict, info: dict | None = 
     per, zeros, total = {}, 0, 0
     excluded: dict[str, str] = {}
     for i, block in enumerate(find_blocks(model)):
-        weights = block_weights(block)
-        for name, layer in weights.items():
-            z = int((layer.weight == 0).sum())
-            per[f"{i}.{name}"] = z / layer.weight.numel()
-            zeros, total = zeros + z, total + layer.weight.numel()
-        covered = {id(w.param if isinstance(w, ExpertSlice) else w.weight) for w in weights.values()}
-        rules = routers(block)
-        for pname, p in block.named_parameters():
-            if p.dim() >= 2 and id(p) not in covered:
-                excluded[f"{i}.{pname}"] = "router (never pruned)" if pname in rules else "not handled"
+        with resident(model, i, block):  # stream: block i read back from the shard this run wrote
+            zeros, total = _measure_block(i, block, per, excluded, zeros, total)
     info = dict(info or {})
     if excluded:
         info["excluded_weights"] = excluded
@@ -69,6 +62,20 @@ def measure(model: nn.Module, target: float, timings: dict, info: dict | None = 
             " counts only the pruned ones", len(unhandled), ", ".join(unhandled[:4]), more,
         )  # fmt: skip
     return PruneStats(target, zeros / max(total, 1), per, timings, info)
+
+
+def _measure_block(i: int, block: nn.Module, per: dict, excluded: dict, zeros: int, total: int) -> tuple[int, int]:
+    weights = block_weights(block)
+    for name, layer in weights.items():
+        z = int((layer.weight == 0).sum())
+        per[f"{i}.{name}"] = z / layer.weight.numel()
+        zeros, total = zeros + z, total + layer.weight.numel()
+    covered = {id(w.param if isinstance(w, ExpertSlice) else w.weight) for w in weights.values()}
+    rules = routers(block)
+    for pname, p in block.named_parameters():
+        if p.dim() >= 2 and id(p) not in covered:
+            excluded[f"{i}.{pname}"] = "router (never pruned)" if pname in rules else "not handled"
+    return zeros, total
 
 
 def mask_agreement(a: nn.Module, b: nn.Module) -> float:
@@ -98,7 +105,7 @@ class ShapePruner:
     `sparsity` and `pattern` only so that a config can name them, and refuses them."""
 
     def memory_bytes(self, shape: Mapping, calib, elt: int) -> tuple[int, int]:
-        """(activations, statistics) in bytes beside the weights, for the memory plan (placement.py):
+        """(activations, statistics) in bytes beside the weights, for the memory plan (memory.py):
         by default one layer-wise statistics pass over the calibration windows."""
         return capture_bytes(shape, calib, elt), norm_bytes(shape)
 
@@ -122,6 +129,11 @@ class MaskPruner:
     needs_calibration = True
     supports_offload = True  # layer-wise: one block at a time can visit the device
     make_stat = InputNorms
+
+    @property
+    def supports_stream(self) -> bool:
+        """placement=stream: the sequential, layer-wise protocol (one-shot needs the dense statistics first)."""
+        return self.sequential
 
     def __init__(
         self,

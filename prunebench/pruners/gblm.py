@@ -54,6 +54,7 @@ def score(
 class GBLM(MaskPruner):
     needs_lm = "GBLM's language-model loss"
     supports_offload = False  # the gradient pass backpropagates through the whole model
+    supports_stream = False
 
     def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
         hidden, ffn, layers = int(shape["hidden"]), int(shape["ffn"]), int(shape["layers"])

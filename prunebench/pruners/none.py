@@ -10,6 +10,7 @@ from prunebench.pruners.base import PruneStats, ShapePruner, measure
 class NoPruner(ShapePruner):
     needs_calibration = False
     supports_offload = True
+    supports_stream = True
 
     def memory_bytes(self, shape, calib, elt: int) -> tuple[int, int]:
         return 0, 0

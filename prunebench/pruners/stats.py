@@ -29,7 +29,8 @@ from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-expo
     prunable_linears,
     prunable_weights,
 )
-from prunebench.placement import compute_device, offloaded, on_device
+from prunebench.models.stream import streamed
+from prunebench.placement import compute_device, ends, offloaded, visit
 from prunebench.progress import progress
 
 log = logging.getLogger(__name__)
@@ -114,9 +115,10 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
     hidden, calls = [], []
     handle = blocks[0].register_forward_pre_hook(block_input_hook(calls, hidden, stop=True), with_kwargs=True)
     try:
-        for batch in input_ids.split(batch_size):
-            with contextlib.suppress(_Stop):
-                model(input_ids=batch.to(device), use_cache=False)
+        with ends(model):  # stream: the embeddings are read for this forward only
+            for batch in input_ids.split(batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=batch.to(device), use_cache=False)
     finally:
         handle.remove()
     return hidden, calls
@@ -149,12 +151,15 @@ class Layerwise:
         hidden, calls = capture_inputs(self.model, self.input_ids, self.batch_size)
         self.forward_s += time.perf_counter() - t
         blocks = find_blocks(self.model)
-        visit = compute_device(self.model) if offloaded(self.model) else None  # offload: one block on the device
+        stream = streamed(self.model)
+        done = stream.done if stream is not None else 0  # a streamed run resumed: blocks < done are on disk
         for i, block in enumerate(progress(blocks, desc=self.desc, unit="block")):
-            with on_device(block, visit):
-                edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
+            # offload: one block on the device; stream: one block read from disk, written back once edited
+            with visit(self.model, i, block, write=i >= done):
+                if i >= done:
+                    edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
                 if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                    self.forward(block, hidden, calls, keep=True)
+                    self.forward(block, hidden, calls, keep=True)  # resumed blocks: replayed, as they were
 
 
 def hook_block(block: nn.Module, stats: dict, make_stat, prefix: str = "") -> tuple[dict, list]:

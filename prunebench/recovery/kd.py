@@ -27,7 +27,8 @@ from torch import nn
 
 from prunebench import PrunebenchError, knobs
 from prunebench.knobs import LR, Batch, Flag, Fraction, HeldOut, Seed, TrainPositions
-from prunebench.placement import Plan, compute_device
+from prunebench.memory import Plan
+from prunebench.placement import compute_device
 from prunebench.recovery import corpus
 from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
 from prunebench.recovery.engine import check_engine, describe, fp32_masters, make_engine, world, write_back

@@ -6,6 +6,7 @@ from __future__ import annotations
 class NoRecovery:
     needs_teacher = False
     supports_offload = True
+    supports_stream = True
 
     def __init__(self, name: str = "none"):
         self.name = name
