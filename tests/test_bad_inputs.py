@@ -170,8 +170,8 @@ RUN_ROWS = [
         "recovery.keep_checkpoints=0",
     ),
     ("resume-choice", [*KD, "recovery.resume=always"], "recovery.resume='always' must be auto or never"),
-    ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be one of ddp, fsdp"),
-    ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine=deepspeed is not supported yet"),
+    ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be ddp or fsdp"),
+    ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine='deepspeed' must be ddp or fsdp"),
     (
         "search-kd-checkpoint",
         [*MINITRON, "+pruner.search.kd.checkpoint_every=5"],
