@@ -29,7 +29,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.knobs import LR, Batch, Flag, Fraction, HeldOut, Seed, TrainPositions
-from prunebench.placement import compute_device
+from prunebench.placement import GiB, compute_device, free_bytes
 from prunebench.recovery import corpus, resume
 from prunebench.recovery.distill import clm_loss, logit_loss
 from prunebench.recovery.engine import ENGINES, check_engine, fp32_masters, make_engine, world, write_back
@@ -139,6 +139,7 @@ class Recipe:
         self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
         self.gradient_checkpointing = gradient_checkpointing
         self.steps = tokens // step_tokens
+        self._check_data_fits()
         self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
         self.tokenizer = None
 
@@ -206,6 +207,18 @@ class Recipe:
         else:
             ids, text = corpus.estimate(self.source, self.text_field)
         return INT64 * ids + text + INT64 * (ids // self.seqlen)
+
+    def _check_data_fits(self) -> None:
+        """The training data lives in host memory whatever the device (batches are copied to it one at a
+        time): a corpus that cannot be held stops here, before loading, in one line naming it. The
+        memory plan counts it too (training_bytes), beside the weights and the training state."""
+        need, free = self.data_bytes(), free_bytes(torch.device("cpu"))
+        if need > free:
+            raise PrunebenchError(
+                f"recovery.source={self.source}: training holds ~{need / GiB:.1f} GiB of it in memory (token ids as"
+                f" int64, one epoch of the window order), {free / GiB:.1f} GiB free; use a smaller corpus, or"
+                " hf:<id> with recovery.streaming=true and a smaller recovery.tokens"
+            )
 
     @torch.no_grad()
     def validate(self, student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor) -> dict[str, float]:
