@@ -91,9 +91,9 @@ RUN_ROWS = [
         "more than the model's 4 experts",
     ),
     (
-        "lora-engine-added",
+        "lora-engine-added",  # LoRA has the recipe's engine knob; Hydra's advice leads to the lora-fsdp row
         [*TINY, "recovery=lora", "+recovery.engine=fsdp"],
-        "recovery.engine is not a knob of recovery=lora; drop it",
+        "An item is already at 'recovery.engine'",
     ),
     ("train-seqlen-1", [*TINY, "recovery=lm_finetune", "recovery.seqlen=1"], "recovery.seqlen=1 is outside [2,"),
     ("val-windows-huge", [*TINY, "recovery=lora", "recovery.val_windows=100000"], "recovery.val_windows=100000"),
@@ -172,6 +172,7 @@ RUN_ROWS = [
     ("resume-choice", [*KD, "recovery.resume=always"], "recovery.resume='always' must be auto or never"),
     ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be ddp or fsdp"),
     ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine='deepspeed' must be ddp or fsdp"),
+    ("lora-fsdp", [*TINY, "recovery=lora", "recovery.engine=fsdp"], "recovery=lora trains data-parallel only"),
     (
         "search-kd-checkpoint",
         [*MINITRON, "+pruner.search.kd.checkpoint_every=5"],

@@ -277,8 +277,6 @@ def test_global_batch_sets_the_accumulation(monkeypatch):
 )  # fmt: skip
 @pytest.mark.parametrize("cls", [KD, LMFinetune, LoRA])
 def test_bad_training_knobs(cls, knobs, needle):
-    if "engine" in knobs and cls is LoRA:
-        pytest.skip("LoRA has no engine knob")
     with pytest.raises(PrunebenchError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         cls(**knobs)
 
