@@ -1,7 +1,8 @@
 """The memory plan: what a run needs, in bytes, and where, before any weight loads (placement.py
 knows the devices; this module estimates whether the run fits and stops with one line if it cannot,
-then puts the loaded weights where the plan says). The model's shape comes from its config (`model_shape`, `hf_config`) without loading it;
-each stage states its own need (a pruner's `memory_bytes`, a recovery's `training_bytes`)."""
+then puts the loaded weights where the plan says). The model's shape comes from its config
+(`model_shape`, `hf_config`) without loading it; each stage states its own need (a pruner's
+`memory_bytes`, a recovery's `training_bytes`)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,7 @@ class Plan:
     teacher: int = 0  # the dense teacher copy (replicated on every rank)
     training: int = 0  # gradients, AdamW moments (+ fp32 masters' extra) of the whole model, before sharding
     training_activations: int = 0  # what one micro-batch keeps for the backward pass
+    data: int = 0  # the recovery's training data in host memory (counted on CPU runs)
     engine: str | None = None  # the recovery engine (when recovery trains)
     world: int = 1  # processes in the job
     fit_world: int | None = None  # the smallest world size (under a sharding engine) whose share fits
@@ -200,6 +202,13 @@ def _recovery_needs(recovery, shape: dict, elt: int) -> tuple[int, int, int]:
     return teacher, state, _training_activations(recovery, shape, elt) if state else 0
 
 
+def _data_needs(recovery, device: torch.device) -> int:
+    """The recovery's training data held in host memory (`data_bytes`: token ids, window order),
+    counted in the plan where the host is the compute device (CPU runs)."""
+    data = getattr(recovery, "data_bytes", None)
+    return int(data()) if data is not None and device.type == "cpu" else 0
+
+
 def _training_activations(recovery, shape: dict, elt: int) -> int:
     """What one micro-batch (`batch_size` windows of `seqlen` tokens) keeps for the backward pass,
     approximately: per token and Llama block ≈ 6·hidden + 4·ffn saved values (two norm inputs, q/k/v,
@@ -279,8 +288,9 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
     p.weights = int(shape["params"]) * elt
     p.activations, p.statistics, block = _stage_needs(cfg, shape, elt, pruner)
     p.teacher, p.training, p.training_activations = _recovery_needs(recovery, shape, elt)
+    p.data = _data_needs(recovery, device) if p.training else 0
     p.engine = getattr(recovery, "engine", "ddp") if p.training else None
-    p.recovery = p.teacher + math.ceil(p.training / p.shards)
+    p.recovery = p.teacher + math.ceil(p.training / p.shards) + p.data
     headroom = 1.1  # allocator fragmentation, kernels' workspaces
 
     def need(where: str, shards: int | None = None) -> int:
@@ -293,6 +303,7 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
         if p.training:  # FSDP gathers one block to compute with (and prefetches the next)
             gathered = 2 * block if shards > 1 else 0
             during = math.ceil((p.weights + p.training) / shards) + gathered + p.teacher + p.training_activations
+            during += p.data
         return int(headroom * max(before, during))
 
     _, local_world, _ = launch()

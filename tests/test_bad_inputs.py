@@ -96,9 +96,9 @@ RUN_ROWS = [
         "pruner.target.experts: gemma3_text has no experts",
     ),
     (
-        "lora-engine-added",
+        "lora-engine-added",  # LoRA has the recipe's engine knob; Hydra's advice leads to the lora-fsdp row
         [*TINY, "recovery=lora", "+recovery.engine=fsdp"],
-        "recovery.engine is not a knob of recovery=lora; drop it",
+        "An item is already at 'recovery.engine'",
     ),
     ("train-seqlen-1", [*TINY, "recovery=lm_finetune", "recovery.seqlen=1"], "recovery.seqlen=1 is outside [2,"),
     ("val-windows-huge", [*TINY, "recovery=lora", "recovery.val_windows=100000"], "recovery.val_windows=100000"),
@@ -175,8 +175,9 @@ RUN_ROWS = [
         "recovery.keep_checkpoints=0",
     ),
     ("resume-choice", [*KD, "recovery.resume=always"], "recovery.resume='always' must be auto or never"),
-    ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be one of ddp, fsdp"),
-    ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine=deepspeed is not supported yet"),
+    ("engine-choice", [*KD, "recovery.engine=horovod"], "recovery.engine='horovod' must be ddp or fsdp"),
+    ("engine-deepspeed", [*KD, "recovery.engine=deepspeed"], "recovery.engine='deepspeed' must be ddp or fsdp"),
+    ("lora-fsdp", [*TINY, "recovery=lora", "recovery.engine=fsdp"], "recovery=lora trains data-parallel only"),
     (
         "search-kd-checkpoint",
         [*MINITRON, "+pruner.search.kd.checkpoint_every=5"],
@@ -519,6 +520,19 @@ def test_corpus_token_ids_outside_the_vocabulary(runner, earlier, tmp_path):
             "recovery.seqlen=16", f"recovery.source={source}", f"hydra.run.dir={tmp_path / 'o'}"]  # fmt: skip
     result = runner.invoke(app, ["run", *args])
     assert_one_line(result.exit_code, result.stderr, "c.bin holds token id 65535, outside the tokenizer's", tmp_path,
+                    earlier)  # fmt: skip
+
+
+def test_corpus_larger_than_memory_is_refused_by_the_plan(runner, earlier, tmp_path, no_loading):
+    """Issue 29: the training data is counted (the corpus's int64 token ids and one epoch of the window
+    order: recipe.data_bytes, also in the memory plan), so a corpus that cannot be held stops before
+    loading, in one line naming it. A sparse 1 TiB .bin shard of 2-byte ids: 4 TiB of int64 ids and 16 GiB
+    of window order; nothing of it is read."""
+    with open(tmp_path / "c.bin", "wb") as f:
+        f.truncate(2**40)
+    args = [*TINY, "recovery=lm_finetune", f"recovery.source={tmp_path / 'c.bin'}", f"hydra.run.dir={tmp_path / 'o'}"]
+    result = runner.invoke(app, ["run", *args])
+    assert_one_line(result.exit_code, result.stderr, "c.bin: training holds ~4112.0 GiB of it in memory", tmp_path,
                     earlier)  # fmt: skip
 
 

@@ -42,15 +42,18 @@ def test_ranks_read_disjoint_windows_that_cover_the_global_batch(monkeypatch, wo
 
 
 def test_engine_refusals(monkeypatch):
-    with pytest.raises(PrunebenchError, match="must be one of ddp, fsdp, deepspeed"):
+    with pytest.raises(PrunebenchError, match="recovery.engine='horovod' must be ddp or fsdp"):
         KD(engine="horovod")
-    with pytest.raises(PrunebenchError, match=r"^recovery.engine=deepspeed is not supported yet: untested .*fsdp$"):
-        KD(engine="deepspeed")  # refused before anything loads, installed or not
+    with pytest.raises(PrunebenchError, match=r"^recovery.engine='deepspeed' must be ddp or fsdp$"):
+        KD(engine="deepspeed")  # not offered (never run here): one line before anything loads
+    with pytest.raises(PrunebenchError, match=r"^recovery.engine='deepspeed' is not offered: .*ddp.*fsdp"):
+        eng.check_engine("deepspeed")
     with pytest.raises(PrunebenchError, match="fp16 needs loss scaling"):
         KD(engine="fsdp", precision="fp16")
     with pytest.raises(PrunebenchError, match="checkpoint_every is not supported under recovery.engine=fsdp"):
         KD(engine="fsdp", checkpoint_every=2)
-    assert eng.make_engine("fsdp", "bf16", 1, 1, None) is None  # one process: nothing to shard, the plain loop
+    one = eng.make_engine("fsdp", "bf16", 1, 1, None)  # one process: nothing to shard, the plain loop
+    assert type(one) is eng.Engine and one.world == 1 and one.engine == "fsdp"
     # The global batch counts every process: a budget below one global step is refused before loading.
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(PrunebenchError, match="4 processes"):
@@ -58,12 +61,16 @@ def test_engine_refusals(monkeypatch):
 
 
 def test_one_process_is_the_plain_loop(monkeypatch):
-    """engine=ddp in one process builds no Accelerator: today's loop and numbers, unchanged."""
+    """engine=ddp in one process is the one-process Engine: no Accelerator, no collective, no
+    wrapper; the plain loop's numbers."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     import torch
 
-    assert eng.make_engine("ddp", "fp32", 1, 2, torch.device("cpu")) is None
-    assert eng.describe(None, 1, 2) == {
+    one = eng.make_engine("ddp", "fp32", 1, 2, torch.device("cpu"))
+    assert type(one) is eng.Engine and not hasattr(one, "accelerator") and one.scaler is None
+    model, opt = torch.nn.Linear(2, 2), None
+    assert one.prepare(model, opt) == (model, opt) and one.unwrap(model) is model and one.mean(1.5) == 1.5
+    assert one.describe() == {
         "engine": "ddp",
         "world_size": 1,
         "micro_batch": 1,

@@ -14,7 +14,7 @@ from prunebench import PrunebenchError, models, pipeline
 from prunebench.config import instantiate
 from prunebench.models.blocks import prunable_linears
 from prunebench.pruners.magnitude import Magnitude
-from prunebench.recovery import lora as lora_mod
+from prunebench.recovery import recipe as recipe_mod
 from tests.conftest import compose_cfg as compose
 
 TINY = ("recovery=lora", "recovery.seqlen=32", "recovery.tokens=320", "recovery.val_windows=2",
@@ -62,14 +62,14 @@ def test_only_adapter_params_train(monkeypatch):
     model, _, rec, cfg = setup("recovery.merge=separate", "recovery.target_modules=[q_proj,down_proj]")
     base = {n: p.detach().clone() for n, p in model.state_dict().items()}
     seen = {}
-    real_fit = lora_mod.fit
+    real_fit = recipe_mod.fit
 
     def spy(m, steps, loss_fn, opt, *args, **kw):
         seen["trainable"] = {n for n, p in m.named_parameters() if p.requires_grad}
         seen["optimised"] = {id(p) for g in opt.param_groups for p in g["params"]}
         return real_fit(m, steps, loss_fn, opt, *args, **kw)
 
-    monkeypatch.setattr(lora_mod, "fit", spy)
+    monkeypatch.setattr(recipe_mod, "fit", spy)
     out = rec(model, None, cfg)
     assert seen["trainable"] and all(".lora_A." in n or ".lora_B." in n for n in seen["trainable"])
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in seen["trainable"]} == {"q_proj", "down_proj"}

@@ -21,7 +21,7 @@ import pytest
 
 from prunebench import PrunebenchError
 from prunebench.data import overlap, text
-from prunebench.recovery import corpus
+from prunebench.recovery import corpus, hub
 from prunebench.recovery.train import check_source
 
 RAW = "wikitext2/wikitext-2-raw/wiki.test.raw"
@@ -208,7 +208,7 @@ def test_token_ids_and_hub_rows_are_measured_when_read(tmp_path, cache, tiny, mo
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: datasets.Dataset.from_dict(rows))
     assert "rows are read" in corpus.contamination("hf:someone/mirror")["checked"]
     with pytest.raises(PrunebenchError, match="recovery.source=hf:someone/mirror holds .* set wikitext2_test"):
-        corpus.hub_token_ids(tok, "hf:someone/mirror")
+        hub.hub_token_ids(tok, "hf:someone/mirror")
 
 
 def test_sentence_pair_recipes_measure_pairs():

@@ -161,8 +161,9 @@ def test_plan_counts_what_recovery_keeps():
     none, ft, kd = plan_for(), plan_for("recovery=lm_finetune"), plan_for("recovery=kd")
     lora = plan_for("recovery=lora")
     weights = none.weights  # fp32: 4 bytes a parameter
+    data = instantiate(compose_cfg("recovery=kd").recovery).data_bytes()  # the corpus ids, text, window order
     assert none.recovery == 0 and "recovery" not in none.line()
-    assert ft.recovery == 3 * weights and kd.recovery == 4 * weights  # + the dense teacher's copy
+    assert ft.recovery == 3 * weights + data and kd.recovery == 4 * weights + data  # + the dense teacher's copy
     assert 0 < lora.recovery < 0.1 * weights and kd.on_device > ft.on_device > lora.on_device > none.on_device
     assert "recovery" in kd.line() and kd.to_dict()["recovery_gib"] > 0
 

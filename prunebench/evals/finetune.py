@@ -30,6 +30,7 @@ from prunebench.data.labelled import COLA, MAHANEWS, classification
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed, Windows
 from prunebench.models.encoders import model_inputs, pool
 from prunebench.placement import compute_device
+from prunebench.recovery.train import adamw
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +133,11 @@ class FineTuneClassifier:
         if self.freeze_word_embeddings:  # large multilingual vocabularies: AdamW over them dominates a CPU step
             encoder.get_input_embeddings().weight.requires_grad_(False)
         params = [p for p in encoder.parameters() if p.requires_grad] + list(head.parameters())
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
         steps_per_epoch = math.ceil(len(train.texts) / self.batch_size)
         total = max(1, round(self.epochs * steps_per_epoch))
-        warm = int(self.warmup * total)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: (s + 1) / max(1, warm) if s < warm else max(0.0, (total - s) / max(1, total - warm))
-        )
+        # the recoveries' AdamW and schedule (linear warm-up, linear decay to 0); the loop stays its own:
+        # epochs of padded labelled batches through a classification head, not token windows of a corpus
+        opt, sched = adamw(params, self.lr, 0.01, total, self.warmup)
         step, losses = 0, []
         while step < total:
             order = list(range(len(train.texts)))

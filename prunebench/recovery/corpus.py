@@ -19,11 +19,7 @@ dataset_info.json are skipped) or IPC/Feather files. A saved DatasetDict (datase
 one folder per split) is refused: name one split's folder, so a test split is never read by accident.
 One corpus is one kind: text files and pre-tokenized files together are refused.
 
-Hugging Face Hub (`hf:<id>`, `recovery.source_config`, `recovery.source_split` = train when unset,
-`recovery.streaming`): the split is loaded with `datasets.load_dataset`, or, streaming, read only up to
-the first documents whose tokens cover the job's token budget. A split named `test`, and the test and
-validation splits of WikiText (prunebench's perplexity set and its held-out set), are refused. Without
-the Hub (HF_HUB_OFFLINE, or no connection within 3 s) the run stops in one line before any model loads.
+Hugging Face Hub ids (`hf:<id>`) are read by `hub.py`, which builds on the readers here.
 
 An evaluation split stays refused also when given as a path: by resolved path and by SHA-256 against
 its file in the data roots (WikiText-2's wiki.test.raw). `contamination` measures the word 13-gram
@@ -39,7 +35,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,14 +50,11 @@ TABLES = (".parquet", ".arrow")
 IDS_COLUMN = "input_ids"
 EVAL_SPLITS = ("wikitext2_test",)  # evaluation data: never a training source
 # Hub ids (compared in lower case, as the Hub resolves them) whose test and validation splits are WikiText's.
-_WIKITEXT_IDS = ("wikitext", "salesforce/wikitext", "eleutherai/wikitext_document_level")
-HUB_EVAL = dict.fromkeys(_WIKITEXT_IDS, ("test", "validation"))
 IGNORED = ("README", "LICENSE", "SHA256SUMS")  # beside corpus files in a folder: documentation, not text
 SAVE_TO_DISK_META = ("state.json", "dataset_info.json")  # beside the .arrow files of a saved Dataset
 MEGATRON_IDX = b"MMIDIDX\x00\x00"
 MEGATRON_DTYPES = {1: "u1", 2: "i1", 3: "<i2", 4: "<i4", 5: "<i8", 8: "<u2"}
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-_hub_read: dict[str, dict] = {}  # hf: source -> what the last read of it took (metrics.json's digest)
+_hub_read: dict[str, dict] = {}  # hf: source -> what the last read of it took (metrics.json's digest; hub.py)
 _overlaps: dict[str, dict] = {}  # source -> the last overlap measured (metrics.json)
 _deferred: dict[str, tuple] = {}  # source -> (held-out, allow, knob): measured once the text is read
 
@@ -218,7 +210,7 @@ def _checked(source: str, text_field: str, knob: str) -> tuple[list[Path], str]:
 # --- reading -----------------------------------------------------------------------------------------
 
 
-def _table_texts(table, f: Path, text_field: str, knob: str) -> list[str]:
+def table_texts(table, f: Path, text_field: str, knob: str) -> list[str]:
     """A table's text column: strings only (a number is not text, a null is no text: both refused)."""
     import pyarrow as pa
 
@@ -237,7 +229,7 @@ def _table_texts(table, f: Path, text_field: str, knob: str) -> list[str]:
     return rows
 
 
-def _table_ids(table, f: Path, knob: str):
+def table_ids(table, f: Path, knob: str):
     """The `input_ids` column flattened: lists of ids per row (offsets respected), or one id per row."""
     import numpy as np
     import pyarrow as pa
@@ -262,9 +254,9 @@ def _texts(f: Path, text_field: str, knob: str) -> Iterator[str]:
 
         if text_field not in (names := _schema_names(f, knob)):
             raise _no_field(f, text_field, names, knob)
-        yield from _table_texts(pq.read_table(f, columns=[text_field]), f, text_field, knob)
+        yield from table_texts(pq.read_table(f, columns=[text_field]), f, text_field, knob)
     elif f.suffix == ".arrow":
-        yield from _table_texts(_arrow(f, knob), f, text_field, knob)
+        yield from table_texts(_arrow(f, knob), f, text_field, knob)
     elif f.suffix == ".jsonl":
         with f.open("rb") as lines:
             for number, line in enumerate(lines, 1):
@@ -349,7 +341,7 @@ def _ids(f: Path, vocab: int, knob: str):
     else:  # a table with input_ids
         import pyarrow.parquet as pq
 
-        arr = _table_ids(_arrow(f, knob) if f.suffix == ".arrow" else pq.read_table(f, columns=[IDS_COLUMN]), f, knob)
+        arr = table_ids(_arrow(f, knob) if f.suffix == ".arrow" else pq.read_table(f, columns=[IDS_COLUMN]), f, knob)
     arr = arr.astype(np.int64, copy=False)
     if arr.size and (int(arr.max()) >= vocab or int(arr.min()) < 0):
         bad = int(arr.max()) if int(arr.max()) >= vocab else int(arr.min())
@@ -373,7 +365,7 @@ def token_ids(tokenizer, source: str, text_field: str = "text", knob: str = "rec
         vocab = vocab_size(tokenizer)
         ids = np.concatenate([_ids(f, vocab, knob) for f in found])
         key = f"ids:{hashlib.sha256(ids.tobytes()).hexdigest()}:{getattr(tokenizer, 'name_or_path', '')}"
-        _late(source, key, lambda: overlap.decoded(tokenizer, ids))  # the text of the ids: with the tokenizer
+        measure_late(source, key, lambda: overlap.decoded(tokenizer, ids))  # the text of the ids: with the tokenizer
         return torch.from_numpy(ids)
     texts = [t for f in found for t in _texts(f, text_field, knob) if t]
     return tokenize(tokenizer, "\n\n".join(texts))
@@ -473,146 +465,42 @@ def _parts(source: str, text_field: str, knob: str) -> list:
              else lambda f=f: overlap.joined(_texts(f, text_field, knob))) for f in files(source, knob)]  # fmt: skip
 
 
-def _late(source: str, key: str, pieces) -> None:
+def measure_late(source: str, key: str, pieces) -> None:
     """The overlap of text read after loading (token ids decoded, Hub rows): measured and gated now."""
     if source in _deferred:
         held_out, allow, knob = _deferred[source]
         _overlaps[source] = _measure(source, [(source, key, pieces)], held_out, allow, knob)
 
 
-# --- the Hugging Face Hub ----------------------------------------------------------------------------
+def remember_hub_read(source: str, record: dict) -> None:
+    """What hub.py read of an `hf:` source: `digest` reports it."""
+    _hub_read[source] = record
 
 
-def _split_names(split: str) -> list[str]:
-    """The splits a `datasets` split expression reads: "train[:10%]+test" -> ["train", "test"]."""
-    return [part.split("[", 1)[0].strip() for part in split.split("+")]
-
-
-def check_hub(source: str, config: str | None, split: str | None, knob: str = "recovery.source") -> None:
-    """Before any model loads: a well-formed id, no evaluation split, `datasets` installed, the Hub
-    reachable (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE, else one short connection attempt)."""
-    import importlib.util
-
-    name = source[3:]
-    if not _HUB_ID.match(name):
-        raise PrunebenchError(f"{knob}={source}: give a Hugging Face dataset id, e.g. hf:HuggingFaceFW/fineweb-edu")
-    split = split or "train"
-    for part in _split_names(split):
-        if part.lower() == "test" or part.lower() in HUB_EVAL.get(name.lower(), ()):
-            raise PrunebenchError(
-                f"recovery.source_split={split}: the {part} split of {name} is evaluation data and must never be"
-                " trained on; use recovery.source_split=train"
-            )
-    if importlib.util.find_spec("datasets") is None:
-        raise PrunebenchError(f"{knob}={source} needs the datasets package (pip install datasets)")
-    from prunebench.models import hub_reachable
-
-    if not hub_reachable():
-        raise PrunebenchError(
-            f"{knob}={source}: the Hugging Face Hub is unreachable (offline); where it is reachable, save the split"
-            " (datasets' save_to_disk, or to_parquet / to_json) and give that folder or file as recovery.source"
-        )
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [""])[0][:300]
-
-
-def hub_token_ids(
-    tokenizer,
-    source: str,
-    text_field: str = "text",
-    config: str | None = None,
-    split: str | None = None,
-    streaming: bool = False,
-    tokens: int | None = None,
-    knob: str = "recovery.source",
-) -> torch.Tensor:
-    """A Hub split as one stream of token ids, as `token_ids` makes it from files (rows with an
-    `input_ids` field are pre-tokenized). Streaming reads rows in order until their tokens cover
-    `tokens` (the job's budget), then stops; otherwise the whole split is loaded (and cached by datasets)."""
-    import datasets
-    import numpy as np
-
-    from prunebench.data import tokenize, verify
-
-    check_hub(source, config, split, knob)
-    name, split = source[3:], split or "train"
-    where = f"{knob}={source} (config {config}, split {split})"
-    if streaming and not tokens:
-        raise PrunebenchError(f"{where}: streaming needs the token budget (recovery.tokens)")
-    try:
-        ds = datasets.load_dataset(name, config, split=split, streaming=streaming)
-        if streaming:
-            texts, ids, docs, done = _stream(ds, tokenizer, text_field, tokens, where)
-        else:
-            done = None
-            table = ds.with_format("arrow")[:]
-            docs = table.num_rows
-            if IDS_COLUMN in table.column_names:
-                texts, ids = [], [_table_ids(table, Path(f"hf:{name}"), knob)]
-            else:
-                texts, ids = [t for t in _table_texts(table, Path(f"hf:{name}"), text_field, knob) if t], []
-    except PrunebenchError:
-        raise
-    except Exception as err:  # noqa: BLE001 - a missing config, split, repo or connection: one line
-        why = f"{type(err).__name__}: {_first_line(err)}"
-        raise PrunebenchError(f"{where}: datasets could not read it ({why})") from None
-    verify.record_hub(source, name, config, split, ds)
-    h = hashlib.sha256()
-    if ids:
-        stream = np.concatenate(ids).astype(np.int64)
-        vocab = vocab_size(tokenizer)
-        if stream.size and (int(stream.max()) >= vocab or int(stream.min()) < 0):
-            raise PrunebenchError(f"{where}: its {IDS_COLUMN} hold ids outside the tokenizer's vocabulary of {vocab}")
-        h.update(stream.tobytes())
-        out = torch.from_numpy(stream)
+def estimate(source: str, text_field: str = "text") -> tuple[int, int]:
+    """(token ids, bytes of text) a local source will hold in memory, from file sizes before reading:
+    the memory plan's view of the corpus. Token files hold ids of 2 bytes or more (.bin: uint16 or
+    wider, .npy: its header's count); text is counted as one token per 2 bytes (BPE tokenizers
+    average 3-4.5 bytes a token on English text; 2 leaves room for other scripts), and its bytes
+    too, held while it is tokenized. A built-in name is its data-root file."""
+    if is_hub(source):
+        return 0, 0
+    if is_path(source):
+        found, what = _checked(source, text_field, "recovery.source")
     else:
-        joined = "\n\n".join(texts)
-        h.update(joined.encode("utf-8"))
-        out = done if done is not None else tokenize(tokenizer, joined) if joined else torch.zeros(0, dtype=torch.long)
-    _hub_read[source] = {"hub": name, "config": config, "split": split, "streaming": streaming, "documents": docs,
-                         "tokens": len(out), "sha256": h.hexdigest()}  # fmt: skip
-    key = f"ids:{h.hexdigest()}:{getattr(tokenizer, 'name_or_path', '')}" if ids else f"text:{h.hexdigest()}"
-    _late(source, key, (lambda: overlap.decoded(tokenizer, stream)) if ids else (lambda: overlap.joined(texts)))
-    return out
+        from prunebench.data.text import LOCAL, find
 
+        path = find(LOCAL[source]) if source in LOCAL else None
+        found, what = ([path] if path is not None else []), "text"
+    ids = text = 0
+    for f in found:
+        size = f.stat().st_size
+        if f.suffix == ".npy":
+            import numpy as np
 
-def _stream(
-    ds, tokenizer, text_field: str, tokens: int, where: str
-) -> tuple[list[str], list, int, torch.Tensor | None]:
-    """The first rows of a streamed split whose tokens cover `tokens`: (texts, id arrays, rows read,
-    the texts' joined token ids when that check ran). Text rows are counted one by one (with their
-    separator), then their joined tokenization is checked (tokens may merge across a boundary),
-    reading on while it falls short."""
-    import numpy as np
-
-    from prunebench.data import tokenize
-
-    texts, ids, docs, counted, done = [], [], 0, 0, None
-    for row in ds:
-        docs += 1
-        if IDS_COLUMN in row:
-            ids.append(np.asarray(row[IDS_COLUMN], dtype=np.int64).reshape(-1))
-            counted += len(ids[-1])
-        elif text_field in row and row[text_field] is not None and not isinstance(row[text_field], str):
-            raise PrunebenchError(f"{where}: row {docs} has {text_field!r} = {row[text_field]!r:.40}, not text")
-        elif text_field in row:
-            if t := row[text_field]:  # null or "": no text
-                piece = ("\n\n" if texts else "") + t  # as it appears in the joined text
-                texts.append(t)
-                counted += len(tokenizer(piece, add_special_tokens=False).input_ids)
+            ids += int(np.load(f, mmap_mode="r", allow_pickle=False).size)
+        elif f.suffix == ".bin" or what == "ids":
+            ids += size // 2
         else:
-            raise PrunebenchError(
-                f"{where}: a row has no field {text_field!r} (fields: {', '.join(row)}); set recovery.text_field"
-            )
-        if counted >= tokens:
-            if ids:
-                break
-            if len(done := tokenize(tokenizer, "\n\n".join(texts))) >= tokens:
-                break
-    else:
-        done = None  # the split ended short of the budget: the caller tokenizes what there is
-    if texts and ids:
-        raise PrunebenchError(f"{where}: some rows hold text, others {IDS_COLUMN}; give one kind")
-    return texts, ids, docs, done if texts and not ids else None
+            ids, text = ids + size // 2, text + size
+    return ids, text

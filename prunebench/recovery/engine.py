@@ -1,21 +1,23 @@
-"""Recovery training on several processes: DDP through Hugging Face `accelerate` (the default when
-torchrun / accelerate launch / SLURM start more than one process), torch's FSDP2 full-shard wrapped
-per transformer block (CPU/gloo and GPU). `deepspeed` is refused (DEEPSPEED): never run here, and
-accelerate's DeepSpeed path would not clip, would divide the loss by the accumulation twice and would
-leave ZeRO-3's parameters partitioned at the end.
+"""Where recovery training runs: one process (`Engine`, the plain loop), several processes with DDP
+through Hugging Face `accelerate` (`DDP`: the default when torchrun / accelerate launch / SLURM start
+more than one process), or torch's FSDP2 full-shard wrapped per transformer block (`FSDP`, CPU/gloo
+and GPU). `train.fit` has one code path and asks its engine for the rest: wrapping, gradient sync,
+backward, clipping and the optimiser step, the mean over ranks, agreeing on a stop.
+DeepSpeed is not offered: it was never run here, and accelerate's DeepSpeed path would not clip,
+would divide the loss by the accumulation twice and would leave ZeRO-3's parameters partitioned.
 
-One process with `recovery.engine=ddp` (or fsdp) never builds an engine: `train.fit` runs its own loop
-exactly as before, so the single-process numbers do not change. With N processes every rank reads
-its own micro-batches of the same seeded window order: at optimiser step s, micro-batch m, rank r
-takes windows `order[s·G + (m·N + r)·b : … + b]` with G = b·accum·N the global batch. Averaging the
-gradients over ranks (DDP's all-reduce) then equals one process accumulating the same G windows:
-the same update up to the order of floating-point additions.
+Every rank reads its own micro-batches of the same seeded window order: at optimiser step s,
+micro-batch m, rank r takes windows `order[s·G + (m·N + r)·b : … + b]` with G = b·accum·N the global
+batch. Averaging the gradients over ranks (DDP's all-reduce) then equals one process accumulating the
+same G windows: the same update up to the order of floating-point additions. With N = 1 the index is
+the one-process loop's, and the one-process engine calls no collective and no accelerate, so its
+numbers are those of the plain loop.
 
 Precision: a student loaded in bf16/fp16 trains on fp32 master weights (`fp32_masters`), one design
-for the plain loop and every engine: its parameters are upcast in place before the optimiser and the
-engine see them, so gradients and AdamW's moments are fp32 as well, `recovery.precision` picks the
-autocast dtype the matmuls run in (accelerate's `mixed_precision` under an engine), and the trained
-weights are rounded back to the loaded dtype at the end.
+for every engine: its parameters are upcast in place before the optimiser and the engine see them,
+so gradients and AdamW's moments are fp32 as well, `recovery.precision` picks the autocast dtype the
+matmuls run in (accelerate's `mixed_precision` under DDP; one process scales an fp16 loss with its own
+GradScaler), and the trained weights are rounded back to the loaded dtype at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 
-ENGINES = ("ddp", "fsdp", "deepspeed")
+ENGINES = ("ddp", "fsdp")
 
 
 def world() -> tuple[int, int]:
@@ -47,19 +49,13 @@ def is_main() -> bool:
     return world()[0] == 0
 
 
-DEEPSPEED = (
-    "recovery.engine=deepspeed is not supported yet: untested (no gradient clipping, the loss divided by the"
-    " accumulation twice, ZeRO-3 weights left partitioned); use recovery.engine=fsdp"
-)
-
-
 def check_engine(engine: str, precision: str = "fp32") -> None:
-    """Refuse an unknown engine, deepspeed (DEEPSPEED), or fp16 under FSDP (no sharded loss scaler
-    here: use bf16), before anything loads."""
+    """Refuse an engine that is not offered (deepspeed among them) or fp16 under FSDP (no sharded
+    loss scaler here: use bf16), before anything loads."""
     if engine not in ENGINES:
-        raise PrunebenchError(f"recovery.engine={engine!r} must be one of {', '.join(ENGINES)}")
-    if engine == "deepspeed":
-        raise PrunebenchError(DEEPSPEED)
+        raise PrunebenchError(
+            f"recovery.engine={engine!r} is not offered: use recovery.engine=ddp (replicated) or fsdp (sharded)"
+        )
     if engine == "fsdp" and precision == "fp16":
         raise PrunebenchError(
             "recovery.engine=fsdp trains in fp32 or bf16 (fp16 needs loss scaling): use recovery.precision=bf16"
@@ -151,27 +147,16 @@ def _block_class_names(model: nn.Module) -> list[str]:
 
 
 class Engine:
-    """One recovery's engine and batch geometry; `fit` calls prepare / no_sync / backward / clip / mean.
-    `ddp` runs on an accelerate Accelerator (its `mixed_precision` autocasts; the
-    parameters are fp32 masters, see `fp32_masters`). `fsdp` is torch's FSDP2 (`fully_shard` on each
-    transformer block, then the root, full-shard over every rank) called directly: accelerate 1.16
-    applies its FSDP plugin only on accelerators (on the CPU it silently runs DDP), while torch's
-    FSDP2 also shards over gloo, so the one code path is tested on the CPU (tests/test_distributed.py)
-    and on GPUs (tests/test_gpu.py)."""
+    """One process: the plain loop (no wrapper, no collective), and the batch geometry every engine
+    shares. `name` is the configured engine, recorded in metrics.json (one process has nothing to
+    shard or average, so ddp and fsdp both run here). fp16 autocast scales the loss with a GradScaler."""
 
-    def __init__(self, engine: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device):
-        check_engine(engine, precision)
-        init_distributed(device)
-        self.engine, self.rank, self.world = engine, *world()
-        self.micro_batch, self.grad_accum, self.device = micro_batch, grad_accum, device
-        self._fsdp, self._twin, self._home = engine == "fsdp", None, None
-        self.accelerator = None
-        if self._fsdp:
-            return
-        from accelerate import Accelerator
-
-        kw: dict = {"mixed_precision": {"fp32": "no"}.get(precision, precision), "cpu": device.type == "cpu"}
-        self.accelerator = Accelerator(**kw)
+    def __init__(self, name: str = "ddp", precision: str = "fp32", micro_batch: int = 1, grad_accum: int = 1,
+                 device: torch.device | None = None):  # fmt: skip
+        self.engine, self.precision, self.device = name, precision, device or torch.device("cpu")
+        self.rank, self.world = 0, 1
+        self.micro_batch, self.grad_accum = micro_batch, grad_accum
+        self.scaler = torch.amp.GradScaler(self.device.type) if precision == "fp16" else None
 
     @property
     def global_batch(self) -> int:
@@ -182,14 +167,115 @@ class Engine:
         return step * self.global_batch + (micro * self.world + self.rank) * self.micro_batch
 
     def prepare(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """Wrap the student (never the teacher: it is replicated, never trained) and its optimiser.
-        The LR scheduler stays ours: accelerate's would step once per process."""
-        if self._fsdp:
-            return self._shard(model, opt), opt
-        wrapped, opt = self.accelerator.prepare(model, opt)
-        return wrapped, opt
+        """The student (never the teacher: it is replicated, never trained) and its optimiser, wrapped
+        for this engine. The LR scheduler stays ours: accelerate's would step once per process."""
+        return model, opt
 
-    def _shard(self, model: nn.Module, opt: torch.optim.Optimizer) -> nn.Module:
+    def rank_streams(self, seed: int) -> None:
+        """Give each rank its own RNG stream (dropout) from here on: seed + 1 + rank. One process
+        keeps the stream it has, so its numbers are those of the plain loop."""
+        if self.world > 1:
+            torch.manual_seed(seed + 1 + self.rank)
+
+    def no_sync(self, model: nn.Module, last_micro: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP)."""
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self, model: nn.Module, opt: torch.optim.Optimizer, clip: float | None) -> None:
+        """Clip the gradient norm of the optimiser's parameters to `clip` (unscaled first under fp16),
+        then step the optimiser."""
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if clip:
+            torch.nn.utils.clip_grad_norm_([p for group in opt.param_groups for p in group["params"]], clip)
+        if self.scaler is not None:
+            self.scaler.step(opt)
+            self.scaler.update()
+        else:
+            opt.step()
+
+    def mean(self, value: float) -> float:
+        """The mean of a float over the ranks (the logged loss is the global batch's)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t) / self.world
+
+    def agree(self, stop: bool) -> bool:
+        """Whether any rank asks to stop: every rank then stops after the same step."""
+        return self.mean(float(stop)) > 0 if self.world > 1 else stop
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """The module that trains (the caller's model; FSDP's sharded copy of it)."""
+        return model
+
+    def finish(self, model: nn.Module) -> None:
+        """After training: the trained weights in the caller's `model` (FSDP gathers them)."""
+
+    def describe(self) -> dict:
+        out = {
+            "engine": self.engine,
+            "world_size": self.world,
+            "micro_batch": self.micro_batch,
+            "grad_accum": self.grad_accum,
+            "global_batch": self.global_batch,
+        }
+        if getattr(self, "params_per_rank", None):  # FSDP: the parameters rank 0 held while training
+            out["params_per_rank"] = self.params_per_rank
+        return out
+
+
+class DDP(Engine):
+    """Data-parallel on an accelerate Accelerator: every rank holds the whole student, gradients are
+    all-reduced on the last micro-batch of a step; accelerate's `mixed_precision` autocasts and scales
+    (the parameters are fp32 masters, see `fp32_masters`)."""
+
+    def __init__(self, name: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device):
+        init_distributed(device)
+        super().__init__(name, precision, micro_batch, grad_accum, device)
+        self.rank, self.world = world()
+        from accelerate import Accelerator
+
+        mixed = {"fp32": "no"}.get(precision, precision)
+        self.accelerator = Accelerator(mixed_precision=mixed, cpu=device.type == "cpu")
+        self.scaler = getattr(self.accelerator, "scaler", None)  # fp16: checkpointed, so a resume keeps the scale
+
+    def prepare(self, model, opt):
+        return self.accelerator.prepare(model, opt)
+
+    def no_sync(self, model, last_micro):
+        return nullcontext() if last_micro else self.accelerator.no_sync(model)
+
+    def backward(self, loss):
+        self.accelerator.backward(loss)
+
+    def step(self, model, opt, clip):
+        if clip:
+            self.accelerator.clip_grad_norm_(model.parameters(), clip)
+        opt.step()  # accelerate's optimiser wrapper steps through its scaler
+
+    def unwrap(self, model):
+        return self.accelerator.unwrap_model(model)
+
+
+class FSDP(Engine):
+    """torch's FSDP2 (`fully_shard` on each transformer block, then the root, full-shard over every
+    rank) called directly: accelerate 1.16 applies its FSDP plugin only on accelerators (on the CPU it
+    silently runs DDP), while torch's FSDP2 also shards over gloo, so the one code path is tested on the
+    CPU (tests/test_distributed.py) and on GPUs (tests/test_gpu.py). Gradients are reduce-scattered on
+    every micro-batch into the sharded gradients (no unsharded accumulation)."""
+
+    def __init__(self, name: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device):
+        init_distributed(device)
+        super().__init__(name, precision, micro_batch, grad_accum, device)
+        self.rank, self.world = world()
+        self._twin, self._home = None, None
+
+    def prepare(self, model, opt):
         """FSDP2 full-shard of a copy of `model` (the twin): the caller's model is never sharded in
         place, so after `finish` it is again an ordinary module that rank 0 evaluates and saves alone.
         The copy is made in CPU memory and `model`'s own weights are released while the shards
@@ -219,12 +305,16 @@ class Engine:
             group["params"] = [sharded[name_of[id(p)]] for p in group["params"]]
         self._twin = twin
         self.params_per_rank = sum(p.to_local().numel() for p in twin.parameters())  # this rank's shard
-        return twin
+        return twin, opt
 
-    def finish(self, model: nn.Module) -> None:
-        """After training: FSDP gathers the full trained weights on every rank into the caller's
-        `model` (back on its device); a no-op for the other engines, which trained `model` itself."""
-        if not self._fsdp or self._twin is None:
+    def step(self, model, opt, clip):
+        if clip:  # torch's clip works on the sharded (DTensor) gradients: the norm is global
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+
+    def finish(self, model):
+        """Gather the full trained weights on every rank into the caller's `model` (back on its device)."""
+        if self._twin is None:
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -234,63 +324,11 @@ class Engine:
                 p.data = full[name].to(self._home)
         self._twin = None
 
-    def no_sync(self, model: nn.Module, last_micro: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step (DDP); FSDP
-        reduce-scatters every micro-batch into the sharded gradients (no unsharded accumulation)."""
-        if last_micro or self.world == 1 or self._fsdp:
-            return nullcontext()
-        return self.accelerator.no_sync(model)
 
-    def backward(self, loss: torch.Tensor) -> None:
-        if self._fsdp:
-            loss.backward()
-        else:
-            self.accelerator.backward(loss)
-
-    def clip(self, model: nn.Module, clip: float) -> None:
-        if self._fsdp:  # torch's clip works on the sharded (DTensor) gradients: the norm is global
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        else:
-            self.accelerator.clip_grad_norm_(model.parameters(), clip)
-
-    def mean(self, value: float) -> float:
-        """The mean of a float over the ranks (the logged loss is the global batch's)."""
-        if self.world == 1:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t)
-        return float(t) / self.world
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        """The module that trains: the twin under FSDP, the caller's model under DDP."""
-        return model if self._fsdp else self.accelerator.unwrap_model(model)
-
-    def describe(self) -> dict:
-        out = {
-            "engine": self.engine,
-            "world_size": self.world,
-            "micro_batch": self.micro_batch,
-            "grad_accum": self.grad_accum,
-            "global_batch": self.global_batch,
-        }
-        if getattr(self, "params_per_rank", None):  # FSDP: the parameters rank 0 held while training
-            out["params_per_rank"] = self.params_per_rank
-        return out
-
-
-def make_engine(engine: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device) -> Engine | None:
-    """An Engine when there is more than one process; None (the plain loop, today's numbers) for DDP
-    or FSDP in one process (one rank: nothing to shard or average)."""
+def make_engine(engine: str, precision: str, micro_batch: int, grad_accum: int, device: torch.device) -> Engine:
+    """The engine of a training run: the one-process Engine when there is one process (ddp or fsdp:
+    one rank has nothing to shard or average), else DDP or FSDP over every process."""
     check_engine(engine, precision)
     if world()[1] == 1:
-        return None
-    return Engine(engine, precision, micro_batch, grad_accum, device)
-
-
-def describe(engine: Engine | None, micro_batch: int, grad_accum: int, name: str = "ddp") -> dict:
-    """What metrics.json records about the engine, also for the plain one-process loop (`name`: the
-    configured engine)."""
-    if engine is not None:
-        return engine.describe()
-    return {"engine": name, "world_size": 1, "micro_batch": micro_batch, "grad_accum": grad_accum,
-            "global_batch": micro_batch * grad_accum}  # fmt: skip
+        return Engine(engine, precision, micro_batch, grad_accum, device)
+    return {"ddp": DDP, "fsdp": FSDP}[engine](engine, precision, micro_batch, grad_accum, device)

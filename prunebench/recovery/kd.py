@@ -6,7 +6,8 @@ Teacher: the unpruned model (the pipeline deep-copies it before pruning), or `te
 config name from conf/model or a saved Hugging Face folder, loaded here once on the student's device.
 Training text: `tokens` tokens of `source` (never an evaluation split) in `seqlen` windows, seeded
 order; AdamW, linear warm-up then cosine decay to `min_lr`, gradient clipping, `grad_accum`
-micro-batches per step, autocast for bf16/fp16; pruned weights stay zero (`keep_masks`).
+micro-batches per step, autocast for bf16/fp16; pruned weights stay zero (`keep_masks`): the
+training recipe of `recipe.py`, with the distillation loss as its objective.
 Reported, as Minitron's Table 1: the distillation loss (KL to the teacher) and the LM loss on
 held-out windows of `val_source`, before → after, plus the loss curve.
 
@@ -16,9 +17,8 @@ held-out windows of `val_source`, before → after, plus the loss curve.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import torch
 from omegaconf import OmegaConf
@@ -26,40 +26,21 @@ from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError, knobs
-from prunebench.knobs import LR, Batch, Flag, Fraction, HeldOut, Seed, TrainPositions
 from prunebench.memory import Plan
 from prunebench.placement import compute_device
-from prunebench.recovery import corpus
-from prunebench.recovery.distill import DistillLoss, check_knobs, clm_loss, distill_step, logit_loss
-from prunebench.recovery.engine import check_engine, describe, fp32_masters, make_engine, world, write_back
-from prunebench.recovery.resume import Checkpointer
-from prunebench.recovery.train import (
-    PRECISIONS,
-    TRAINING_KNOBS,
-    CheckpointEvery,
-    EngineName,
-    GlobalBatch,
-    GradAccum,
-    KeepCheckpoints,
-    MaskKeeper,
-    Resume,
-    TextField,
-    accumulation,
-    adamw,
-    autocast,
-    check_sharded_checkpoints,
-    check_source,
-    fit,
-    gradient_checkpointing,
-    text_windows,
-    window_order,
-)
+from prunebench.recovery.distill import DistillLoss, check_knobs, distill_step
+from prunebench.recovery.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
 
-class KD:
+class KD(Recipe):
+    """Logit (and optionally intermediate-state) distillation from a teacher: the recipe's objective is
+    `distill.DistillLoss`, and it trains every weight of the student (plus the projection between
+    student and teacher widths for intermediate states)."""
+
     needs_lm = "KD distils next-token logits"  # an encoder is refused before loading (config.validate)
+    DEFAULTS: ClassVar[dict] = {"min_lr": 1e-5, "decay": "cosine"}
 
     def __init__(
         self,
@@ -70,256 +51,51 @@ class KD:
         clm_weight: Annotated[float, Field(ge=0.0)] = 0.0,
         intermediate: dict | None = None,
         teacher: str | None = None,
-        tokens: Annotated[int, Field(ge=0, le=10**12)] = 65536,
-        seqlen: TrainPositions = 256,
-        batch_size: Batch = 1,
-        grad_accum: GradAccum = None,
-        lr: LR = 1e-4,
-        min_lr: Fraction = 1e-5,
-        warmup: Fraction = 0.05,
-        weight_decay: Annotated[float, Field(ge=0.0)] = 0.0,
-        clip: Annotated[float | None, Field(gt=0.0)] = 1.0,
-        precision: str = "fp32",
-        source: str = "c4",
-        val_source: str = "wikitext2_valid",
-        val_windows: HeldOut = 16,
-        log_every: Annotated[int, Field(ge=1)] = 10,
-        keep_masks: Flag = True,
         chunk: Annotated[int | None, Field(ge=1)] = None,
-        seed: Seed = 0,
-        engine: EngineName = "ddp",
-        text_field: TextField = "text",
-        source_config: str | None = None,  # recovery.source=hf:<id>: its config, split (null = train), streaming
-        source_split: str | None = None,
-        streaming: Flag = False,
-        checkpoint_every: CheckpointEvery = None,
-        keep_checkpoints: KeepCheckpoints = 2,
-        resume: Resume = "auto",
-        gradient_checkpointing: Flag = False,
-        global_batch: GlobalBatch = None,
-        allow_overlap: Flag = False,
+        **train,
     ):
-        knobs.check_args(KD, "recovery", {k: v for k, v in locals().items() if k in TRAINING_KNOBS})
-        check_engine(engine, precision)
-        check_sharded_checkpoints(engine, checkpoint_every)
-        _, world_size = world()
+        knobs.check_args(KD, "recovery", {"chunk": chunk})  # the loss knobs: distill.check_knobs below
+        super().__init__(name=name, **{**self.DEFAULTS, **train})
         check_knobs(loss, temperature, topk, clm_weight, intermediate)
-        for knob, value in (
-            ("seqlen", seqlen),
-            ("batch_size", batch_size),
-            ("val_windows", val_windows),
-            ("log_every", log_every),
-        ):
-            if not isinstance(value, int) or value < 1:
-                raise PrunebenchError(f"recovery.{knob}={value} must be a positive integer")
-        grad_accum = accumulation(global_batch, grad_accum, batch_size, world_size)
-        step_tokens = seqlen * batch_size * grad_accum * world_size
-        if not isinstance(tokens, int) or tokens < step_tokens:
-            raise PrunebenchError(
-                f"recovery.tokens={tokens} is less than one optimiser step of {step_tokens} tokens"
-                f" (seqlen × batch_size × grad_accum × {world_size} processes); raise recovery.tokens"
-            )
-        if lr <= 0 or not 0 <= min_lr <= lr:
-            raise PrunebenchError(f"recovery.lr={lr}, recovery.min_lr={min_lr}: need lr > 0 and 0 ≤ min_lr ≤ lr")
-        if not 0 <= warmup < 1:
-            raise PrunebenchError(f"recovery.warmup={warmup} is a fraction of the steps in [0, 1)")
-        if clip is not None and clip <= 0:
-            raise PrunebenchError(f"recovery.clip={clip} must be > 0 or null (no clipping)")
-        if precision not in PRECISIONS:
-            raise PrunebenchError(f"recovery.precision={precision!r} must be one of {', '.join(PRECISIONS)}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise PrunebenchError(f"recovery.chunk={chunk} must be a positive number of tokens or null")
-        self.hub = {"source_config": source_config, "source_split": source_split, "streaming": streaming}
-        check_source(source, "recovery.source", text_field, **self.hub)
-        check_source(val_source, "recovery.val_source")  # model selection on the test split would leak too
-        if val_source == source:
-            raise PrunebenchError(
-                f"recovery.val_source={val_source} is the training source; held-out text must differ"
-                " (use recovery.val_source=wikitext2_valid with source=c4)"
-            )
-        corpus.contamination(source, text_field, val_source, allow_overlap)  # 13-grams vs WikiText-2 test, held-out
+        if not self.val_windows:
+            raise PrunebenchError("recovery.val_windows=0: kd reports its held-out losses before and after; give ≥ 1")
         if teacher is not None:
             _teacher_cfg(teacher)  # exists? (cheap: composes a config or checks a folder)
         self.loss = DistillLoss(loss, temperature, topk, clm_weight, intermediate, chunk)
-        self.name, self.kind, self.teacher = name, loss, teacher
-        self.tokens, self.seqlen, self.batch_size, self.grad_accum = tokens, seqlen, batch_size, grad_accum
-        self.lr, self.min_lr, self.warmup, self.weight_decay, self.clip = lr, min_lr, warmup, weight_decay, clip
-        self.precision, self.source, self.val_source, self.val_windows = precision, source, val_source, val_windows
-        self.log_every, self.keep_masks, self.seed = log_every, keep_masks, seed
-        self.engine, self.text_field = engine, text_field
-        self.checkpoint_every, self.keep_checkpoints, self.resume = checkpoint_every, keep_checkpoints, resume
-        self.gradient_checkpointing, self.global_batch = gradient_checkpointing, global_batch
-        self.run_dir = None  # set by the pipeline: where checkpoints live (none: no checkpoints)
-        self.steps = tokens // step_tokens
-        self.tokenizer = None
+        self.kind, self.teacher, self.chunk = loss, teacher, chunk
 
-    def fingerprint(self) -> dict:
-        """The knobs a checkpoint's training depends on: resuming under other values is refused."""
-        keys = ("teacher", "tokens", "seqlen", "batch_size", "grad_accum", "lr", "min_lr", "warmup",
-                "weight_decay", "clip", "precision", "source", "text_field", "seed", "keep_masks", "steps")  # fmt: skip
-        loss = {k: getattr(self.loss, k) for k in ("temperature", "topk", "clm_weight", "intermediate")}
-        return {
-            "loss": self.kind,
-            **{k: getattr(self, k) for k in keys},
-            **loss,
-            **self.hub,
-            "world_size": world()[1],
-            "corpus": (corpus.digest(self.source) or {}).get("sha256"),
-        }  # an edited corpus
+    @property
+    def desc(self) -> str:
+        return f"kd ({self.kind})"
 
     @property
     def needs_teacher(self) -> bool:
         """The pipeline copies the unpruned model only when no teacher is configured."""
         return self.teacher is None
 
-    def training_bytes(self, shape: dict, elt: int) -> int:
-        """fp32 gradients and AdamW's two fp32 moments of every weight, plus the fp32 masters' extra
-        4 − elt bytes of a half-precision model (engine.fp32_masters); activations apart."""
-        return (3 * 4 + 4 - elt) * int(shape["params"])
+    def own_fingerprint(self) -> dict:
+        loss = {k: getattr(self.loss, k) for k in ("temperature", "topk", "clm_weight", "intermediate")}
+        return {"loss": self.kind, "teacher": self.teacher, **loss}
 
-    # -- held-out losses -----------------------------------------------------------------------
-    @torch.no_grad()
-    def validate(self, student: nn.Module, teacher: nn.Module, windows: torch.Tensor) -> dict[str, float]:
-        """Forward KL(teacher ‖ student) per token (τ = 1, no truncation: Minitron's distillation
-        loss) and the student's next-token cross-entropy, averaged over the held-out windows."""
-        device = compute_device(student)
-        was_training = student.training
-        student.eval()
-        kd = lm = 0.0
-        for i in range(0, len(windows), self.batch_size):
-            batch = windows[i : i + self.batch_size].to(device)
-            with autocast(device, self.precision):
-                s, t = (m(input_ids=batch, use_cache=False).logits for m in (student, teacher))
-            n = len(batch)
-            kd += float(logit_loss(s, t, "kld", chunk=self.loss.chunk)) * n
-            lm += float(clm_loss(s, batch)) * n
-        student.train(was_training)
-        return {"kd": round(kd / len(windows), 5), "lm": round(lm / len(windows), 5)}
+    def compute_loss(self, student, teacher, batch, ctx) -> dict:
+        return distill_step(student, teacher, {"input_ids": batch}, self.loss, ctx)
 
-    # -- training ------------------------------------------------------------------------------
-    def train(self, model: nn.Module, teacher: nn.Module, checkpoints: list[int] | tuple = ()) -> dict:
-        """Distil `teacher` into `model` in place. `checkpoints`: optimiser-step counts at which the
-        held-out losses are also measured (returned under "checkpoints")."""
-        if self.tokenizer is None:
-            raise PrunebenchError("kd needs the tokenizer (set by the pipeline)")
-        if bad := [c for c in checkpoints if not 1 <= c <= self.steps]:
-            raise PrunebenchError(f"checkpoints {bad} are outside 1..{self.steps} steps")
-        device = compute_device(model)
-        teacher.eval().requires_grad_(False)
-        torch.manual_seed(self.seed)
-        windows = text_windows(
-            self.tokenizer, self.source, self.seqlen, self.text_field, tokens=self.tokens, **self.hub
-        )
-        val = text_windows(self.tokenizer, self.val_source, self.seqlen)[: self.val_windows]
-        engine = make_engine(self.engine, self.precision, self.batch_size, self.grad_accum, device)
-        per_step = engine.global_batch if engine is not None else self.batch_size * self.grad_accum
-        order = window_order(len(windows), self.steps * per_step, self.seed)
-
-        start = time.perf_counter()
-        before = self.validate(model, teacher, val)
-        val_seconds = time.perf_counter() - start
-
+    def trained(self, model, teacher, device):
         extra = self.loss.setup_projection(model.config.hidden_size, teacher.config.hidden_size, device)
-        if extra and engine is not None:
-            raise PrunebenchError(
-                "recovery.intermediate with a projection (student and teacher widths differ) runs in one process"
-                " only: the projection is outside the engine's wrapped model"
-            )
-        upcast = fp32_masters(model)  # a bf16/fp16 student trains on fp32 masters, written back below
-        params = [p for p in model.parameters() if p.requires_grad] + extra
-        opt, sched = adamw(params, self.lr, self.weight_decay, self.steps, self.warmup, "cosine", self.min_lr)
-        bare, student = model, model
-        if engine is not None:
-            student, opt = engine.prepare(model, opt)
-            bare = engine.unwrap(student)  # what trains: `model` itself, or FSDP's sharded copy of it
-        keep = MaskKeeper(bare, self.keep_masks)
-        fp16_alone = self.precision == "fp16" and engine is None  # an engine scales the loss itself
-        scaler = torch.amp.GradScaler(device.type) if fp16_alone else None
-        ctx = autocast(device, self.precision)
-        last: dict = {}
+        return [p for p in model.parameters() if p.requires_grad] + extra, self.loss.projection
 
-        def loss_fn(step: int, micro: int) -> torch.Tensor:
-            k = engine.index(step, micro) if engine is not None else step * per_step + micro * self.batch_size
-            batch = windows[order[k : k + self.batch_size]].to(device)
-            parts = distill_step(student, teacher, {"input_ids": batch}, self.loss, ctx)
-            last.update({name: v for name, v in parts.items() if name != "loss"})
-            return parts["loss"]
-
-        marks, wanted = [], set(checkpoints) - {self.steps}
-        val_time = [0.0]
-        saver = Checkpointer.of(
-            self, bare, opt, sched, len(windows), per_step, engine,
-            # DDP + fp16: accelerate's own GradScaler, so the loss scale survives a resume too
-            scaler=scaler if engine is None else getattr(engine.accelerator, "scaler", None),
-            extra=self.loss.projection,
-        )  # fmt: skip
-
-        def on_step(done: int) -> None:
-            if done in wanted:
-                t0 = time.perf_counter()
-                marks.append(
-                    {"step": done, "tokens": done * per_step * self.seqlen, **self.validate(bare, teacher, val)}
-                )
-                val_time[0] += time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        with gradient_checkpointing(bare, self.gradient_checkpointing):
-            curve = fit(
-                student,
-                self.steps,
-                loss_fn,
-                opt,
-                sched,
-                grad_accum=self.grad_accum,
-                clip=self.clip,
-                keep=keep,
-                scaler=scaler,
-                log_every=self.log_every,
-                desc=f"kd ({self.kind})",
-                on_step=on_step,
-                engine=engine,
-                checkpointer=saver,
-            )
-        seconds = time.perf_counter() - t0 - val_time[0]
-        if engine is not None:
-            engine.finish(model)  # FSDP: the trained full weights back into `model`, on every rank
-        write_back(model, upcast)
-        t1 = time.perf_counter()
-        after = self.validate(model, teacher, val)
-        val_seconds += val_time[0] + time.perf_counter() - t1
-        tokens = self.steps * per_step * self.seqlen
-        if self.steps in set(checkpoints):
-            marks.append({"step": self.steps, "tokens": tokens, **after})
-        out = {
-            "name": self.name,
+    def report(self, before: dict, after: dict) -> dict:
+        return {
             "loss": self.kind,
             "temperature": self.loss.temperature,
             "topk": self.loss.topk,
             "clm_weight": self.loss.clm_weight,
             "intermediate": self.loss.intermediate,
             "teacher": self.teacher or "unpruned model (copied before pruning)",
-            "source": self.source,
-            "source_digest": corpus.digest(self.source),
-            "overlap": corpus.overlap_of(self.source),
-            "val": {"source": self.val_source, "windows": len(val), "seqlen": self.seqlen},
             "distillation_loss": {"before": before["kd"], "after": after["kd"]},
             "lm_val_loss": {"before": before["lm"], "after": after["lm"]},
-            "loss_curve": curve,
-            "tokens": tokens,
-            "steps": self.steps,
-            "seconds": round(seconds, 2),
-            "val_seconds": round(val_seconds, 2),
-            "precision": self.precision,
-            **describe(engine, self.batch_size, self.grad_accum, self.engine),
-            "kept_masks": self.keep_masks,
-            "resumed_from_step": saver.resumed_from,
-            "gradient_checkpointing": self.gradient_checkpointing,
-            "last_step": {k: round(v, 5) for k, v in last.items()},
             "metrics": {"kd_val_before": before["kd"], "kd_val_after": after["kd"], "lm_val_loss": after["lm"]},
         }
-        if checkpoints:
-            out["checkpoints"] = sorted(marks, key=lambda m: m["step"])
-        return out
 
     def __call__(self, model: nn.Module, teacher: nn.Module | None = None, data=None) -> dict:
         if self.teacher is not None:

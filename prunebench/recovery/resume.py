@@ -175,7 +175,7 @@ class Checkpointer:
         """The checkpointer of a training recovery (kd, lm_finetune, lora) from its knobs (run_dir,
         checkpoint_every, keep_checkpoints, resume) and its fingerprint plus the data's window
         count. Under a sharded engine (FSDP) it writes nothing: checkpoints are DDP/one-process only."""
-        sharded = engine is not None and engine.engine != "ddp"
+        sharded = engine is not None and engine.world > 1 and engine.engine != "ddp"
         return cls(
             None if sharded else recovery.run_dir,
             recovery.checkpoint_every,

@@ -1,9 +1,11 @@
-"""The training plumbing recoveries share: token windows of a text source in a seeded order, AdamW
-with a warm-up + decay schedule, pruning masks held at zero, autocast, and one optimisation loop.
+"""The training pieces every trainer shares: token windows of a text source in a seeded order, AdamW
+with a warm-up + decay schedule, pruning masks held at zero, autocast, and the one optimisation loop
+`fit` (one code path for one or many processes: the engine of `engine.py` does what differs).
 
-`lm_finetune` (causal-LM loss), `kd` (distillation loss) and `lora` (either, on adapters) all run
-`fit`; only the per-batch loss and the trained parameters differ. The loss math lives in `distill.py`,
-checkpoints, resume and stopping on a signal in `resume.py`, the multi-process engine in `engine.py`.
+The LM recoveries (`kd`, `lm_finetune`, `lora`) are one recipe (`recipe.py`) around `fit`; MiniBridge's
+progressive KD (pruners/minibridge.py) calls `adamw` and `fit` directly, and the classification
+fine-tune of evals/finetune.py uses `lr_lambda`. The loss math lives in `distill.py`, checkpoints,
+resume and stopping on a signal in `resume.py`.
 """
 
 from __future__ import annotations
@@ -12,10 +14,8 @@ import contextlib
 import math
 import signal
 from collections.abc import Callable, Iterable
-from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
@@ -24,21 +24,9 @@ from prunebench.models.blocks import prunable_weights
 from prunebench.progress import progress
 from prunebench.recovery import resume
 from prunebench.recovery.corpus import EVAL_SPLITS  # evaluation data: never a training source
-from prunebench.recovery.engine import ENGINES, is_main
+from prunebench.recovery.engine import Engine, is_main
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-# Knobs every training recovery (kd, lm_finetune, lora) declares on its constructor (prunebench/knobs.py).
-GradAccum = Annotated[int | None, Field(ge=1, le=65536, description="micro-batches per optimiser step")]
-GlobalBatch = Annotated[int | None, Field(ge=1, le=2**24, description="windows per optimiser step, all processes")]
-EngineName = Literal[ENGINES]
-TextField = Annotated[str, Field(min_length=1)]
-CheckpointEvery = Annotated[int | None, Field(ge=1, le=10**9)]
-KeepCheckpoints = Annotated[int, Field(ge=1, le=1000, description="each checkpoint holds the weights and optimiser")]
-Resume = Literal[resume.RESUME]
-# each constructor checks these from their declarations (knobs.check_args): the validation's own messages
-TRAINING_KNOBS = ("grad_accum", "global_batch", "engine", "text_field", "checkpoint_every", "keep_checkpoints",
-                  "resume", "gradient_checkpointing")  # fmt: skip
 
 
 def check_source(
@@ -54,7 +42,7 @@ def check_source(
     the source ignores (`source_config` / `source_split` / `streaming` only mean something for `hf:`
     ids; `text_field` nothing for built-in names or token ids). See recovery/corpus.py."""
     from prunebench.data.text import LOCAL
-    from prunebench.recovery import corpus
+    from prunebench.recovery import corpus, hub
 
     if not corpus.is_hub(source):
         hub_only = {"source_config": (source_config, None), "source_split": (source_split, None),
@@ -68,7 +56,7 @@ def check_source(
     elif knob != "recovery.source":
         raise PrunebenchError(f"{knob}={source}: a Hub dataset can only be recovery.source; give a name or files")
     if corpus.is_hub(source):
-        corpus.check_hub(source, source_config, source_split, knob)
+        hub.check_hub(source, source_config, source_split, knob)
         return
     if corpus.is_path(source):  # the user's own files: exist, readable kinds, not an evaluation split
         if corpus.check(source, text_field, knob) == "ids" and text_field != "text":
@@ -100,10 +88,10 @@ def text_windows(
     """All non-overlapping windows (n, seqlen) of the source's rows joined with blank lines: a
     built-in name, files or a Hub id (recovery/corpus.py). `tokens`: the job's token budget, which
     a streamed Hub split is read up to."""
-    from prunebench.recovery import corpus
+    from prunebench.recovery import corpus, hub
 
     if corpus.is_hub(source):
-        ids = corpus.hub_token_ids(tokenizer, source, text_field, source_config, source_split, streaming, tokens)
+        ids = hub.hub_token_ids(tokenizer, source, text_field, source_config, source_split, streaming, tokens)
     elif corpus.is_path(source):
         ids = corpus.token_ids(tokenizer, source, text_field)
     else:
@@ -161,11 +149,11 @@ def window_order(n_windows: int, count: int, seed: int) -> WindowOrder:
 
 
 def lr_lambda(steps: int, warmup: float, decay: str = "linear", min_ratio: float = 0.0) -> Callable[[int], float]:
-    """LR multiplier per step: linear warm-up over `warmup` × steps, then linear decay to 0 or cosine
-    decay to `min_ratio` (min_lr / lr)."""
+    """LR multiplier per step: linear warm-up over `warmup` × steps, then linear or cosine decay to
+    `min_ratio` (min_lr / lr)."""
     warm = max(1, int(warmup * steps))
-    if decay == "linear":
-        return lambda s: min((s + 1) / warm, max(0.0, (steps - s) / max(1, steps - warm)))
+    if decay == "linear":  # min_ratio 0: exactly the linear decay to 0 (0 + 1·x is x in floating point)
+        return lambda s: min((s + 1) / warm, min_ratio + (1 - min_ratio) * max(0.0, (steps - s) / max(1, steps - warm)))
 
     def cosine(s: int) -> float:
         if s < warm:
@@ -300,11 +288,10 @@ def fit(
     grad_accum: int = 1,
     clip: float | None = None,
     keep: MaskKeeper | None = None,
-    scaler: torch.amp.GradScaler | None = None,
     log_every: int = 10,
     desc: str = "train",
     on_step: Callable[[int], None] | None = None,
-    engine=None,
+    engine: Engine | None = None,
     checkpointer=None,
 ) -> list[list]:
     """`steps` optimiser steps; `loss_fn(step, micro)` returns the loss of one micro-batch. Each step
@@ -312,42 +299,27 @@ def fit(
     and scheduler and re-applies the masks. `on_step(done)` runs after each step (held-out losses).
     Returns the loss curve [[step, loss], ...] every `log_every` steps and at the last one.
 
-    `engine` (recovery/engine.py, several processes or a sharding engine): `model` and `opt` are the
-    engine's wrapped ones; gradients are all-reduced on the last micro-batch only, the engine
-    backpropagates and clips (mixed precision is its own), and the logged loss is the mean over
-    ranks. `checkpointer` (recovery/resume.py): the loop starts from its newest checkpoint (resume),
-    saves every `checkpoint_every` steps, and on SIGTERM (or submitit's preemption signal) finishes
-    the current step, saves and stops; with several processes the ranks agree on stopping at the same step."""
-    params = [p for group in opt.param_groups for p in group["params"]]
+    `engine` (recovery/engine.py; the one-process Engine when not given): `model` and `opt` are the
+    ones it prepared; it syncs gradients on the last micro-batch only, backpropagates (scaling an fp16
+    loss), clips and steps, and the logged loss is its mean over ranks. `checkpointer`
+    (recovery/resume.py): the loop starts from its newest checkpoint (resume), saves every
+    `checkpoint_every` steps, and on SIGTERM (or submitit's preemption signal) finishes the current
+    step, saves and stops; with several processes the ranks agree on stopping at the same step."""
+    engine = engine if engine is not None else Engine()
+    saving = checkpointer is not None and checkpointer.enabled
     start, curve = checkpointer.resume() if checkpointer is not None else (0, [])
     model.train()
     bar = progress(range(start, steps), desc=desc, unit="step", enabled=is_main())
-    with resume.stop_signals(checkpointer is not None and checkpointer.enabled) as request:
+    with resume.stop_signals(saving) as request:
         for step in bar:
             total = 0.0
             for micro in range(grad_accum):
-                if engine is not None:
-                    with engine.no_sync(model, micro == grad_accum - 1):
-                        loss = loss_fn(step, micro)
-                        engine.backward(loss / grad_accum if grad_accum > 1 else loss)
-                else:
+                with engine.no_sync(model, micro == grad_accum - 1):
                     loss = loss_fn(step, micro)
-                    scaled = loss / grad_accum if grad_accum > 1 else loss
-                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                    engine.backward(loss / grad_accum if grad_accum > 1 else loss)
                 total += float(loss.detach()) / grad_accum
-            if engine is not None:
-                total = engine.mean(total)
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if clip and engine is not None:
-                engine.clip(model, clip)
-            elif clip:
-                torch.nn.utils.clip_grad_norm_(params, clip)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
+            total = engine.mean(total)
+            engine.step(model, opt, clip)
             sched.step()
             opt.zero_grad(set_to_none=True)
             if keep is not None:
@@ -358,13 +330,10 @@ def fit(
             if on_step is not None:
                 on_step(step + 1)
                 model.train()
-            if checkpointer is not None and checkpointer.enabled:
+            if saving:
                 checkpointer.periodic(step + 1, steps, curve)
-                stop = request.signum is not None
-                if engine is not None and engine.world > 1:  # every rank stops after the same step
-                    stop = engine.mean(float(stop)) > 0
-                    request.signum = request.signum or (signal.SIGTERM if stop else None)
-                if stop:
+                if engine.agree(request.signum is not None):  # every rank stops after the same step
+                    request.signum = request.signum or signal.SIGTERM
                     checkpointer.stop(step + 1, curve, request)
     model.eval()
     return curve
