@@ -187,10 +187,10 @@ class LMEval:
 
     def __init__(
         self,
-        tasks: list[str] | None = None,
+        tasks: list[str] | None = ("arc_easy", "hellaswag"),
         num_fewshot: int | None = None,
         limit: Windows | None = None,
-        batch_size: Batch | None = 1,
+        batch_size: Batch | None = 8,
         local: bool = True,
         bootstrap_iters: int = 1000,
         cache_dir: str | None = None,

@@ -76,7 +76,7 @@ def load_local(task, limit: int | None = None, seed: int = 0) -> None:
 class MTEB:
     def __init__(
         self,
-        tasks: list[str] | None = None,
+        tasks: list[str] | None = ("STSBenchmark",),
         local: bool = True,
         pooling: str = "mean",
         prompt: str | None = None,

@@ -41,7 +41,7 @@ class OpenCompass(LMEval):
         tasks: list[str] | None = None,
         mode: str = "ppl",
         limit: int | None = None,
-        batch_size: int = 1,
+        batch_size: int = 8,
         cache_dir: str | None = None,
     ):
         tasks = list(tasks or CATEGORIES)

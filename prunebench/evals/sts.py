@@ -29,7 +29,7 @@ def sts_scores(e1: torch.Tensor, e2: torch.Tensor, gold: list[float]) -> dict[st
 class STS:
     def __init__(
         self,
-        sets: list[str] | None = None,
+        sets: list[str] | None = ("stsb_en", "stsb_mr", "mahasts"),  # null: every set here
         split: str = "test",
         limit: Windows | None = None,
         pooling: str = "mean",
