@@ -523,11 +523,11 @@ def test_corpus_token_ids_outside_the_vocabulary(runner, earlier, tmp_path):
                     earlier)  # fmt: skip
 
 
-def test_corpus_larger_than_memory_is_refused_by_the_plan(runner, earlier, tmp_path, no_loading):
-    """Issue 29: the training data is counted (the corpus's int64 token ids and one epoch of the window
-    order: recipe.data_bytes, also in the memory plan), so a corpus that cannot be held stops before
-    loading, in one line naming it. A sparse 1 TiB .bin shard of 2-byte ids: 4 TiB of int64 ids and 16 GiB
-    of window order; nothing of it is read."""
+def test_corpus_larger_than_memory_is_refused_before_loading(runner, earlier, tmp_path, no_loading):
+    """Issue 29: the training data is counted (the corpus's int64 token ids and one epoch of the window order:
+    recipe.data_bytes, against the host's memory, where it lives on every device), so a corpus that cannot be
+    held stops before loading, in one line naming it. A sparse 1 TiB .bin shard of 2-byte ids: 4 TiB of int64
+    ids and 16 GiB of window order; nothing of it is read."""
     with open(tmp_path / "c.bin", "wb") as f:
         f.truncate(2**40)
     args = [*TINY, "recovery=lm_finetune", f"recovery.source={tmp_path / 'c.bin'}", f"hydra.run.dir={tmp_path / 'o'}"]

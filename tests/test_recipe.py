@@ -1,6 +1,6 @@
 """The one training recipe of kd, lm_finetune and lora (prunebench/recovery/recipe.py): its knobs are
 declared once, its YAML side (conf/recovery/_train.yaml) states the same defaults, and the training
-data is counted in memory before anything loads."""
+data is counted before anything loads."""
 
 from __future__ import annotations
 
@@ -49,12 +49,12 @@ def test_every_recipe_follows_the_run_seed():
 
 
 def test_the_training_data_is_counted(tmp_path):
-    """data_bytes: the corpus's token ids as int64 and one epoch of the window order, from file sizes."""
+    """data_bytes: the corpus's token ids as int64 and one epoch of the window order, from file sizes
+    (and a corpus beyond the host's memory is refused: tests/test_bad_inputs.py)."""
     np.arange(4096, dtype="<u2").tofile(tmp_path / "c.bin")  # 4096 ids of 2 bytes
     rec = LMFinetune(source=str(tmp_path / "c.bin"), tokens=512, seqlen=64)
     assert rec.data_bytes() == INT64 * 4096 + INT64 * (4096 // 64)
-    shape = {"params": 1000, "hidden": 8, "layers": 1}
-    assert rec.training_bytes(shape, 4) == rec.state_bytes(shape, 4)  # the data: host memory, data_bytes
+    assert rec.training_bytes({"params": 1000}, 4) == 12 * 1000  # the plan's device state: the data stays on the host
     np.save(tmp_path / "d.npy", np.arange(1000, dtype=np.int32))
     assert KD(source=str(tmp_path / "d.npy"), tokens=512, seqlen=64).data_bytes() == INT64 * (1000 + 1000 // 64)
     (tmp_path / "t.jsonl").write_text('{"text": "' + "x" * 999 + '"}\n')  # 1,012 bytes: ~506 tokens, the text

@@ -125,7 +125,7 @@ class LoRA(Recipe):
         keys = ("r", "alpha", "dropout", "target_modules", "objective", "kd")
         return {k: getattr(self, k) for k in keys}
 
-    def state_bytes(self, shape: dict, elt: int) -> int:
+    def training_bytes(self, shape: dict, elt: int) -> int:
         """fp32 adapters, their gradients and AdamW's two moments: r·(in + out) per adapted linear of
         every block (q, k, v, o ~ 8·hidden; gate, up, down 3·(hidden + ffn)), all linears assumed."""
         hidden, layers = int(shape["hidden"]), int(shape["layers"])

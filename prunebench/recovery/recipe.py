@@ -189,13 +189,10 @@ class Recipe:
         }
 
     def training_bytes(self, shape: dict, elt: int) -> int:
-        """Memory plan (memory.py): the trained state, on the device (the training data, in host memory,
-        is `data_bytes`: the plan adds it where the host is the device)."""
-        return self.state_bytes(shape, elt)
-
-    def state_bytes(self, shape: dict, elt: int) -> int:
-        """fp32 gradients and AdamW's two fp32 moments of every weight, plus the fp32 masters' extra
-        4 − elt bytes of a half-precision model (engine.fp32_masters); activations apart."""
+        """The memory plan's training state on the device (memory.py): fp32 gradients and AdamW's two
+        fp32 moments of every weight, plus the fp32 masters' extra 4 − elt bytes of a half-precision
+        model (engine.fp32_masters); activations apart. The training data is not here: it stays in host
+        memory on every device (one micro-batch at a time is copied over), and `data_bytes` counts it."""
         return (3 * 4 + 4 - elt) * int(shape["params"])
 
     def data_bytes(self) -> int:
@@ -211,8 +208,9 @@ class Recipe:
 
     def _check_data_fits(self) -> None:
         """The training data lives in host memory whatever the device (batches are copied to it one at a
-        time): a corpus that cannot be held stops here, before loading, in one line naming it. The
-        memory plan counts it too (data_bytes) on a CPU run, beside the weights and the training state."""
+        time): a corpus that cannot be held stops here, before anything loads (config.validate builds
+        the recovery just before the memory plan), in one line naming it. The plan adds it only where
+        the host is the device (a CPU run): on a GPU the corpus never fills the GPU's memory."""
         need, free = self.data_bytes(), free_bytes(torch.device("cpu"))
         if need > free:
             raise PrunebenchError(
