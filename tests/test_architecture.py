@@ -17,6 +17,9 @@ PACKAGE = ROOT / "prunebench"
 # what drives them (pipeline, app, cli, tracking, report).
 LOW = ("cache", "placement", "registry", "models", "data", "config", "knobs", "results")
 HIGH = ("pruners", "recovery", "evals", "pipeline", "app", "cli", "tracking", "report")
+# Stages that never import each other, either way: what both need (forward hooks, the layer-wise
+# driver, the encoder classifier's head and scores) lives below them, in models.
+APART = (("pruners", "evals"),)
 MAX_LINES = 600
 
 
@@ -120,6 +123,17 @@ def test_lower_layers_never_import_upward():
         if layer(b) in HIGH
     ]
     assert not upward, upward
+
+
+def test_apart_stages_never_import_each_other():
+    crossing = [
+        f"{a} -> {b}"
+        for a, targets in sorted(import_graph().items())
+        for b in sorted(targets)
+        for pair in APART
+        if {layer(a), layer(b)} == set(pair)
+    ]
+    assert not crossing, crossing
 
 
 def test_the_checker_sees_function_level_imports_and_cycles():

@@ -88,8 +88,9 @@ from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks, fused_experts
 from prunebench.models.widths import layer_widths, needs_widths, pin_layer_shapes
-from prunebench.placement import compute_device, offloaded
+from prunebench.placement import offloaded
 from prunebench.pruners.base import PruneStats, ShapePruner
+from prunebench.pruners.stats import sample_gradients
 
 log = logging.getLogger(__name__)
 
@@ -263,40 +264,14 @@ def taylor_gradients(
     unique = {id(p): p for p in params}
     total = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in unique.items()}
     squares = {k: torch.zeros_like(p, dtype=torch.float32) for k, p in unique.items()} if fisher else None
-    saved = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
 
-    def fold(key: int):
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad.float()
-            total[key] += g
-            if squares is not None:
-                squares[key] += g * g
-            p.grad = None
+    def fold(key: int, grad: torch.Tensor) -> None:
+        g = grad.float()
+        total[key] += g
+        if squares is not None:
+            squares[key] += g * g
 
-        return hook
-
-    handles = []
-    for key, p in unique.items():
-        p.requires_grad_(True)
-        handles.append(p.register_post_accumulate_grad_hook(fold(key)))
-    device, losses = compute_device(model), []
-    try:
-        for window in examples:
-            x = window.unsqueeze(0).to(device)
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-            value = float(loss.detach())
-            if not torch.isfinite(loss.detach()):
-                raise PrunebenchError(f"llm_pruner: the calibration loss is {value} (non-finite gradients)")
-            loss.backward()
-            losses.append(value)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in saved.items():
-            p.requires_grad_(flag)
-            p.grad = None
+    losses = sample_gradients(model, examples, unique, fold, who="llm_pruner")
     n = max(len(examples), 1)
     mean = {k: v.div_(n) for k, v in total.items()}
     return mean, ({k: v.div_(n) for k, v in squares.items()} if squares is not None else None), losses
