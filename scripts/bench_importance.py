@@ -19,7 +19,7 @@ import torch
 from prunebench.data import calibration_windows
 from prunebench.models.blocks import find_blocks
 from prunebench.models.forward import Stop
-from prunebench.pruners.minitron_importance import compute_importance
+from prunebench.pruners.minitron.importance import compute_importance
 
 
 @torch.no_grad()

@@ -103,6 +103,19 @@ def batches(tokenizer, texts: list[str], labels: list[int], order: list[int], ba
         yield enc, torch.tensor([labels[i] for i in idx])
 
 
+class Classifier(nn.Module):
+    """An encoder (MiniBridge: the pipeline's model, edited in place) and a head: dropout + linear on
+    the pooled last hidden state, as `eval=cola` builds it; `classifier_logits` applies it."""
+
+    def __init__(self, encoder: nn.Module, classes: int, dropout: float):
+        from prunebench.placement import compute_device
+
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, classes)).to(compute_device(encoder))
+
+
 def classifier_logits(encoder: nn.Module, head: nn.Module, enc, pooling: str) -> torch.Tensor:
     """The head (dropout, linear) on the pooled last hidden state: eval=cola's classifier, MiniBridge's too."""
     hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state

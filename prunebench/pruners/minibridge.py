@@ -77,7 +77,7 @@ from prunebench.data.labelled import classification
 from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
 from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, bridge_count, replace_block
-from prunebench.models.encoders import batches, classifier_logits, mcc
+from prunebench.models.encoders import Classifier, batches, classifier_logits, mcc
 from prunebench.models.forward import watch_blocks
 from prunebench.models.loading import count_params
 from prunebench.models.surgery import remove_layers
@@ -96,17 +96,6 @@ INITS = ("fit", "fit_svd", "identity", "random")
 ONE_SHOT = ("all_at_once", "original_teacher")
 HIDDEN_LOSSES = ("mse", "cosine")
 TEACHER_FILE, TEACHER_INFO = "classifier.safetensors", "classifier.json"
-
-
-class Classifier(nn.Module):
-    """The encoder (the pipeline's model, edited in place) and a head: dropout + linear on the pooled
-    last hidden state, as `eval=cola` builds it (the pooling is the pruner's `pooling`)."""
-
-    def __init__(self, encoder: nn.Module, classes: int, dropout: float):
-        super().__init__()
-        self.encoder = encoder
-        hidden = encoder.config.hidden_size
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, classes)).to(compute_device(encoder))
 
 
 def plan_steps(blocks: list[int], order: str, progressive: bool, one_shot: str) -> list[list[int]]:

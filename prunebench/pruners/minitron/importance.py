@@ -1,6 +1,6 @@
 """Minitron's importance scores (Muralidharan et al., arXiv 2407.14679, §2): activation-based,
 from forward passes only (no gradients), computed once on the dense model; `compute_importance`
-returns every axis's scores from one hooked pass (minitron.py prunes with them, minitron_search.py
+returns every axis's scores from one hooked pass (pruner.py prunes with them, search.py
 trims many candidate shapes from them).
 
 Importance (per layer; X the calibration batch, B windows × S tokens):
