@@ -27,7 +27,7 @@ from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-expo
     prunable_linears,
     prunable_weights,
 )
-from prunebench.models.forward import Layerwise, forward_windows
+from prunebench.models.forward import Layerwise, block_input, forward_windows
 from prunebench.placement import compute_device, offloaded
 from prunebench.progress import progress
 
@@ -89,7 +89,7 @@ def hook_block(block: nn.Module, stats: dict, make_stat, prefix: str = "") -> tu
         samples = [1]  # the batch size of the block's current call (experts see flattened tokens)
 
         def batch(_m, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
+            h = block_input(args, kwargs)
             samples[0] = h.shape[0] if h.dim() == 3 else 1
 
         handles.append(block.register_forward_pre_hook(batch, with_kwargs=True))
