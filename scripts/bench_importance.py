@@ -18,11 +18,8 @@ import torch
 
 from prunebench.data import calibration_windows
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners.minitron_importance import compute_importance
-
-
-class _Stop(Exception):
-    pass
+from prunebench.models.forward import Stop
+from prunebench.pruners.minitron.importance import compute_importance
 
 
 @torch.no_grad()
@@ -33,12 +30,12 @@ def bare(model, ids: torch.Tensor, batch: int, stop_at_norm: bool) -> None:
     if stop_at_norm:
 
         def stop(*_):
-            raise _Stop
+            raise Stop
 
         handle = find_blocks(model)[-1].register_forward_hook(stop)
     try:
         for x in ids.split(batch):
-            with contextlib.suppress(_Stop):
+            with contextlib.suppress(Stop):
                 model(input_ids=x.to(device), use_cache=False)
     finally:
         if handle is not None:

@@ -15,9 +15,9 @@ import tempfile
 from benchlib import cuda_columns, load_model, measure, parser, summary, table, weights_mb
 
 from prunebench.data import calibration_windows
+from prunebench.models.forward import Layerwise
 from prunebench.pruners.gblm import GBLM
 from prunebench.pruners.sparsegpt import SparseGPT
-from prunebench.pruners.stats import Layerwise
 from prunebench.pruners.wanda import Wanda
 
 

@@ -29,9 +29,9 @@ from prunebench.config import compose
 from prunebench.data import Calibration
 from prunebench.evals.perplexity import Perplexity
 from prunebench.models.blocks import find_blocks
+from prunebench.models.forward import capture_inputs
 from prunebench.pruners.base import mask_agreement
 from prunebench.pruners.sparsegpt import SparseGPT
-from prunebench.pruners.stats import capture_inputs
 from prunebench.pruners.wanda import Wanda
 from prunebench.results import peak_rss_mb
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from prunebench.pruners.stats import InputNorms, Layerwise, collect_full_forward, collect_stats, prunable_linears
+from prunebench.models.forward import Layerwise
+from prunebench.pruners.stats import InputNorms, collect_full_forward, collect_stats, prunable_linears
 from tests.conftest import random_calib
 
 

@@ -1,4 +1,4 @@
-"""LLM-Pruner (prunebench/pruners/llm_pruner.py) and the per-layer widths format (models/widths.py):
+"""LLM-Pruner (pruners/llm_pruner.py, llm_pruner_scores.py) and the per-layer widths format (models/widths.py):
 the importance math on hand-made numbers, the gradients against the authors' batch backward, whole
 KV groups under GQA, every decoder family on tiny models (pruned in a layer range, saved, reloaded
 with the same logits), the uniform case through plain from_pretrained, the knob refusals before
@@ -20,7 +20,7 @@ from prunebench.models import trim
 from prunebench.models.blocks import find_blocks
 from prunebench.models.loading import ByteTokenizer
 from prunebench.models.widths import SPEC_FILE, LayerConfig, load_widths, needs_widths, save_widths
-from prunebench.pruners import llm_pruner as lp
+from prunebench.pruners import llm_pruner_scores as lp
 from prunebench.pruners.llm_pruner import LLMPruner
 from tests.conftest import compose_cfg as compose
 from tests.conftest import random_calib, run_cli

@@ -25,8 +25,9 @@ from prunebench.models.bridges import (
     replace_block,
     save_bridged,
 )
+from prunebench.models.encoders import Classifier
 from prunebench.pruners import minibridge
-from prunebench.pruners.minibridge import Classifier, MiniBridge, plan_steps
+from prunebench.pruners.minibridge import MiniBridge, plan_steps
 from prunebench.pruners.stats import model_digest
 from tests.conftest import compose_cfg
 

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from prunebench import PrunebenchError, models
 from prunebench.models import trim
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners import minitron_importance as mimp
-from prunebench.pruners import minitron_plan as mplan
 from prunebench.pruners import shortgpt
 from prunebench.pruners.minitron import Minitron
+from prunebench.pruners.minitron import importance as mimp
+from prunebench.pruners.minitron import plan as mplan
 from tests.conftest import compose_cfg, random_calib
 
 ARCHS = ["tiny-llama", "tiny-nemotron"]

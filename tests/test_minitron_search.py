@@ -13,11 +13,11 @@ import torch
 from prunebench import PrunebenchError, models, pipeline
 from prunebench.config import instantiate
 from prunebench.models import ByteTokenizer, count_params
-from prunebench.pruners import minitron_importance as mimp
-from prunebench.pruners import minitron_plan as mplan
-from prunebench.pruners import minitron_search as ms
 from prunebench.pruners.minitron import Minitron
-from prunebench.pruners.minitron_plan import Dims
+from prunebench.pruners.minitron import importance as mimp
+from prunebench.pruners.minitron import plan as mplan
+from prunebench.pruners.minitron import search as ms
+from prunebench.pruners.minitron.plan import Dims
 from tests.conftest import compose_cfg, random_calib
 
 KD = {"seqlen": 32, "val_windows": 2, "log_every": 1, "lr": 3e-3, "min_lr": 3e-4}

@@ -153,7 +153,7 @@ def test_nan_similarity_stops_laco():
 
 
 def test_non_finite_importance_stops_minitron():
-    from prunebench.pruners import minitron_importance as mimp
+    from prunebench.pruners.minitron import importance as mimp
     from tests.conftest import random_calib
 
     calib = random_calib(n=4, seqlen=16)

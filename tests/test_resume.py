@@ -379,7 +379,7 @@ def test_torchrun_sigterm_then_rerun_resumes_on_two_processes(tmp_path):
 @pytest.mark.parametrize("knob", [{"checkpoint_every": 10}, {"keep_checkpoints": 3}, {"resume": "never"}])
 def test_search_kd_refuses_checkpoint_knobs(knob):
     """Minitron's search KD has no run dir: a checkpoint knob set there would be ignored, so it is refused."""
-    from prunebench.pruners.minitron_search import SearchKnobs
+    from prunebench.pruners.minitron.search import SearchKnobs
 
     name = next(iter(knob))
     with pytest.raises(PrunebenchError, match=rf"^pruner.search.kd.{name}=.*never checkpoints or resumes"):
@@ -390,7 +390,7 @@ def test_search_kd_refuses_checkpoint_knobs(knob):
 def test_paper_search_kd_global_batch_gives_the_papers_400_steps():
     from omegaconf import OmegaConf
 
-    from prunebench.pruners.minitron_search import SearchKnobs
+    from prunebench.pruners.minitron.search import SearchKnobs
 
     root = os.path.join(os.path.dirname(__file__), "..", "conf", "experiment", "minitron", "paper")
     search = OmegaConf.to_container(OmegaConf.load(os.path.join(root, "minitron-8b_search_4b.yaml")).pruner.search)

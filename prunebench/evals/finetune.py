@@ -28,51 +28,11 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.data.labelled import COLA, MAHANEWS, classification
 from prunebench.knobs import LR, Batch, Flag, Fraction, Positions, Seed, Windows
-from prunebench.models.encoders import model_inputs, pool
+from prunebench.models.encoders import batches, classifier_logits, macro_f1, mcc
 from prunebench.placement import compute_device
 from prunebench.recovery.train import adamw
 
 log = logging.getLogger(__name__)
-
-
-def confusion(pred: list[int], gold: list[int], k: int) -> torch.Tensor:
-    c = torch.zeros(k, k, dtype=torch.float64)
-    for p, g in zip(pred, gold, strict=True):
-        c[g, p] += 1
-    return c
-
-
-def macro_f1(pred: list[int], gold: list[int], k: int) -> float:
-    """Mean over the k classes of 2·TP / (2·TP + FP + FN); a class never seen nor predicted scores 0."""
-    c = confusion(pred, gold, k)
-    tp = c.diag()
-    denom = 2 * tp + (c.sum(0) - tp) + (c.sum(1) - tp)
-    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
-    return float(f1.mean())
-
-
-def mcc(pred: list[int], gold: list[int], k: int) -> float:
-    """Matthews correlation (multi-class R_K; the binary formula when k = 2); 0 when undefined."""
-    c = confusion(pred, gold, k)
-    n, correct = c.sum(), c.diag().sum()
-    p, t = c.sum(0), c.sum(1)  # predicted / true counts per class
-    denom = math.sqrt(float(n**2 - (p * p).sum())) * math.sqrt(float(n**2 - (t * t).sum()))
-    return 0.0 if denom == 0 else float(correct * n - (p * t).sum()) / denom
-
-
-def batches(tokenizer, texts: list[str], labels: list[int], order: list[int], batch_size: int, max_length: int):
-    """(tokenized batch, labels) in `order`, padded per batch, truncated to max_length tokens."""
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")  # fmt: skip
-        yield enc, torch.tensor([labels[i] for i in idx])
-
-
-def classifier_logits(encoder: nn.Module, head: nn.Module, enc, pooling: str) -> torch.Tensor:
-    """The head (dropout, linear) on the pooled last hidden state: eval=cola's classifier, MiniBridge's too."""
-    hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
-    return head(pool(hidden, enc["attention_mask"].to(hidden.device), pooling).to(head[1].weight.dtype))
 
 
 class FineTuneClassifier:

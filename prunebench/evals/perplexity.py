@@ -25,10 +25,10 @@ from prunebench.data import load_texts, tokenize
 from prunebench.data.text import check_dataset
 from prunebench.knobs import Batch, Positions, Windows
 from prunebench.models import max_context
-from prunebench.models.blocks import final_norm, find_blocks
-from prunebench.placement import compute_device, ends, offloaded, visit
+from prunebench.models.blocks import final_norm
+from prunebench.models.forward import Layerwise
+from prunebench.placement import compute_device, ends, offloaded
 from prunebench.progress import progress
-from prunebench.pruners.stats import capture_inputs
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 64) -> torch.Tensor:
@@ -48,11 +48,8 @@ def blockwise_logits(model: nn.Module, windows: torch.Tensor, batch_size: int):
     """(batch, logits) per batch of an offloaded model: block inputs of every window are captured
     once, each block visits the device once and transforms all of them, then the final norm and
     the head (already on the device) give the logits, one batch at a time."""
-    hidden, calls = capture_inputs(model, windows, batch_size)
-    for i, block in enumerate(progress(find_blocks(model), desc="ppl (layer-wise)", unit="block")):
-        with visit(model, i, block):  # offload: moved to the device; stream: read from disk
-            for j, call in enumerate(calls):
-                hidden[j] = call(block, hidden[j])
+    # offload: each block moved to the device; stream: read from disk (models.forward.Layerwise)
+    hidden = Layerwise(model, windows, batch_size, desc="ppl (layer-wise)").run(outputs=True)
     with ends(model):  # stream: the final norm and head are read for this only
         norm, head = final_norm(model), model.get_output_embeddings()
         for batch, h in zip(windows.split(batch_size), hidden, strict=True):

@@ -54,6 +54,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
+from prunebench.models.forward import Stop
 from prunebench.models.spec import WEIGHTS_FILE, folder_tokenizer, load_weights, read_folder
 
 FORMS = ("residual", "plain")
@@ -230,10 +231,6 @@ def has_bridges(model: nn.Module) -> bool:
     return any(isinstance(m, BridgeBlock) for m in model.modules())
 
 
-class _Stop(Exception):
-    pass
-
-
 @torch.no_grad()
 def block_returns(model: nn.Module, index: int) -> str:
     """'tuple' or 'tensor': what block `index` returns, seen on a two-token forward of the model
@@ -244,13 +241,13 @@ def block_returns(model: nn.Module, index: int) -> str:
 
     def grab(_module, _args, out):
         seen.append("tuple" if isinstance(out, (tuple, list)) else "tensor")
-        raise _Stop
+        raise Stop
 
     handle = find_blocks(model)[index].register_forward_hook(grab)
     was_training = model.training
     try:
         model.eval()
-        with contextlib.suppress(_Stop):
+        with contextlib.suppress(Stop):
             model(input_ids=torch.tensor([[1, 2]], device=compute_device(model)))
     finally:
         handle.remove()

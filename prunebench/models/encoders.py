@@ -1,5 +1,6 @@
-"""Sentence embeddings from a (possibly pruned) Hugging Face encoder, and the bridge to
-sentence-transformers for SBERT training.
+"""Sentence embeddings from a (possibly pruned) Hugging Face encoder, the bridge to
+sentence-transformers for SBERT training, and the classifier pieces that eval=cola / classification
+and MiniBridge share (tokenized batches, the head on the pooled state, MCC and macro-F1).
 
 The pipeline keeps the bare encoder (BertModel, MPNetModel, ...) so every pruner works on encoders
 and decoders alike; how a sentence vector is read from it (mean or CLS pooling, an instruction
@@ -8,6 +9,7 @@ prefix such as e5's "query: ") comes from the model config.
 
 from __future__ import annotations
 
+import math
 import tempfile
 from pathlib import Path
 
@@ -90,3 +92,61 @@ def save_sentence_transformer(model: nn.Module, tokenizer, folder: Path, pooling
     """Save a (pruned) encoder so that both `AutoModel.from_pretrained` and
     `SentenceTransformer(folder)` load it."""
     sentence_transformer(model, tokenizer, pooling).save(str(folder))
+
+
+def batches(tokenizer, texts: list[str], labels: list[int], order: list[int], batch_size: int, max_length: int):
+    """(tokenized batch, labels) in `order`, padded per batch, truncated to max_length tokens."""
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        enc = tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                        return_tensors="pt")  # fmt: skip
+        yield enc, torch.tensor([labels[i] for i in idx])
+
+
+class Classifier(nn.Module):
+    """An encoder (MiniBridge: the pipeline's model, edited in place) and a head: dropout + linear on
+    the pooled last hidden state, as `eval=cola` builds it; `classifier_logits` applies it."""
+
+    def __init__(self, encoder: nn.Module, classes: int, dropout: float):
+        from prunebench.placement import compute_device
+
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, classes)).to(compute_device(encoder))
+
+
+def classifier_logits(encoder: nn.Module, head: nn.Module, enc, pooling: str) -> torch.Tensor:
+    """The head (dropout, linear) on the pooled last hidden state: eval=cola's classifier, MiniBridge's too."""
+    hidden = encoder(**model_inputs(encoder, enc)).last_hidden_state
+    return head(pool(hidden, enc["attention_mask"].to(hidden.device), pooling).to(head[1].weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement of predicted with gold class ids (pure): the scores of eval=cola / classification and of
+# MiniBridge's dev set.
+
+
+def confusion(pred: list[int], gold: list[int], k: int) -> torch.Tensor:
+    c = torch.zeros(k, k, dtype=torch.float64)
+    for p, g in zip(pred, gold, strict=True):
+        c[g, p] += 1
+    return c
+
+
+def macro_f1(pred: list[int], gold: list[int], k: int) -> float:
+    """Mean over the k classes of 2·TP / (2·TP + FP + FN); a class never seen nor predicted scores 0."""
+    c = confusion(pred, gold, k)
+    tp = c.diag()
+    denom = 2 * tp + (c.sum(0) - tp) + (c.sum(1) - tp)
+    f1 = torch.where(denom > 0, 2 * tp / denom.clamp(min=1), torch.zeros_like(tp))
+    return float(f1.mean())
+
+
+def mcc(pred: list[int], gold: list[int], k: int) -> float:
+    """Matthews correlation (multi-class R_K; the binary formula when k = 2); 0 when undefined."""
+    c = confusion(pred, gold, k)
+    n, correct = c.sum(), c.diag().sum()
+    p, t = c.sum(0), c.sum(1)  # predicted / true counts per class
+    denom = math.sqrt(float(n**2 - (p * p).sum())) * math.sqrt(float(n**2 - (t * t).sum()))
+    return 0.0 if denom == 0 else float(correct * n - (p * t).sum()) / denom

@@ -20,9 +20,10 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.knobs import Flag, linear_widths
 from prunebench.models.blocks import ExpertSlice, block_weights, find_blocks, prunable_weights, routers
+from prunebench.models.forward import Layerwise
 from prunebench.placement import resident
 from prunebench.pruners.masks import make_mask, parse_pattern
-from prunebench.pruners.stats import InputNorms, Layerwise, collect_stats, dense_input_norms, routed_nothing
+from prunebench.pruners.stats import InputNorms, collect_stats, dense_input_norms, routed_nothing
 
 log = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ from prunebench.data import load_texts
 from prunebench.knobs import Flag
 from prunebench.models import max_context
 from prunebench.models.blocks import block_linears, find_blocks
+from prunebench.models.forward import block_input_hook
 from prunebench.models.surgery import keep_layers, set_blocks, snapshot
 from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats, ShapePruner
-from prunebench.pruners.stats import block_input_hook
 
 MERGES = ("paper", "reference", "drop")
 

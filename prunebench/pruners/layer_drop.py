@@ -30,6 +30,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, replace_block
+from prunebench.models.forward import forward_windows, watch_blocks
 from prunebench.models.surgery import keep_layers
 from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats, ShapePruner
@@ -163,22 +164,11 @@ class LayerDrop(ShapePruner):
             raise PrunebenchError("pruner.bridge_init=fit needs calibration data (calib.*)")
         device, blocks = compute_device(model), find_blocks(model)
         stats = {i: BridgeFit(model.config.hidden_size, "residual", device) for i in indices}
-
-        def hook(i):
-            def grab(_module, args, kwargs, out):
-                x = args[0] if args else kwargs["hidden_states"]
-                stats[i].add(x, out[0] if isinstance(out, tuple | list) else out)
-
-            return grab
-
-        handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in indices]
         was_training = model.training
         model.eval()
         try:
-            for batch in calib.input_ids.split(calib.batch_size):
-                model(input_ids=batch.to(device))
+            with watch_blocks({i: blocks[i] for i in indices}, lambda i, x, y: stats[i].add(x, y)):
+                forward_windows(model, calib.input_ids, calib.batch_size, lm=False)
         finally:
-            for h in handles:
-                h.remove()
             model.train(was_training)
         return stats

@@ -53,6 +53,7 @@ temperature 2, alpha_kd 1, ce_weight 1, no hidden-state term (the paper gives no
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -73,10 +74,11 @@ from torch import nn
 from prunebench import PrunebenchError, placement
 from prunebench.cache import fingerprint
 from prunebench.data.labelled import classification
-from prunebench.evals.finetune import batches, classifier_logits, mcc
 from prunebench.knobs import LR, Batch, Fraction, Positions, Seed
 from prunebench.models.blocks import find_blocks
 from prunebench.models.bridges import BridgeFit, LowRankBridge, bridge_count, replace_block
+from prunebench.models.encoders import Classifier, batches, classifier_logits, mcc
+from prunebench.models.forward import watch_blocks
 from prunebench.models.loading import count_params
 from prunebench.models.surgery import remove_layers
 from prunebench.placement import compute_device
@@ -94,17 +96,6 @@ INITS = ("fit", "fit_svd", "identity", "random")
 ONE_SHOT = ("all_at_once", "original_teacher")
 HIDDEN_LOSSES = ("mse", "cosine")
 TEACHER_FILE, TEACHER_INFO = "classifier.safetensors", "classifier.json"
-
-
-class Classifier(nn.Module):
-    """The encoder (the pipeline's model, edited in place) and a head: dropout + linear on the pooled
-    last hidden state, as `eval=cola` builds it (the pooling is the pruner's `pooling`)."""
-
-    def __init__(self, encoder: nn.Module, classes: int, dropout: float):
-        super().__init__()
-        self.encoder = encoder
-        hidden = encoder.config.hidden_size
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(hidden, classes)).to(compute_device(encoder))
 
 
 def plan_steps(blocks: list[int], order: str, progressive: bool, one_shot: str) -> list[list[int]]:
@@ -293,15 +284,13 @@ class MiniBridge(ShapePruner):
             distill = DistillLoss("kld", self.temperature, None, self.ce_weight / self.alpha_kd)
         use_states = teacher is not None and self.hidden_loss > 0 and bool(bridges)
         grabbed: dict[str, list] = {"s": [], "t": []}
-
-        def grab(key):
-            return lambda _m, _a, out: grabbed[key].append(out[0] if isinstance(out, tuple | list) else out)
-
-        handles = []
+        watch = contextlib.ExitStack()  # the outputs of this step's bridges, student and teacher
         if use_states:
-            for i in bridges:
-                handles.append(find_blocks(student.encoder)[i].register_forward_hook(grab("s")))
-                handles.append(find_blocks(teacher.encoder)[i].register_forward_hook(grab("t")))
+            for key, clf in (("s", student), ("t", teacher)):
+                blocks = find_blocks(clf.encoder)
+                watch.enter_context(
+                    watch_blocks({i: blocks[i] for i in bridges}, lambda _i, _x, y, k=key: grabbed[k].append(y))
+                )
 
         def loss_fn(_step: int, _micro: int) -> torch.Tensor:
             enc, y = next(stream)
@@ -318,11 +307,8 @@ class MiniBridge(ShapePruner):
                 loss = loss + self.hidden_loss * state_loss(grabbed["s"], grabbed["t"], self.hidden_loss_kind, mask)
             return loss
 
-        try:
+        with watch:
             return fit(student, steps, loss_fn, opt, sched, clip=1.0, log_every=max(1, steps // 10), desc=tag)
-        finally:
-            for h in handles:
-                h.remove()
 
     # ------------------------------------------------------------------ bridges
     @torch.no_grad()
@@ -335,25 +321,12 @@ class MiniBridge(ShapePruner):
         stats = {i: BridgeFit(hidden, self.form, device) for i in indices}
         blocks = find_blocks(encoder)
         current: dict = {}
-
-        def hook(i):
-            def grab(_module, args, kwargs, out):
-                x = args[0] if args else kwargs["hidden_states"]
-                y = out[0] if isinstance(out, tuple | list) else out
-                stats[i].add(x, y, current["mask"])
-
-            return grab
-
-        handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in indices]
         clf.eval()
         n = min(self.fit_samples, len(train.texts))
-        try:
+        with watch_blocks({i: blocks[i] for i in indices}, lambda i, x, y: stats[i].add(x, y, current["mask"])):
             for enc, _ in self._batches(train.texts[:n], train.labels[:n], list(range(n))):
                 current["mask"] = enc["attention_mask"]
                 self._logits(clf, enc)
-        finally:
-            for h in handles:
-                h.remove()
         return stats
 
     def _bridge(self, hidden: int, stats: BridgeFit | None) -> tuple[LowRankBridge, float | None]:

@@ -2,8 +2,8 @@
 (arXiv 2403.03853), a depth baseline of LaCo.
 
 Block Influence  BI_i = E_tokens[1 − cos(h_i,in, h_i,out)]  over the calibration tokens (a NaN
-cosine, from a zero vector, counts as 0.5 as in the public implementation); the `n` layers of
-lowest BI are removed (real surgery).
+cosine, from a zero vector, counts as 0.5 as in the public implementation;
+`prunebench.models.forward.block_influence`); the `n` layers of lowest BI are removed (real surgery).
 
     pruner: {_target_: prunebench.pruners.shortgpt.ShortGPT, n: 8}
 """
@@ -15,46 +15,28 @@ from collections.abc import Mapping
 from typing import Annotated
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks
+from prunebench.models.forward import block_influence, forward_windows, watch_blocks
 from prunebench.models.surgery import fixed_first_layer, remove_layers
-from prunebench.placement import compute_device
 from prunebench.pruners.base import PruneStats, ShapePruner
-
-
-def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
-    """1 − cos(h_in, h_out) per token (last dim is the hidden size); NaN → 0.5."""
-    bi = 1 - F.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=0.0)
-    return torch.nan_to_num(bi, nan=0.5)
 
 
 @torch.no_grad()
 def layer_influence(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 1) -> list[float]:
-    """Mean Block Influence of every block over the calibration windows (dense forward, hooks)."""
+    """Mean Block Influence of every block over the calibration tokens (dense whole-model forwards,
+    each block's input and output seen by `watch_blocks`)."""
     blocks = find_blocks(model)
-    sums, count = torch.zeros(len(blocks), dtype=torch.float64), 0
+    sums = torch.zeros(len(blocks), dtype=torch.float64)
 
-    def hook(index):
-        def fn(_module, args, kwargs, out):
-            h_in = args[0] if args else kwargs["hidden_states"]
-            h_out = out[0] if isinstance(out, (tuple, list)) else out
-            sums[index] += float(block_influence(h_in, h_out).sum())
+    def add(i: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        sums[i] += float(block_influence(h_in, h_out).sum())
 
-        return fn
-
-    handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
-    device = compute_device(model)
-    try:
-        for batch in input_ids.split(batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
-            count += batch.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    with watch_blocks(blocks, add):
+        count = forward_windows(model, input_ids, batch_size)
     return (sums / max(count, 1)).tolist()
 
 

@@ -77,9 +77,9 @@ from prunebench.knobs import Flag, Seed
 from prunebench.models import count_params
 from prunebench.models import sliced as S
 from prunebench.models.blocks import find_blocks, prunable_weights
+from prunebench.models.forward import Stop, capture_inputs
 from prunebench.placement import compute_device, offloaded, on_device
 from prunebench.pruners.base import PruneStats, capture_bytes
-from prunebench.pruners.stats import capture_inputs
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,6 @@ def energy_kept(vals: torch.Tensor, damp: float, d: int) -> float:
 
 # --------------------------------------------------------------------------------------------------
 # The pruner.
-
-
-class _Stop(Exception):
-    pass
 
 
 class SliceGPT:
@@ -356,12 +352,12 @@ class SliceGPT:
 
                 def grab(_module, args, H=H):
                     accumulate(H, args[0])
-                    raise _Stop  # the MLP is not needed for this PCA
+                    raise Stop  # the MLP is not needed for this PCA
 
                 handle = block.post_attention_layernorm.register_forward_pre_hook(grab)
                 try:
                     for x, call in zip(states, calls, strict=True):
-                        with contextlib.suppress(_Stop):
+                        with contextlib.suppress(Stop):
                             call(block, x)
                 finally:
                     handle.remove()

@@ -1,21 +1,19 @@
-"""Statistics capture for the pruners. Layer-by-layer calibration: capture the inputs of the first
-transformer block, then run block after block, so that peak memory is the model plus one block's
-activations.
+"""Statistics capture for the pruners: what feeds each prunable weight (input norms, experts'
+routed tokens), per-sample gradients, and the cache of both.
 
-A pruner hooks the linears of block i, runs the block over the calibration batches to collect its
-statistics, edits the block, and the block's outputs are recomputed through the *edited* block to
-feed block i+1 (the sequential protocol of Wanda and SparseGPT).
+Layer-by-layer calibration runs on `prunebench.models.forward.Layerwise`: a pruner hooks the
+linears of block i, runs the block over the calibration batches to collect its statistics, edits
+the block, and the block's outputs are recomputed through the *edited* block to feed block i+1
+(the sequential protocol of Wanda and SparseGPT).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
-import time
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -29,15 +27,11 @@ from prunebench.models.blocks import (  # noqa: F401  (prunable_linears: re-expo
     prunable_linears,
     prunable_weights,
 )
-from prunebench.models.stream import streamed
-from prunebench.placement import compute_device, ends, offloaded, visit
+from prunebench.models.forward import Layerwise, block_input, forward_windows
+from prunebench.placement import compute_device, offloaded
 from prunebench.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    pass
 
 
 class InputNorms:
@@ -76,92 +70,6 @@ def routed_nothing(stat) -> bool:
     return tokens == 0
 
 
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-class BlockCall(dict):
-    """The arguments a block receives besides its hidden states: keyword arguments, and positional
-    ones in `args` (BERT passes its attention mask positionally)."""
-
-    def __init__(self, args: tuple, kwargs: dict):
-        super().__init__({k: v for k, v in kwargs.items() if k != "hidden_states"})
-        self.args = tuple(args)
-
-    def __call__(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        return _first(block(hidden, *self.args, **self))
-
-
-def block_input_hook(sink: list, hidden: list | None = None, stop: bool = False):
-    """A forward pre-hook (with_kwargs) that records each call's BlockCall (and hidden states)."""
-
-    def grab(_module, args, kwargs):
-        h = args[0] if args else kwargs["hidden_states"]
-        sink.append(BlockCall(args[1:], kwargs))
-        if hidden is not None:
-            hidden.append(h)
-        if stop:
-            raise _Stop
-
-    return grab
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int):
-    """Hidden states and the other block arguments (masks, rotary embeddings) entering block 0,
-    per batch, on the compute device."""
-    blocks = find_blocks(model)
-    device = compute_device(model)
-    hidden, calls = [], []
-    handle = blocks[0].register_forward_pre_hook(block_input_hook(calls, hidden, stop=True), with_kwargs=True)
-    try:
-        with ends(model):  # stream: the embeddings are read for this forward only
-            for batch in input_ids.split(batch_size):
-                with contextlib.suppress(_Stop):
-                    model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return hidden, calls
-
-
-class Layerwise:
-    """Iterate blocks with their calibration inputs; `timings` splits forward time from the rest."""
-
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, batch_size: int, desc: str = "prune"):
-        self.model, self.input_ids, self.batch_size, self.desc = model, input_ids, batch_size, desc
-        self.forward_s = 0.0
-
-    def forward(self, block: nn.Module, hidden: list, calls: list, keep: bool) -> None:
-        """Run `block` over every calibration batch. With keep=True each batch's output replaces its
-        input in `hidden` (in place: one set of activations alive, plus one batch); without, the
-        outputs are dropped (the statistics pass needs only the hooks)."""
-        t = time.perf_counter()
-        with torch.no_grad():
-            for j, call in enumerate(calls):
-                out = call(block, hidden[j])
-                if keep:
-                    hidden[j] = out
-        self.forward_s += time.perf_counter() - t
-
-    def run(self, edit: Callable[[int, nn.Module, Callable[[], None]], None]) -> None:
-        """For each block i: `edit(i, block, collect)` where collect() runs the block over the
-        calibration batches (hooks see the inputs); then the edited block's outputs become the
-        inputs of block i+1."""
-        t = time.perf_counter()
-        hidden, calls = capture_inputs(self.model, self.input_ids, self.batch_size)
-        self.forward_s += time.perf_counter() - t
-        blocks = find_blocks(self.model)
-        stream = streamed(self.model)
-        done = stream.done if stream is not None else 0  # a streamed run resumed: blocks < done are on disk
-        for i, block in enumerate(progress(blocks, desc=self.desc, unit="block")):
-            # offload: one block on the device; stream: one block read from disk, written back once edited
-            with visit(self.model, i, block, write=i >= done):
-                if i >= done:
-                    edit(i, block, lambda b=block: self.forward(b, hidden, calls, keep=False))
-                if i + 1 < len(blocks):  # the last block's outputs feed nothing we prune
-                    self.forward(block, hidden, calls, keep=True)  # resumed blocks: replayed, as they were
-
-
 def hook_block(block: nn.Module, stats: dict, make_stat, prefix: str = "") -> tuple[dict, list]:
     """Create `stats[prefix + name]` for every prunable weight of `block` and hook what feeds it:
     a linear's input, and for fused experts the tokens routed to each expert (gate_up's input) and
@@ -181,7 +89,7 @@ def hook_block(block: nn.Module, stats: dict, make_stat, prefix: str = "") -> tu
         samples = [1]  # the batch size of the block's current call (experts see flattened tokens)
 
         def batch(_m, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
+            h = block_input(args, kwargs)
             samples[0] = h.shape[0] if h.dim() == 3 else 1
 
         handles.append(block.register_forward_pre_hook(batch, with_kwargs=True))
@@ -242,18 +150,6 @@ def collect_full_forward(model: nn.Module, input_ids: torch.Tensor, batch_size: 
     return stats
 
 
-def forward_windows(model: nn.Module, input_ids: torch.Tensor, batch_size: int, handles: list) -> None:
-    """One whole-model forward over the windows, batch by batch on the model's device, for the
-    hooks in `handles` to observe; the hooks are removed afterwards, also on an error."""
-    device = compute_device(model)
-    try:
-        for batch in input_ids.split(batch_size):
-            model(input_ids=batch.to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def model_digest(model: nn.Module) -> str:
     """Cheap fingerprint of the weights (shape and sum of every tensor): a cache made for other
     weights is never reused."""
@@ -305,9 +201,8 @@ def gradient_norms(
 ) -> dict[str, torch.Tensor]:
     """Per-sample gradient norms of every prunable block weight (GBLM-Pruner's G), experts included.
 
-    One window at a time (batch 1), causal-LM loss with labels = inputs; each sample's gradient is
-    folded into the accumulator the moment it is computed (a post-accumulate hook) and freed, so at
-    most one sample's gradient exists beside the accumulators. Only the pruned weights require grad.
+    One window at a time (`sample_gradients`): each sample's gradient is folded into its
+    accumulator the moment it is computed and freed. Only the pruned weights require grad.
 
     norm='l1': Σ_s |g_s|;  norm='l2': sqrt(Σ_s g_s²), in fp32 and unscaled: the reference's α·g
     scaling is linear, so α is applied at scoring time and one cache serves every α.
@@ -326,33 +221,60 @@ def gradient_norms(
     params = {id(p): p for p, _ in targets.values()}
     acc_dtype = torch.float16 if fp16_scale else torch.float32
     acc = {k: torch.zeros_like(p, dtype=acc_dtype) for k, p in params.items()}
+
+    def fold(key: int, grad: torch.Tensor) -> None:
+        g = grad.to(acc_dtype)
+        if fp16_scale:
+            g = g * fp16_scale
+        acc[key] += g.abs() if norm == "l1" else g * g
+
+    sample_gradients(model, input_ids, params, fold)
+    out = {k: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for k, a in acc.items()}
+    return {n: out[id(p)] if e is None else out[id(p)][e].clone() for n, (p, e) in targets.items()}
+
+
+def sample_gradients(
+    model: nn.Module,
+    windows: torch.Tensor,
+    params: Mapping[int, nn.Parameter],
+    fold: Callable[[int, torch.Tensor], None],
+    who: str | None = None,
+) -> list[float]:
+    """One backward per window (batch 1, causal-LM loss with labels = inputs), each parameter's
+    gradient handed to `fold(key, grad)` the moment it is accumulated (a post-accumulate hook) and
+    freed, so at most one sample's gradient exists beside the caller's accumulators. Only `params`
+    require grad during the pass; every flag is restored afterwards, also on an error. With `who`,
+    a non-finite loss stops the pass with one line naming the pruner. Returns the per-window losses."""
     saved = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
 
-    def fold(key: int):
-        def hook(p: torch.Tensor) -> None:
-            g = p.grad.to(acc_dtype)
-            if fp16_scale:
-                g = g * fp16_scale
-            acc[key] += g.abs() if norm == "l1" else g * g
+    def hook(key: int):
+        def grab(p: torch.Tensor) -> None:
+            fold(key, p.grad)
             p.grad = None
 
-        return hook
+        return grab
 
     handles = []
     for key, p in params.items():
         p.requires_grad_(True)
-        handles.append(p.register_post_accumulate_grad_hook(fold(key)))
-    device = compute_device(model)
+        handles.append(p.register_post_accumulate_grad_hook(hook(key)))
+    device, losses = compute_device(model), []
     try:
-        for window in progress(input_ids, desc="gradients", unit="sample"):
+        for window in progress(windows, desc="gradients", unit="sample"):
             x = window.unsqueeze(0).to(device)
-            model(input_ids=x, labels=x, use_cache=False).loss.backward()
+            loss = model(input_ids=x, labels=x, use_cache=False).loss
+            if who is not None:  # a sync per window: only where the caller records the losses
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise PrunebenchError(f"{who}: the calibration loss is {value} (non-finite gradients)")
+                losses.append(value)
+            loss.backward()
     finally:
         for h in handles:
             h.remove()
         for p, flag in saved.items():
             p.requires_grad_(flag)
-    out = {k: (a if norm == "l1" else a.float().sqrt().to(acc_dtype)) for k, a in acc.items()}
-    return {n: out[id(p)] if e is None else out[id(p)][e].clone() for n, (p, e) in targets.items()}
+            p.grad = None
+    return losses

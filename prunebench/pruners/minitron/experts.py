@@ -18,7 +18,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.models.blocks import find_blocks, fused_experts
-from prunebench.pruners.stats import forward_windows
+from prunebench.models.forward import forward_windows
 
 CONFIG_KEYS = ("num_local_experts", "num_experts")  # Mixtral | Qwen2/3-MoE, OLMoE
 

@@ -1,6 +1,6 @@
 """Minitron's importance scores (Muralidharan et al., arXiv 2407.14679, §2): activation-based,
 from forward passes only (no gradients), computed once on the dense model; `compute_importance`
-returns every axis's scores from one hooked pass (minitron.py prunes with them, minitron_search.py
+returns every axis's scores from one hooked pass (pruner.py prunes with them, search.py
 trims many candidate shapes from them).
 
 Importance (per layer; X the calibration batch, B windows × S tokens):
@@ -42,6 +42,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
+from prunebench.models.forward import Stop, block_influence, forward_windows, hidden_of, token_norms, watch_blocks
 from prunebench.models.surgery import set_blocks, snapshot
 
 AGGS = ("mean", "l2", "var")
@@ -160,26 +161,6 @@ class Importance:
         return torch.stack(parts).sum(0)
 
 
-def block_influence_fast(
-    h_in: torch.Tensor, h_out: torch.Tensor, n_in: torch.Tensor | None = None, n_out: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token 1 − cos(h_in, h_out) (shortgpt.block_influence: NaN → 0.5) and |h_out| per token.
-    Token norms can be passed in: a block's input norms are the previous block's output norms."""
-    a, b = h_in.float(), h_out.float()
-    n_in = torch.linalg.vector_norm(a, dim=-1) if n_in is None else n_in
-    n_out = torch.linalg.vector_norm(b, dim=-1) if n_out is None else n_out
-    bi = 1 - (a * b).sum(-1) / (n_in * n_out)
-    return torch.nan_to_num(bi, nan=0.5), n_out
-
-
-class _Stop(Exception):
-    pass
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 @torch.no_grad()
 def _mean_nll(model: nn.Module, input_ids: torch.Tensor, batch_size: int) -> float:
     device = next(model.parameters()).device
@@ -272,65 +253,48 @@ def compute_importance(
         for name, norm in norms.items():
             acc = norm_acc[name] = BatchAgg(batch)
             handles.append(
-                norm.register_forward_hook(lambda _m, _a, out, acc=acc: acc.add(reduce_seq(_first(out), seq)))
+                norm.register_forward_hook(lambda _m, _a, out, acc=acc: acc.add(reduce_seq(hidden_of(out), seq)))
             )
     device = next(model.parameters()).device
     bi_sum = torch.zeros(n_layers, dtype=torch.float32, device=device)
     run_sum = {
         n: torch.zeros(n_layers - n + 1, dtype=torch.float32, device=device) for n in run_lengths if 1 <= n <= n_layers
     }
-    tokens = [0]
     stash: dict[int, torch.Tensor] = {}
     last: list = [None, None]  # the previous block's output and its per-token norms (= this block's input)
+    watch = contextlib.nullcontext()
     if depth == "bi":
         longest = max(run_sum, default=1)
 
-        def pre(index):
-            def fn(_module, args, kwargs):
-                if run_sum:
-                    stash[index] = args[0] if args else kwargs["hidden_states"]
+        def influence(index: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+            if index == 0:
+                stash.clear()  # a new batch: the previous batch's block inputs are not needed
+            if run_sum:
+                stash[index] = h_in
+            n_out = token_norms(h_out)
+            bi_sum[index] += block_influence(h_in, h_out, last[1] if last[0] is h_in else None, n_out).sum()
+            last[0], last[1] = h_out, n_out
+            for n, sums in run_sum.items():  # a run's BI: the input of its first block, the output of its last
+                if index - n + 1 >= 0:
+                    sums[index - n + 1] += block_influence(stash[index - n + 1], h_out, None, n_out).sum()
+            stash.pop(index - longest + 1, None)
 
-            return fn
+        watch = watch_blocks(blocks, influence)
 
-        def post(index):
-            def fn(_module, args, kwargs, out):
-                h_in = args[0] if args else kwargs["hidden_states"]
-                h_out = _first(out)
-                n_in = last[1] if last[0] is h_in else None
-                bi, n_out = block_influence_fast(h_in, h_out, n_in)
-                bi_sum[index] += bi.sum()
-                last[0], last[1] = h_out, n_out
-                for n, sums in run_sum.items():
-                    if index - n + 1 >= 0:
-                        sums[index - n + 1] += block_influence_fast(stash[index - n + 1], h_out, None, n_out)[0].sum()
-                stash.pop(index - longest + 1, None)
-                if index == 0:
-                    tokens[0] += h_in.shape[0] * h_in.shape[1]
-
-            return fn
-
-        for i, block in enumerate(blocks):
-            handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
-            handles.append(block.register_forward_hook(post(i), with_kwargs=True))
-
-    hooked = bool(handles)
+    hooked = bool(handles) or depth == "bi"
     final = next((m for n, m in reversed(norms.items()) if "." not in n), None)
     if final is not None:  # everything is measured by the final norm: skip the LM head
 
         def stop(*_):
-            raise _Stop
+            raise Stop
 
         handles.append(final.register_forward_hook(stop))
-    try:
-        if hooked:
-            for chunk in input_ids.split(batch_size):
-                with contextlib.suppress(_Stop):
-                    model(input_ids=chunk.to(device), use_cache=False)
-                stash.clear()
-                last[0] = last[1] = None
-    finally:
-        for h in handles:
-            h.remove()
+    with watch:
+        tokens = forward_windows(model, input_ids, batch_size, handles) if hooked else 0
+    for h in handles:  # when nothing was hooked (forward_windows removes them otherwise)
+        h.remove()
+    stash.clear()
+    last[0] = last[1] = None
     if head_acc:
         imp.heads = [a.value().cpu() for a in head_acc]
     if neuron_acc:
@@ -338,8 +302,8 @@ def compute_importance(
     if norm_acc:
         imp.norms = {n: a.value().cpu() for n, a in norm_acc.items()}
     if depth == "bi":
-        imp.layers = (bi_sum.double().cpu() / max(tokens[0], 1)).tolist()
-        imp.runs = {n: (s.double().cpu() / max(tokens[0], 1)).tolist() for n, s in run_sum.items()}
+        imp.layers = (bi_sum.double().cpu() / max(tokens, 1)).tolist()
+        imp.runs = {n: (s.double().cpu() / max(tokens, 1)).tolist() for n, s in run_sum.items()}
     elif depth == "ppl":
         single = [[i] for i in range(n_layers)]
         runs = [list(range(s, s + n)) for n in run_lengths if 1 <= n <= n_layers for s in range(n_layers - n + 1)]

@@ -1,7 +1,7 @@
 """Minitron's shapes (Muralidharan et al., arXiv 2407.14679): selection (scores -> kept indices),
 the plan (what one target shape keeps, from one importance pass; no model needed), its surgery
 (`apply_plan`), and the exact parameter count of a shape (`Arch`, `param_count`), which the pruner
-and the architecture search (minitron_search.py) both use.
+and the architecture search (search.py) both use.
 
 Parameter count, exact from the shape (no model): with d = head_dim (fixed by trimming), V the
 vocabulary, h hidden, H query heads, G KV heads, F MLP size, L layers,
@@ -39,7 +39,7 @@ from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
 from prunebench.models.surgery import keep_layers
-from prunebench.pruners.minitron_importance import Importance
+from prunebench.pruners.minitron.importance import Importance
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ class Plan:
     merges: dict[int, list[tuple[int, int]]] = field(default_factory=dict)
     neurons: dict[int, list[int]] = field(default_factory=dict)
     channels: list[int] | None = None
-    experts: dict[int, list[int]] = field(default_factory=dict)  # applied by minitron_experts.trim_experts
+    experts: dict[int, list[int]] = field(default_factory=dict)  # applied by experts.trim_experts
 
 
 def resolve_groups(dims: Dims, heads: int | None, kv_heads: int | None) -> tuple[int, int]:

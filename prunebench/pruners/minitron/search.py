@@ -4,7 +4,7 @@ count is within ±5% of the target, prune each from ONE importance pass on the d
 a short distillation from the dense model, rank them by LM validation loss at several checkpoints
 of that short training (rankings flip during the first steps, then stabilise), keep the best.
 
-Parameter count: minitron_plan.py (`Arch`, `param_count`).
+Parameter count: plan.py (`Arch`, `param_count`).
 
 Knob grids (`pruner.search.grid.*`, null = derived from the model's dims):
     layers  ceil(L/2) .. L                          (axis `depth`)
@@ -35,8 +35,7 @@ from torch import nn
 from prunebench import PrunebenchError
 from prunebench.models import count_params
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners import minitron_importance as importance
-from prunebench.pruners.minitron_plan import Arch, Dims, apply_plan, count, layer_params, plan
+from prunebench.pruners.minitron.plan import Arch, Dims, apply_plan, count, layer_params, plan
 from prunebench.recovery.engine import world
 
 log = logging.getLogger(__name__)
@@ -371,17 +370,7 @@ def run_search(
         if any(c.shape[key] != getattr(dims, key) for c in cands)
     ]
     t0 = time.perf_counter()
-    imp = importance.compute_importance(
-        model,
-        calib.input_ids,
-        calib.batch_size,
-        batch=pruner.batch,
-        seq=pruner.seq,
-        axes=sorted(set(width)),
-        depth=pruner.metric if removes else None,
-        run_lengths=removes if pruner.contiguous else (),
-        neuron=pruner.neuron_score,
-    )
+    imp = pruner.score(model, calib, sorted(set(width)), removes)
     importance_s = time.perf_counter() - t0
     plans = {c.id: plan(imp, dims, c.target(), pruner.contiguous, pruner.head_merge) for c in cands}
 

@@ -10,7 +10,7 @@ Order: compute every importance on the dense model (once: `compute_importance` r
 scores, and `plan` + `apply_plan` can trim many candidate shapes from one pass, as a search
 needs), then remove layers, then trim heads, MLP neurons and hidden channels.
 
-Architecture search (`target_params`, minitron_search.py): instead of a fixed `target`, a parameter
+Architecture search (`target_params`, search.py): instead of a fixed `target`, a parameter
 budget (a count, or a fraction in (0, 1) of the loaded model's); every shape over `axes` (depth, mlp,
 att, emb; the other axes stay at `target.*`) within ±`search.tolerance` is pruned from one importance
 pass, the `search.max_candidates` closest are each distilled from the dense model for `search.tokens`
@@ -50,12 +50,12 @@ from prunebench import PrunebenchError
 from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
-from prunebench.pruners import minitron_experts as mexperts
-from prunebench.pruners import minitron_importance as importance
-from prunebench.pruners import minitron_search as msearch
 from prunebench.pruners.base import PruneStats, ShapePruner
-from prunebench.pruners.minitron_importance import AGGS, DEPTH_METRICS, NEURON_SCORES, Importance
-from prunebench.pruners.minitron_plan import (
+from prunebench.pruners.minitron import experts as mexperts
+from prunebench.pruners.minitron import importance
+from prunebench.pruners.minitron import search as msearch
+from prunebench.pruners.minitron.importance import AGGS, DEPTH_METRICS, NEURON_SCORES, Importance
+from prunebench.pruners.minitron.plan import (
     Arch,
     Dims,
     apply_plan,
@@ -67,7 +67,7 @@ from prunebench.pruners.minitron_plan import (
     top_k,
 )
 
-TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden", "experts")  # experts: minitron_experts.py
+TARGET_KEYS = ("layers", "heads", "kv_heads", "ffn", "hidden", "experts")  # experts: experts.py
 
 log = logging.getLogger(__name__)
 
@@ -391,17 +391,7 @@ class Minitron(ShapePruner):
                 if any(t[k] is not None for k in keys)
             ]
             remove = dims.layers - t["layers"] if t["layers"] is not None else 0
-            imp = importance.compute_importance(
-                model,
-                calib.input_ids,
-                calib.batch_size,
-                batch=self.batch,
-                seq=self.seq,
-                axes=axes,
-                depth=self.metric if remove else None,
-                run_lengths=[remove] if remove and self.contiguous else (),
-                neuron=self.neuron_score,
-            )
+            imp = self.score(model, calib, axes, [remove] if remove else [])
             timings = {"importance": time.perf_counter() - t0}
             p = plan(imp, dims, t, self.contiguous, self.head_merge)
         experts = None  # scored on the model as loaded, like every other axis
@@ -462,6 +452,22 @@ class Minitron(ShapePruner):
             info["target_params"] = search["target_params"]
             info["search"] = search
         return info, timings
+
+    def score(self, model: nn.Module, calib, axes: Sequence[str], removes: Sequence[int]) -> Importance:
+        """One importance pass (`importance.compute_importance`) with this pruner's knobs: the width
+        `axes` to score, and depth when some layer count in `removes` is to be removed (each count
+        also ranks contiguous runs of that length with `depth.contiguous`)."""
+        return importance.compute_importance(
+            model,
+            calib.input_ids,
+            calib.batch_size,
+            batch=self.batch,
+            seq=self.seq,
+            axes=axes,
+            depth=self.metric if removes else None,
+            run_lengths=removes if self.contiguous else (),
+            neuron=self.neuron_score,
+        )
 
     @staticmethod
     def _scores(imp: Importance, kept: list[int]) -> dict:
