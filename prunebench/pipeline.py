@@ -224,7 +224,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str] | None = None, sign
     if (stream := streamed(model)) is not None:  # placement=stream: each pruned block goes to disk at once
         knobs = OmegaConf.to_container(OmegaConf.masked_copy(cfg, ["pruner", "calib", "seed"]), resolve=True)
         key = fingerprint(knobs, weights_digest(model, Path(cfg.paths.cache_dir) / "digests"), str(plan.dtype))
-        if done := stream.write_to(run_dir / STREAMED, key):
+        done = stream.write_to(run_dir / STREAMED, key, writer=engine.world()[0] == 0)
+        engine.barrier()  # several processes: all have read the finished blocks before rank 0 writes more
+        if done:
             log.info("stream: resuming after block %d of %d (its shards verified by SHA-256 in %s)",
                      done - 1, stream.num_blocks, run_dir / STREAMED)  # fmt: skip
     with step("prune", timings, device):

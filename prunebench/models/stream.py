@@ -110,6 +110,7 @@ class Stream:
         self.written: dict[int, dict] = {}  # block -> {"file", "sha256"} of the shard this run wrote
         self.done = 0  # blocks an earlier, interrupted run of the same job finished (resumed after)
         self._ends_held = False
+        self.writer = True
         self.key: str | None = None
         if out is not None:
             self.write_to(out)
@@ -173,12 +174,14 @@ class Stream:
 
     # --- writing ---------------------------------------------------------------------------------------
 
-    def write_to(self, out: Path, key: str) -> int:
+    def write_to(self, out: Path, key: str, writer: bool = True) -> int:
         """Write blocks into `out` from now on; returns the number of blocks already finished there by
         an earlier, interrupted run of the same job (`key`: its fingerprint; the shards verified by
-        SHA-256), which this run resumes after. Another job's blocks are refused, never mixed."""
-        self.out, self.key = Path(out), key
-        self.out.mkdir(parents=True, exist_ok=True)
+        SHA-256), which this run resumes after. Another job's blocks are refused, never mixed. Of several
+        processes only one is the `writer` (rank 0); the others read what it wrote."""
+        self.out, self.key, self.writer = Path(out), key, writer
+        if writer:
+            self.out.mkdir(parents=True, exist_ok=True)
         done = 0
         progress = self.out / PROGRESS
         if progress.exists():
@@ -196,7 +199,8 @@ class Stream:
                 self.written[i] = entry
                 done += 1
         self.done = done
-        self._record()
+        if writer:
+            self._record()
         return done
 
     def _record(self) -> None:
@@ -209,6 +213,9 @@ class Stream:
     def write_block(self, i: int, block: nn.Module) -> None:
         """Block i's shard (atomically: a temporary file renamed), then its line in progress.json."""
         from safetensors.torch import save_file
+
+        if not self.writer:  # another process of the job writes the same block
+            return
 
         prefix = f"{self.prefix}{i}."
         tensors = {prefix + k: v.detach().to("cpu").contiguous() for k, v in block.state_dict().items()}

@@ -23,7 +23,14 @@ from prunebench.models.blocks import ExpertSlice, block_weights, find_blocks, pr
 from prunebench.models.forward import Layerwise
 from prunebench.placement import resident
 from prunebench.pruners.masks import make_mask, parse_pattern
-from prunebench.pruners.stats import InputNorms, collect_stats, dense_input_norms, routed_nothing
+from prunebench.pruners.stats import (
+    InputNorms,
+    calibration_share,
+    collect_stats,
+    dense_input_norms,
+    reduce_stats,
+    routed_nothing,
+)
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +222,15 @@ class MaskPruner:
         timings["prepare"] = time.perf_counter() - t
         t = time.perf_counter()
         if self.sequential:
-            runner = Layerwise(model, calib.input_ids, calib.batch_size, desc=self.name)
+            # several processes: each forwards its share of the windows; the statistics are summed
+            share = calibration_share(calib.input_ids)
+            if len(share) < len(calib.input_ids):
+                self.info["calibration_windows_per_process"] = len(share)
+            runner = Layerwise(model, share, calib.batch_size, desc=self.name)
 
             def edit(i, block, collect):
                 linears, stats = collect_stats(block, collect, self.make_stat)
+                reduce_stats(stats)
                 for name, layer in linears.items():
                     self.prune_weight(f"{i}.{name}", layer, stats[name])
 

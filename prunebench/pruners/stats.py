@@ -117,6 +117,47 @@ def _expert_hook(m: nn.Module, name: str, stats: dict, samples: list):
     return grab
 
 
+def _process_group():
+    """torch.distributed's default group when this run is one of several processes, else None."""
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def calibration_share(input_ids: torch.Tensor) -> torch.Tensor:
+    """Calibration over processes (issue 31): under torchrun / accelerate / SLURM each process forwards
+    a contiguous share of the calibration windows through the current block, and the statistics are
+    summed over processes (`reduce_stats`) before the edit, so every process makes the same edit. One
+    process: every window."""
+    if (dist := _process_group()) is None:
+        return input_ids
+    rank, world, n = dist.get_rank(), dist.get_world_size(), input_ids.shape[0]
+    if n < world:
+        raise PrunebenchError(f"calib.nsamples={n} is fewer than the {world} processes that share it; raise it")
+    return input_ids[rank * n // world : (rank + 1) * n // world]
+
+
+def reduce_stats(stats: Mapping) -> None:
+    """Sum every statistic over the processes of the job, in place: the floating-point accumulators
+    (Wanda's column norms, SparseGPT's XᵀX, ...) and the counts (samples, routed tokens). Each is an
+    exact sum over windows, so the result is one process's sum up to the order of float additions
+    (the all-reduce adds the processes' partial sums), identical on every process. No-op alone."""
+    if (dist := _process_group()) is None:
+        return
+    for stat in stats.values():
+        fields = vars(stat)
+        tensors = [v for v in fields.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        for t in tensors:
+            dist.all_reduce(t)
+        counts = [k for k, v in fields.items() if isinstance(v, int) and not isinstance(v, bool)]
+        if counts:
+            device = tensors[0].device if tensors else torch.device("cpu")
+            total = torch.tensor([fields[k] for k in counts], dtype=torch.float64, device=device)
+            dist.all_reduce(total)
+            for k, v in zip(counts, total.tolist(), strict=True):
+                setattr(stat, k, int(v))
+
+
 def collect_stats(block: nn.Module, collect: Callable[[], None], make_stat) -> tuple[dict, dict]:
     """Hook every prunable weight in `block`, run `collect()`, return (weights, stats)."""
     stats: dict = {}

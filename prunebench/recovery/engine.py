@@ -78,6 +78,14 @@ def init_distributed(device: torch.device | None = None) -> None:
             )
 
 
+def barrier() -> None:
+    """Wait for every process of the job (no-op alone)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
 def digest(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer, in name order (bit-level: the ranks must agree exactly)."""
     h = hashlib.sha256()
