@@ -79,3 +79,34 @@ def test_magnitude_matrix_threshold(tiny):
         kept = dense[name][layer.weight != 0].abs()
         removed = dense[name][layer.weight == 0].abs()
         assert removed.max() <= kept.min()
+
+
+@pytest.mark.parametrize("name", ["wanda", "sparsegpt"])
+def test_one_forward_prunes_each_linear_as_its_input_arrives(tiny, name):
+    """pruner.one_forward=true (issue 31): every block runs once (the reference codes: twice), each linear
+    is pruned from its whole input before it computes, so later linears see the pruned earlier ones. Block
+    0's first linears see the same dense input either way: their masks agree with the two-pass run."""
+    import copy
+
+    model, _ = tiny
+    calib = random_calib(n=4, seqlen=32)
+    ref = copy.deepcopy(model)
+    calls = []
+    for block in find_blocks(model):
+        block.register_forward_pre_hook(lambda m, a: calls.append(m))
+    one = instantiate(compose_cfg(f"pruner={name}", "pruner.one_forward=true").pruner)
+    two = instantiate(compose_cfg(f"pruner={name}").pruner)
+    stats = one(model, calib)
+    two(ref, calib)
+    blocks = find_blocks(model)
+    # the forward into block 0 that captures its inputs (stopped there), then one call per block, all windows
+    assert [id(b) for b in calls] == [id(blocks[0])] + [id(b) for b in blocks]
+    assert abs(stats.achieved_sparsity - 0.5) < 0.01 and stats.info["protocol"] == "sequential, one forward a block"
+    first = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # the block's dense input in both runs
+    for n in first:
+        a, b = blocks[0].get_submodule(n).weight, find_blocks(ref)[0].get_submodule(n).weight
+        assert torch.equal(a == 0, b == 0), n
+    later = blocks[-1].mlp.down_proj.weight, find_blocks(ref)[-1].mlp.down_proj.weight
+    assert not torch.equal(later[0], later[1])  # its input came through pruned layers: another result
+    with pytest.raises(PrunebenchError, match="one_forward=true is a form of the sequential protocol"):
+        instantiate(compose_cfg("pruner=wanda", "pruner.one_forward=true", "pruner.sequential=false").pruner)

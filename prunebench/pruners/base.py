@@ -150,12 +150,16 @@ class MaskPruner:
         pattern: str = "unstructured",
         group: str = "row",
         sequential: Flag = True,
+        one_forward: Flag = False,
     ):
         self.name = name or type(self).__name__.lower()
         self.sparsity, self.pattern, self.group = float(sparsity), pattern, group
-        self.sequential = sequential
+        self.sequential, self.one_forward = sequential, one_forward
+        if one_forward and not sequential:
+            raise PrunebenchError("pruner.one_forward=true is a form of the sequential protocol; drop pruner.sequential")
         self.nm = parse_pattern(pattern)
-        self.info: dict = {"protocol": "sequential" if sequential else "one-shot (dense statistics)"}
+        protocol = "sequential, one forward a block" if one_forward else "sequential"
+        self.info: dict = {"protocol": protocol if sequential else "one-shot (dense statistics)"}
 
     @classmethod
     def check_knobs(cls, knobs: Mapping) -> None:
@@ -213,6 +217,31 @@ class MaskPruner:
             return
         self.prune_layer(name, layer, stat)
 
+    def _prune_on_first_call(self, i: int, block: nn.Module, _collect) -> None:
+        """pruner.one_forward: each linear of block i is pruned in a pre-hook, from the statistics of the
+        input it is called with (every calibration window at once), before it computes; so the block's
+        one forward gives the next block's inputs, and later linears see the pruned earlier ones (as
+        SparseGPT's "true sequential" option). The reference codes forward each block twice (statistics
+        from the dense block, then outputs of the pruned one): the default."""
+        linears = block_weights(block)
+        if any(not isinstance(layer, nn.Linear) for layer in linears.values()):
+            raise PrunebenchError("pruner.one_forward=true prunes nn.Linear layers; this model has fused experts")
+        handles = []
+
+        def hook(name: str, layer: nn.Linear):
+            def prune_first(_module, args):
+                stat = self.make_stat(layer)
+                stat.add(args[0])
+                reduce_stats({name: stat})
+                self.prune_weight(f"{i}.{name}", layer, stat)
+                handles[index].remove()  # once: the one call carries every window
+
+            index = len(handles)
+            return prune_first
+
+        for name, layer in linears.items():
+            handles.append(layer.register_forward_pre_hook(hook(name, layer)))
+
     def __call__(self, model: nn.Module, calib) -> PruneStats:
         if calib is None:
             raise PrunebenchError(f"{self.name} needs calibration data")
@@ -226,15 +255,19 @@ class MaskPruner:
             share = calibration_share(calib.input_ids)
             if len(share) < len(calib.input_ids):
                 self.info["calibration_windows_per_process"] = len(share)
-            runner = Layerwise(model, share, calib.batch_size, desc=self.name)
+            if self.one_forward:  # all windows in one batch: a linear's statistics are whole at its first call
+                runner = Layerwise(model, share, len(share), desc=self.name)
+                runner.run(self._prune_on_first_call, outputs=True)
+            else:
+                runner = Layerwise(model, share, calib.batch_size, desc=self.name)
 
-            def edit(i, block, collect):
-                linears, stats = collect_stats(block, collect, self.make_stat)
-                reduce_stats(stats)
-                for name, layer in linears.items():
-                    self.prune_weight(f"{i}.{name}", layer, stats[name])
+                def edit(i, block, collect):
+                    linears, stats = collect_stats(block, collect, self.make_stat)
+                    reduce_stats(stats)
+                    for name, layer in linears.items():
+                        self.prune_weight(f"{i}.{name}", layer, stats[name])
 
-            runner.run(edit)
+                runner.run(edit)
             timings["forward"] = runner.forward_s
         else:
             if self.make_stat is not InputNorms:

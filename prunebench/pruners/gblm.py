@@ -73,8 +73,9 @@ class GBLM(MaskPruner):
         group: str = "row",
         sequential: bool = True,
         grad_accum: str = "fp32",
+        one_forward: bool = False,
     ):
-        super().__init__(name, sparsity, pattern, group, sequential)
+        super().__init__(name, sparsity, pattern, group, sequential, one_forward)
         if grad_norm not in ("l1", "l2"):
             raise PrunebenchError(f"pruner.grad_norm={grad_norm!r} must be 'l1' or 'l2'")
         if terms not in TERMS:

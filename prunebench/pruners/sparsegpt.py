@@ -102,10 +102,11 @@ class SparseGPT(MaskPruner):
         blocksize: Annotated[int, Field(ge=1, le=65536)] = 128,
         percdamp: Annotated[float, Field(gt=0.0, le=1.0)] = 0.01,
         sequential: bool = True,
+        one_forward: bool = False,
     ):
         if not sequential:
             raise PrunebenchError("SparseGPT has no one-shot mode: its Hessians need the pruned blocks' outputs")
-        super().__init__(name, sparsity, pattern, "block", sequential)
+        super().__init__(name, sparsity, pattern, "block", sequential, one_forward)
         self.blocksize, self.percdamp = int(blocksize), float(percdamp)
         self.info["mask_selection"] = f"per {self.blocksize}-column block" if self.nm is None else "per N:M group"
 
