@@ -156,7 +156,9 @@ class MaskPruner:
         self.sparsity, self.pattern, self.group = float(sparsity), pattern, group
         self.sequential, self.one_forward = sequential, one_forward
         if one_forward and not sequential:
-            raise PrunebenchError("pruner.one_forward=true is a form of the sequential protocol; drop pruner.sequential")
+            raise PrunebenchError(
+                "pruner.one_forward=true is a form of the sequential protocol; drop pruner.sequential=false"
+            )
         self.nm = parse_pattern(pattern)
         protocol = "sequential, one forward a block" if one_forward else "sequential"
         self.info: dict = {"protocol": protocol if sequential else "one-shot (dense statistics)"}
