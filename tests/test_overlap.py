@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from prunebench import PrunebenchError
-from prunebench.data import overlap, text
+from prunebench.data import overlap, pairs, text
 from prunebench.recovery import corpus, hub
 from prunebench.recovery.train import check_source
 
@@ -108,11 +108,11 @@ def test_words_and_their_hashes():
     assert len(w) == len(names) and len(set(w.tolist())) == len(set(names))  # one hash per distinct word
     for x, y in zip(names, w.tolist(), strict=True):
         assert overlap.word_hashes(x.upper().encode())[0] == y  # wherever it stands, in either case
-    same = overlap.sentence_hashes(["The cat sat.", "the  CAT sat", "the cat sat"]).tolist()
+    same = pairs.sentence_hashes(["The cat sat.", "the  CAT sat", "the cat sat"]).tolist()
     assert same[0] == same[1] == same[2]
-    assert len(set(overlap.sentence_hashes(["the cat sat", "cat the sat", "the cat", ""]).tolist())) == 4
+    assert len(set(pairs.sentence_hashes(["the cat sat", "cat the sat", "the cat", ""]).tolist())) == 4
     first, second = ["a man plays", "a dog runs"], ["a man is playing", "a cat sleeps"]
-    assert np.array_equal(overlap.pair_keys(first, second), overlap.pair_keys(second, first))  # order-free
+    assert np.array_equal(pairs.pair_keys(first, second), pairs.pair_keys(second, first))  # order-free
 
 
 def reference(train: str, evaluation: str, n: int = overlap.N) -> tuple[float, float]:
@@ -218,7 +218,7 @@ def test_sentence_pair_recipes_measure_pairs():
 
     data_file("marathi/stsb_mr_translated/sts-train-mr.tsv")
     rec = SbertNliSts(nli={"epochs": 0}).overlap
-    assert 0.005 < rec["sets"]["stsb_mr/test"]["overlap"] < overlap.MAX_PAIR_OVERLAP
+    assert 0.005 < rec["sets"]["stsb_mr/test"]["overlap"] < pairs.MAX_PAIR_OVERLAP
     assert rec["sets"]["stsb_en/test"]["overlap"] == 0 and rec["sets"]["stsb_mr/dev"]["role"] == "held-out"
     with pytest.raises(PrunebenchError, match="100% of the sentence pairs of the evaluation split stsb_mr/test"):
         SbertNliSts(nli={"epochs": 0}, sts={"split": "test"})

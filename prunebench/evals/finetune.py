@@ -136,12 +136,12 @@ class FineTuneClassifier:
 
 
 def split_overlap(train: list[str], test: list[str]) -> float:
-    """The share of the scored split's distinct sentences (normalised words, data/overlap.py) that the
+    """The share of the scored split's distinct sentences (normalised words, data/pairs.py) that the
     training split holds too: the protocol's own splits overlap (CoLA in_domain_train vs in_domain_dev,
     MahaNews valid vs test: 1–3% here), so it is recorded beside the score, not refused."""
     import numpy as np
 
-    from prunebench.data import overlap
+    from prunebench.data import pairs
 
-    seen, scored = (overlap.distinct(overlap.sentence_hashes(t)) for t in (train, test))
+    seen, scored = (pairs.distinct(pairs.sentence_hashes(t)) for t in (train, test))
     return float(np.isin(scored, seen).mean()) if len(scored) else 0.0

@@ -192,10 +192,10 @@ def kind(f: Path, text_field: str, knob: str = "recovery.source") -> str:
 def check(source: str, text_field: str = "text", knob: str = "recovery.source") -> str:
     """Before any model loads: the files exist, are of known kinds, all text or all token ids, hold
     the text field; returns 'text' or 'ids'."""
-    return _checked(source, text_field, knob)[1]
+    return checked(source, text_field, knob)[1]
 
 
-def _checked(source: str, text_field: str, knob: str) -> tuple[list[Path], str]:
+def checked(source: str, text_field: str, knob: str) -> tuple[list[Path], str]:
     found = files(source, knob)
     kinds = {f: kind(f, text_field, knob) for f in found}
     if len(set(kinds.values())) > 1:
@@ -360,7 +360,7 @@ def token_ids(tokenizer, source: str, text_field: str = "text", knob: str = "rec
 
     from prunebench.data import tokenize
 
-    found, what = _checked(source, text_field, knob)
+    found, what = checked(source, text_field, knob)
     if what == "ids":
         vocab = vocab_size(tokenizer)
         ids = np.concatenate([_ids(f, vocab, knob) for f in found])
@@ -475,32 +475,3 @@ def measure_late(source: str, key: str, pieces) -> None:
 def remember_hub_read(source: str, record: dict) -> None:
     """What hub.py read of an `hf:` source: `digest` reports it."""
     _hub_read[source] = record
-
-
-def estimate(source: str, text_field: str = "text") -> tuple[int, int]:
-    """(token ids, bytes of text) a local source will hold in memory, from file sizes before reading:
-    the memory plan's view of the corpus. Token files hold ids of 2 bytes or more (.bin: uint16 or
-    wider, .npy: its header's count); text is counted as one token per 2 bytes (BPE tokenizers
-    average 3-4.5 bytes a token on English text; 2 leaves room for other scripts), and its bytes
-    too, held while it is tokenized. A built-in name is its data-root file."""
-    if is_hub(source):
-        return 0, 0
-    if is_path(source):
-        found, what = _checked(source, text_field, "recovery.source")
-    else:
-        from prunebench.data.text import LOCAL, find
-
-        path = find(LOCAL[source]) if source in LOCAL else None
-        found, what = ([path] if path is not None else []), "text"
-    ids = text = 0
-    for f in found:
-        size = f.stat().st_size
-        if f.suffix == ".npy":
-            import numpy as np
-
-            ids += int(np.load(f, mmap_mode="r", allow_pickle=False).size)
-        elif f.suffix == ".bin" or what == "ids":
-            ids += size // 2
-        else:
-            ids, text = ids + size // 2, text + size
-    return ids, text

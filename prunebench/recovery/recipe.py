@@ -199,11 +199,11 @@ class Recipe:
         """The corpus held in memory while training: its token ids (int64), the text it was tokenized
         from while that happens, and one epoch of the seeded window order (int64 a window). A streamed
         Hub split is read up to the token budget (`recovery.tokens`); a loaded one is not known before
-        reading (not counted); files are estimated from their sizes (corpus.estimate)."""
+        reading (not counted); files are estimated from their sizes (estimate_corpus)."""
         if corpus.is_hub(self.source):
             ids, text = (self.tokens, 4 * self.tokens) if self.hub["streaming"] else (0, 0)
         else:
-            ids, text = corpus.estimate(self.source, self.text_field)
+            ids, text = estimate_corpus(self.source, self.text_field)
         return INT64 * ids + text + INT64 * (ids // self.seqlen)
 
     def _check_data_fits(self) -> None:
@@ -341,3 +341,32 @@ class Recipe:
 
     def __call__(self, model: nn.Module, teacher: nn.Module | None = None, data=None) -> dict:
         return self.train(model, teacher)
+
+
+def estimate_corpus(source: str, text_field: str = "text") -> tuple[int, int]:
+    """(token ids, bytes of text) a local source will hold in memory, from file sizes before reading:
+    the memory plan's view of the corpus. Token files hold ids of 2 bytes or more (.bin: uint16 or
+    wider, .npy: its header's count); text is counted as one token per 2 bytes (BPE tokenizers
+    average 3-4.5 bytes a token on English text; 2 leaves room for other scripts), and its bytes
+    too, held while it is tokenized. A built-in name is its data-root file."""
+    if corpus.is_hub(source):
+        return 0, 0
+    if corpus.is_path(source):
+        found, what = corpus.checked(source, text_field, "recovery.source")
+    else:
+        from prunebench.data.text import LOCAL, find
+
+        path = find(LOCAL[source]) if source in LOCAL else None
+        found, what = ([path] if path is not None else []), "text"
+    ids = text = 0
+    for f in found:
+        size = f.stat().st_size
+        if f.suffix == ".npy":
+            import numpy as np
+
+            ids += int(np.load(f, mmap_mode="r", allow_pickle=False).size)
+        elif f.suffix == ".bin" or what == "ids":
+            ids += size // 2
+        else:
+            ids, text = ids + size // 2, text + size
+    return ids, text

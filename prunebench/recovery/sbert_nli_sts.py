@@ -27,7 +27,7 @@ from torch import nn
 
 from prunebench import PrunebenchError
 from prunebench.data.labelled import NLI_HUB, STS, nli, sts
-from prunebench.data.overlap import recipe_overlap
+from prunebench.data.pairs import recipe_overlap
 from prunebench.evals.sts import sts_scores
 from prunebench.knobs import Flag, Positions, Seed
 from prunebench.models.encoders import sentence_transformer
