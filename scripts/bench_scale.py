@@ -90,7 +90,7 @@ def prune_time(model, pruner, calib, device) -> tuple[float, dict]:
 @torch.no_grad()
 def ppl_throughput(model, windows: torch.Tensor, device) -> tuple[float, float]:
     """(evaluator tokens/s, bare forward tokens/s) over the same windows."""
-    ev = Perplexity(batch_size=1)
+    ev = Perplexity(seqlen=None, max_windows=None, batch_size=1)  # the papers' protocol: the whole split
     ev.windows = lambda m, t: windows  # random tokens: the timing does not depend on the text
     tokens = windows.numel()
     t_eval = timed(lambda: ev(model, None), device)

@@ -111,3 +111,48 @@ def test_table_cells_pull_their_base_and_its_header_shows_their_numbers(table):
         for entry in _entries(compose_cfg(f"experiment={cell}").expected):
             if entry.value is not None:  # the base's header tabulates the paper's numbers for the reader
                 assert str(entry.value) in header, f"{cell}: {entry.value} missing from {table}/_table.yaml"
+
+
+# Knobs still given as nested mappings whose defaults live in the YAML alone (issue 30, item 1: not yet
+# declared as nested models): the test below skips them, and only them.
+NESTED = {"pruner.minitron": {"target", "search", "agg", "depth"}, "recovery.lora": {"kd"},
+          "recovery.lora_llm_pruner": {"kd"}, "recovery.sbert_nli_sts": {"nli", "sts", "dev"}}  # fmt: skip
+
+
+def _code_defaults(cls) -> dict:
+    import inspect
+
+    out = {}
+    for klass in reversed(cls.__mro__):  # a subclass's parameters over its bases'
+        if "__init__" in vars(klass):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if p.default is not inspect.Parameter.empty:
+                    out[name] = list(p.default) if isinstance(p.default, tuple) else p.default
+    return {**out, **getattr(cls, "DEFAULTS", {})}
+
+
+def test_yaml_defaults_are_the_code_defaults():
+    """Issue 30: a knob's default lives in one place. For every component class, at least one option
+    of its group (its base) states exactly the defaults its constructor takes; the other options of
+    the same class are presets (eval=cola of the classification fine-tune, recovery=lora_llm_pruner of
+    lora) and may differ. Interpolations (${seed}, ${paths.cache_dir}, ...) are the run's, not defaults."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    bases: dict[type, list[tuple[str, dict]]] = {}
+    for group in ("pruner", "recovery", "eval"):
+        for option in group_options(group):
+            cfg = compose_cfg(f"{group}={option}")
+            nodes = cfg.eval if group == "eval" else {option: cfg[group]}
+            for key, node in nodes.items():
+                if "_target_" not in node:
+                    continue
+                raw = OmegaConf.to_container(node, resolve=False)
+                skip = NESTED.get(f"{group}.{option}", set()) | {"_target_", "name"}
+                knobs = {k: v for k, v in raw.items() if k not in skip and not (isinstance(v, str) and "${" in v)}
+                bases.setdefault(get_class(node._target_), []).append((f"{group}={option} ({key})", knobs))
+    for cls, options in bases.items():
+        code = _code_defaults(cls)
+        diffs = {label: {k: (v, code.get(k)) for k, v in knobs.items() if code.get(k, object()) != v}
+                 for label, knobs in options}  # fmt: skip
+        assert any(not d for d in diffs.values()), f"{cls.__name__}: no option states its code defaults: {diffs}"

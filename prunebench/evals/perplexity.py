@@ -64,9 +64,9 @@ class Perplexity:
     def __init__(
         self,
         dataset: str = "wikitext2_test",
-        seqlen: Positions | None = None,
+        seqlen: Positions | None = 512,  # the quick profile's; null: the model's context (the papers')
         max_seqlen: Annotated[int, Field(ge=1, le=131072)] = 4096,
-        max_windows: Windows | None = None,
+        max_windows: Windows | None = 16,  # the quick profile's; null: the whole split (the papers')
         batch_size: Batch | None = 1,
     ):
         check_dataset(dataset, "eval.wikitext2.dataset")  # before loading, not after the model is up
