@@ -5,6 +5,7 @@ stage times are read back.
     python scripts/bench_stream.py depth            # random Llama-shaped models of 8, 16, 32, 64 blocks
     python scripts/bench_stream.py smollm2 --repeats 2   # SmolLM2-135M, Wanda and SparseGPT, alternating
     python scripts/bench_stream.py capped --gib 4.1 # a >= 4 GB model pruned inside a memory cgroup of 1/3
+    python scripts/bench_stream.py modes            # SmolLM2 Wanda: one forward a block; 2 processes vs 1
 
 Random models are written block by block (never whole in memory) as Hugging Face folders with the
 char tokenizer of the tiny test models (vocabulary 259: the embeddings are negligible, so the peak is
@@ -115,6 +116,25 @@ def smollm2(work: Path, repeats: int) -> None:
                       f" {r.get('wall_s')} | {r.get('ppl')} |", flush=True)  # fmt: skip
 
 
+def modes(work: Path) -> None:
+    """SmolLM2 Wanda: one forward a block against the reference's two; two processes against one."""
+    print("| run | peak RSS | prune s | ppl |")
+    print("|---|---|---|---|")
+    for label, args in (("wanda, two forwards a block (reference)", []), ("wanda, pruner.one_forward=true", ["pruner.one_forward=true"]),
+                        ("wanda, --nproc 2", ["--nproc", "2"])):  # fmt: skip
+        nproc = args[:2] if args[:1] == ["--nproc"] else []
+        rest = args[2:] if nproc else args
+        shutil.rmtree(work / "modes", ignore_errors=True)
+        cmd = [sys.executable, "-m", "prunebench", "run", *nproc, "pruner=wanda", *rest, f"hydra.run.dir={work / 'modes'}"]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        if r.returncode:
+            print(f"| {label} | error: {r.stderr.strip().splitlines()[-1:]} |", flush=True)
+            continue
+        m = json.loads((work / "modes" / "metrics.json").read_text())
+        print(f"| {label} | {m['peak_rss_mb']} MB | {m['timings']['prune']} | {m['metrics']['wikitext2/ppl']:.3f} |",
+              flush=True)  # fmt: skip
+
+
 def capped(work: Path, gib: float, hidden: int, ffn: int) -> None:
     block = (4 * hidden * hidden + 3 * hidden * ffn) * 4
     layers = max(1, round(gib * 2**30 / block))
@@ -140,7 +160,7 @@ def capped(work: Path, gib: float, hidden: int, ffn: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("depth", "smollm2", "capped"))
+    ap.add_argument("what", choices=("depth", "smollm2", "capped", "modes"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/prunebench-bench-stream"))
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--gib", type=float, default=4.1)
@@ -152,6 +172,8 @@ def main() -> None:
         depth(a.work, a.hidden or 512, 1408)
     elif a.what == "smollm2":
         smollm2(a.work, a.repeats)
+    elif a.what == "modes":
+        modes(a.work)
     else:
         hidden = a.hidden or 2048
         capped(a.work, a.gib, hidden, 5632 if hidden == 2048 else 4 * hidden)
