@@ -120,12 +120,14 @@ def modes(work: Path) -> None:
     """SmolLM2 Wanda: one forward a block against the reference's two; two processes against one."""
     print("| run | peak RSS | prune s | ppl |")
     print("|---|---|---|---|")
-    for label, args in (("wanda, two forwards a block (reference)", []), ("wanda, pruner.one_forward=true", ["pruner.one_forward=true"]),
-                        ("wanda, --nproc 2", ["--nproc", "2"])):  # fmt: skip
+    runs = (("wanda, two forwards a block (reference)", []), ("wanda, pruner.one_forward=true", ["pruner.one_forward=true"]),
+            ("wanda, --nproc 2", ["--nproc", "2"]))  # fmt: skip
+    for label, args in runs:
         nproc = args[:2] if args[:1] == ["--nproc"] else []
         rest = args[2:] if nproc else args
         shutil.rmtree(work / "modes", ignore_errors=True)
-        cmd = [sys.executable, "-m", "prunebench", "run", *nproc, "pruner=wanda", *rest, f"hydra.run.dir={work / 'modes'}"]
+        out = work / "modes"
+        cmd = [sys.executable, "-m", "prunebench", "run", *nproc, "pruner=wanda", *rest, f"hydra.run.dir={out}"]
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if r.returncode:
             print(f"| {label} | error: {r.stderr.strip().splitlines()[-1:]} |", flush=True)
