@@ -120,8 +120,11 @@ def modes(work: Path) -> None:
     """SmolLM2 Wanda: one forward a block against the reference's two; two processes against one."""
     print("| run | peak RSS | prune s | ppl |")
     print("|---|---|---|---|")
-    runs = (("wanda, two forwards a block (reference)", []), ("wanda, pruner.one_forward=true", ["pruner.one_forward=true"]),
-            ("wanda, --nproc 2", ["--nproc", "2"]))  # fmt: skip
+    runs = (
+        ("wanda, two forwards a block (reference)", []),
+        ("wanda, pruner.one_forward=true", ["pruner.one_forward=true"]),
+        ("wanda, --nproc 2", ["--nproc", "2"]),
+    )
     for label, args in runs:
         nproc = args[:2] if args[:1] == ["--nproc"] else []
         rest = args[2:] if nproc else args
