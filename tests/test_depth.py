@@ -162,7 +162,8 @@ def test_efficiency_flops_halve_with_half_the_layers():
     assert 0.5 <= ratio < 0.6  # blocks halve; the LM head stays
     m = Efficiency(prompt_len=16, gen_len=8, repeats=3)(model)  # medians: decode time above noise
     assert m["layers"] == 4 and m["params"] >= m["nonzero_params"] > 0
-    assert m["prefill_ms"] > 0 and m["decode_tokens_per_s"] > 0
+    # decode speed is dropped (one warning) when load noise leaves generate no longer than the prefill
+    assert m["prefill_ms"] > 0 and m.get("decode_tokens_per_s", 1.0) > 0
 
 
 def test_lm_finetune_lowers_loss_and_keeps_masks():
