@@ -18,7 +18,7 @@ from prunebench import PrunebenchError
 from prunebench.cache import safe_name
 from prunebench.placement import PLACEMENTS, GiB, free_bytes, launch, resolve_device, resolve_dtype
 
-SHARDING = ("fsdp", "deepspeed")  # recovery engines that split weights, gradients and optimizer state over ranks
+SHARDING = ("fsdp",)  # recovery engines that split weights, gradients and optimizer state over ranks
 
 # ---------------------------------------------------------------------------------------------
 # Shapes and the memory plan (from the config: no weights are read)
@@ -242,7 +242,7 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
 
     The peak per process is the larger of two phases: loading, pruning and evaluating (weights, the
     teacher copy, activations, statistics) and training (the teacher, plus weights, gradients and
-    AdamW state: divided by the world size under FSDP / ZeRO-3, whole under DDP, plus one gathered
+    AdamW state: divided by the world size under FSDP, whole under DDP, plus one gathered
     block for FSDP's forward, plus the training activations). Every rank loads the whole model (and
     copies the teacher) before sharding, so the first phase never shrinks with more GPUs."""
     device = resolve_device(cfg.get("device", "auto"))
@@ -276,8 +276,6 @@ def plan(cfg: DictConfig, pruner=None, evaluators: dict | None = None, recovery=
         )
     if placement == "stream" and cfg.get("save_format", "hf") != "hf":
         raise PrunebenchError("placement=stream writes the pruned blocks as save_format=hf; drop save_format")
-    if getattr(recovery, "engine", None) == "deepspeed":  # before anything loads (recovery/engine.py)
-        raise PrunebenchError("recovery.engine=deepspeed is not supported yet; use recovery.engine=fsdp")
     p = Plan(device, dtype, placement, free=free_bytes(device), max_memory=max_memory, world=world)
     if shape is None:
         p.notes.append("model shape unknown before loading: no memory estimate")

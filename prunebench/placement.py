@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 PLACEMENTS = ("auto", "device", "offload", "stream", "device_map")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 GiB = 2**30
-SHARDING = ("fsdp", "deepspeed")  # recovery engines that split weights, gradients and optimizer state over ranks
 
 
 def launch() -> tuple[int, int, int]:
