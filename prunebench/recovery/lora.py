@@ -264,7 +264,7 @@ class LoRA(Recipe):
 
     def _adapter_dir(self, cfg) -> Path | None:
         """recovery.adapter_dir (absolute, or relative to the run dir), else <run dir>/adapter when
-        save_model is set (Hydra's run dir); metrics.json records the absolute folder."""
+        save_model is set (the run dir the pipeline gives); metrics.json records the absolute folder."""
         if self.merge != "separate":
             return None
         folder = output_folder(self.adapter_dir, "recovery.adapter_dir") if self.adapter_dir else Path("adapter")
@@ -272,16 +272,14 @@ class LoRA(Recipe):
             return folder
         if not self.adapter_dir and (cfg is None or not OmegaConf.select(cfg, "save_model")):
             return None
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
+        if self.run_dir is None:  # the pipeline gives every run's folder; a recovery built in code has none
             raise PrunebenchError(
-                f"recovery.adapter_dir={folder} is relative to the run directory, which only a Hydra run has;"
-                " give an absolute path"
+                f"recovery.adapter_dir={folder} is relative to the run directory, which this recovery was not"
+                " given; give an absolute path"
                 if self.adapter_dir
-                else "recovery.merge=separate with save_model outside a Hydra run: set recovery.adapter_dir"
+                else "recovery.merge=separate with save_model outside a run: set recovery.adapter_dir"
             )
-        return (Path(HydraConfig.get().runtime.output_dir) / folder).resolve()
+        return (Path(self.run_dir) / folder).resolve()
 
 
 def _adapter_hook(layer):
