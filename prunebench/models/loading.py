@@ -208,7 +208,7 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
         model, tokenizer = load_widths(path, dtype)
         return _dispatch(model, kw), tokenizer
     if (path / "prunebench_sliced.json").exists():  # rotated and sliced residual stream (SliceGPT)
-        from prunebench.models.sliced import load_sliced
+        from prunebench.models.sliced_format import load_sliced
 
         model, tokenizer = load_sliced(path, dtype)
         return _dispatch(model, kw), tokenizer
@@ -412,7 +412,8 @@ def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> No
     (pooling from the model config) so `SentenceTransformer(folder)` loads it. A model with low-rank
     bridges is saved as safetensors + its bridge spec, which `load` (model.path) reads back."""
     from prunebench.models.bridges import has_bridges, save_bridged
-    from prunebench.models.sliced import is_sliced, save_sliced
+    from prunebench.models.sliced import is_sliced
+    from prunebench.models.sliced_format import save_sliced
     from prunebench.models.widths import needs_widths, save_widths
 
     if has_bridges(model):
