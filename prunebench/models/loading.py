@@ -134,9 +134,20 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike, seed: int, dtype: torch
         return _random(cfg, dtype, seed)
     memo = Path(cache_dir) / "digests"
     if cfg.source == "gguf_package":
-        return _gguf_cache(cfg, Path(cache_dir), lambda folder: _from_folder(auto, folder, dtype, trust, kw))
+        from prunebench.models.convert import gguf_folder
+
+        return gguf_folder(
+            cfg, package_dir(cfg.package), Path(cache_dir) / "models" / safe_name(cfg.name),
+            load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
+        )  # fmt: skip
     if cfg.source == "gguf_chunks":
-        return _gguf_chunks(cfg, Path(cache_dir), lambda folder: _from_folder(auto, folder, dtype, trust, kw))
+        from prunebench.models.convert import gguf_chunks_folder
+
+        parts = [package_dir(p) / cfg.part.format(file=cfg.file, i=i) for i, p in enumerate(cfg.package)]
+        return gguf_chunks_folder(
+            cfg, parts, Path(cache_dir) / "models" / safe_name(cfg.name),
+            load=lambda folder: _from_folder(auto, folder, dtype, trust, kw), memo_dir=memo,
+        )  # fmt: skip
     if cfg.source == "package":
         folder = package_dir(cfg.package)
         found = sorted(p for p in folder.rglob("config.json") if "model_type" in p.read_text(encoding="utf-8"))
@@ -197,7 +208,7 @@ def _from_folder(auto, path: Path, dtype: torch.dtype, trust: bool, kw: dict):
         model, tokenizer = load_widths(path, dtype)
         return _dispatch(model, kw), tokenizer
     if (path / "prunebench_sliced.json").exists():  # rotated and sliced residual stream (SliceGPT)
-        from prunebench.models.sliced import load_sliced
+        from prunebench.models.sliced_format import load_sliced
 
         model, tokenizer = load_sliced(path, dtype)
         return _dispatch(model, kw), tokenizer
@@ -379,99 +390,6 @@ def char_tokenizer():
                                    sep_token="[SEP]", mask_token="[MASK]", model_max_length=256)  # fmt: skip
 
 
-def _gguf_cache(cfg: DictConfig, cache_dir: Path, load):
-    """Dequantize the packaged GGUF once into a safetensors folder under `<cache_dir>/models/<name>`
-    and `load` it: a verified cache entry keyed by the GGUF file's SHA-256 (convert.converted), so a
-    truncated or corrupted copy is rebuilt with one warning and never loaded."""
-    from prunebench.models.convert import converted
-
-    folder = package_dir(cfg.package)
-    source = folder / cfg.file
-    if not source.exists():
-        raise PrunebenchError(f"{cfg.file} is missing from the package {cfg.package} at {folder}")
-    target = cache_dir / "models" / safe_name(cfg.name)
-
-    def write(tmp: Path) -> None:
-        log.info("converting %s from GGUF to a safetensors cache at %s (once, ~25 s)", cfg.name, target)
-        convert_gguf(folder, cfg.file, tmp)
-        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{cfg.package}/{cfg.file}: dequantized Q4_1 GGUF\n")
-
-    return converted(target, [source], write, load, cache_dir / "digests", f"model {cfg.name}")
-
-
-def _gguf_chunks(cfg: DictConfig, cache_dir: Path, load):
-    """A GGUF file split over several PyPI packages (`model.package`: a list, chunk i at
-    `model.part` formatted with file and i): concatenated in order into the conversion's temporary
-    folder, checked against `model.sha256`, dequantized and saved like `gguf_package`, then the
-    joined GGUF is deleted (only the safetensors folder stays in the cache)."""
-    import hashlib
-    import shutil
-
-    from prunebench.models.convert import converted
-
-    parts = [package_dir(p) / cfg.part.format(file=cfg.file, i=i) for i, p in enumerate(cfg.package)]
-    if missing := [str(p) for p in parts if not p.exists()]:
-        raise PrunebenchError(f"model parts missing: {', '.join(missing)}; reinstall the {cfg.name} packages")
-    target = cache_dir / "models" / safe_name(cfg.name)
-
-    def write(tmp: Path) -> None:
-        log.info("joining %d GGUF chunks of %s, converting to safetensors at %s (once)", len(parts), cfg.name, target)
-        src = tmp / "gguf"
-        src.mkdir(parents=True)
-        digest = hashlib.sha256()
-        with open(src / cfg.file, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 22):
-                        digest.update(block)
-                        out.write(block)
-        if digest.hexdigest() != cfg.sha256:
-            got = digest.hexdigest()
-            raise PrunebenchError(f"the joined {cfg.file} has SHA-256 {got}, not {cfg.sha256}; reinstall its packages")
-        convert_gguf(src, cfg.file, tmp)
-        shutil.rmtree(src)
-        (tmp / "PRUNEBENCH_SOURCE.txt").write_text(f"{', '.join(cfg.package)}: {cfg.file} (dequantized GGUF)\n")
-
-    return converted(target, parts, write, load, cache_dir / "digests", f"model {cfg.name}")
-
-
-@contextlib.contextmanager
-def _one_gguf_parse():
-    """transformers opens the GGUF file three times (tokenizer, config, weights), and each
-    `gguf.GGUFReader` parses all metadata in Python, every vocabulary string one by one: for Gemma 3
-    (262k tokens) that is most of the conversion. Within this block one reader per file serves all
-    three (a reader only reads its memory map; transformers imports `GGUFReader` at call time)."""
-    import gguf
-
-    original, readers = gguf.GGUFReader, {}
-
-    def reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = original(path, mode)
-        return readers[key]
-
-    gguf.GGUFReader = reader
-    try:
-        yield
-    finally:
-        gguf.GGUFReader = original
-
-
-def convert_gguf(folder: Path, file: str, out: Path) -> None:
-    """Dequantize `folder/file` (GGUF) through transformers and save_pretrained it into `out`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    with _one_gguf_parse():
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=file)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=torch.float32)
-    # The dequantized weights are ordinary fp32 tensors; the GGUF quantizer only blocks saving.
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-
-
 def weights_digest(model: torch.nn.Module, memo_dir: Path | None = None) -> str:
     """What the loaded weights came from, for cache keys (the dense baseline): the SHA-256 of every
     file of the folder they were read from (hashed once, then remembered by stat), the Hub id and
@@ -494,7 +412,8 @@ def save(model: torch.nn.Module, tokenizer, folder: Path, cfg: DictConfig) -> No
     (pooling from the model config) so `SentenceTransformer(folder)` loads it. A model with low-rank
     bridges is saved as safetensors + its bridge spec, which `load` (model.path) reads back."""
     from prunebench.models.bridges import has_bridges, save_bridged
-    from prunebench.models.sliced import is_sliced, save_sliced
+    from prunebench.models.sliced import is_sliced
+    from prunebench.models.sliced_format import save_sliced
     from prunebench.models.widths import needs_widths, save_widths
 
     if has_bridges(model):
