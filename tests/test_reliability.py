@@ -199,16 +199,9 @@ def test_relative_adapter_dir_goes_into_the_run_dir(tmp_path, monkeypatch):
     with pytest.raises(PrunebenchError, match=r"recovery.adapter_dir=../out leaves the run directory"):
         LoRA(merge="separate", adapter_dir="../out")
     lora = LoRA(merge="separate", adapter_dir="adapters/a")
-    with pytest.raises(PrunebenchError, match="relative to the run directory"):  # no Hydra run: no run dir
+    with pytest.raises(PrunebenchError, match="relative to the run directory"):  # no run dir given
         lora._adapter_dir(None)
-
-    class Hc:  # the Hydra run's output dir, as HydraConfig gives it
-        runtime = type("R", (), {"output_dir": str(tmp_path / "run")})
-
-    from hydra.core.hydra_config import HydraConfig
-
-    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
-    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: Hc))
+    lora.run_dir = tmp_path / "run"  # as the pipeline gives it
     assert lora._adapter_dir(None) == (tmp_path / "run" / "adapters" / "a").resolve()
     assert LoRA(merge="separate", adapter_dir=str(tmp_path / "abs"))._adapter_dir(None) == tmp_path / "abs"
 
