@@ -46,14 +46,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+import prunebench.pruners.minitron.experts as mexperts
+import prunebench.pruners.minitron.importance as importance
+import prunebench.pruners.minitron.search as msearch
 from prunebench import PrunebenchError
 from prunebench.models import count_params
 from prunebench.models import trim as trim_ops
 from prunebench.models.blocks import find_blocks
 from prunebench.pruners.base import PruneStats, ShapePruner
-from prunebench.pruners.minitron import experts as mexperts
-from prunebench.pruners.minitron import importance
-from prunebench.pruners.minitron import search as msearch
 from prunebench.pruners.minitron.importance import AGGS, DEPTH_METRICS, NEURON_SCORES, Importance
 from prunebench.pruners.minitron.plan import (
     Arch,
